@@ -1,0 +1,1 @@
+"""The device SDK: event store, consent, local training, update guard, privacy ledger and the Flower ClientApp (see DESIGN.md)."""

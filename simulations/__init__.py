@@ -1,0 +1,1 @@
+"""Data sets, splits, synthetic populations, reference trainers, experiments and reports."""

@@ -1,0 +1,1 @@
+"""Interaction tables: the built-in data set, file loaders and synthetic populations."""

@@ -1,0 +1,70 @@
+"""The fedpref command line: results written with their config and seed; bad input explained."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedpref.simulations.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def ratings_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = ["user,item,timestamp,rating"]
+    for u in range(40):
+        for t, i in enumerate(rng.choice(200, size=int(rng.integers(4, 20)), replace=False)):
+            lines.append(f"u{u},i{i},{1000 + t},{rng.integers(1, 6)}")
+    path = tmp_path / "ratings.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_central_writes_metrics_config_and_seed(ratings_csv, tmp_path):
+    out = tmp_path / "central.json"
+    result = runner.invoke(
+        app,
+        ["central", "--dataset", str(ratings_csv), "--max-epochs", "2", "--dim", "8", "--seed", "3", "--out", str(out), "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["seed"] == 3
+    assert payload["config"]["model"]["dim"] == 8
+    assert payload["split"]["users"] == 40
+    assert 0.0 <= payload["test"]["hr"] <= 1.0
+    assert 1 <= payload["best_epoch"] <= 2
+    assert len(payload["history"]) == 2
+
+
+def test_local_only_runs(ratings_csv, tmp_path):
+    out = tmp_path / "local.json"
+    result = runner.invoke(app, ["local-only", "--dataset", str(ratings_csv), "--max-epochs", "1", "--dim", "8", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["command"] == "local-only"
+
+
+def test_rating_threshold_drops_are_reported(ratings_csv, tmp_path):
+    result = runner.invoke(app, ["data", "--dataset", str(ratings_csv), "--rating-threshold", "3"])
+    assert result.exit_code == 0, result.output
+    assert "rating below 3" in result.output
+
+
+def test_a_missing_file_is_explained(tmp_path):
+    result = runner.invoke(app, ["central", "--dataset", str(tmp_path / "nope.csv"), "--no-progress"])
+    assert result.exit_code == 2
+    assert "nope.csv" in result.output and "movielens-small" in result.output
+
+
+def test_an_unknown_model_is_explained(ratings_csv):
+    result = runner.invoke(app, ["central", "--dataset", str(ratings_csv), "--model", "gpt", "--no-progress"])
+    assert result.exit_code == 2
+    assert "unknown model 'gpt'" in result.output
+
+
+def test_builtin_data_set_summary():
+    result = runner.invoke(app, ["data", "--dataset", "movielens-small"])
+    assert result.exit_code == 0, result.output
+    assert "671 users" in result.output and "9,066 items" in result.output

@@ -34,8 +34,8 @@ class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     loss: str = "softmax"  # sampled softmax over 1 positive + n negatives ranked best on validation
     num_negatives: int = 20  # negatives per positive, uniform over items the user did not touch
-    lr: float = 0.005  # Adam step size
-    l2: float = 1e-4  # L2 on the embeddings a batch touches (keeps updates sparse, unlike weight decay)
+    lr: float = 0.002  # Adam step size
+    l2: float = 0.01  # L2 on the embeddings a batch touches (keeps updates sparse, unlike weight decay)
     batch_size: int = 256  # positives per step
     epochs: int = 1  # passes over the local data per call
     optimizer: str = "adam"

@@ -37,7 +37,10 @@ def load_dataset(
         if rating_threshold is not None:
             raise DataFormatError("synthetic populations have no ratings; drop --rating-threshold")
         users, items, syn_seed = match.groups()
-        config = SyntheticConfig(n_users=int(users), n_items=int(items), seed=int(syn_seed) if syn_seed else seed)
+        try:
+            config = SyntheticConfig(n_users=int(users), n_items=int(items), seed=int(syn_seed) if syn_seed else seed)
+        except ValueError as exc:
+            raise DataFormatError(f"{source}: {exc}") from exc
         return generate_synthetic(config).interactions
     path = Path(source)
     if not path.exists():

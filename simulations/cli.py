@@ -128,7 +128,7 @@ def _result_payload(command: str, dataset: str, split: LeaveOneOutSplit, config:
 def _metrics_table(rows: list[tuple[str, ReferenceResult | None, object, object]], k: int) -> Table:
     table = Table(title=f"HR@{k} / NDCG@{k}: sampled (1 + 99 negatives) and full ranking")
     for col in ("model", "epochs", "val HR", "val NDCG", "test HR", "test NDCG", "test full HR", "test full NDCG"):
-        table.add_column(col, justify="right" if col != "model" else "left")
+        table.add_column(col, justify="right" if col != "model" else "left", no_wrap=col == "model")
     for name, result, val, test in rows:
         epochs = str(result.best_epoch) if result else "-"
         table.add_row(name, epochs, f"{val.hr:.4f}", f"{val.ndcg:.4f}", f"{test.hr:.4f}", f"{test.ndcg:.4f}", f"{test.full_hr:.4f}", f"{test.full_ndcg:.4f}")

@@ -1,0 +1,139 @@
+"""The device's Flower ClientApp: one SuperNode is one person's device.
+
+- ``train``: receive the global shared arrays, train on the device's own history with
+  :func:`fedpref.models.train.local_update`, clip the update to the bound C, send
+  ``global + clipped update`` for the shared arrays only, plus scalar metrics. The private
+  vector stays in ``context.state`` across rounds, created the first time the device is sampled.
+- ``evaluate``: refit the private vector locally (shared frozen), rank the device's own
+  validation and test items, send back only scalars (hit or not, NDCG gain).
+- ``query``: the device's stable key (its index in a simulation), used by the server only to
+  order devices so that seeded sampling repeats.
+
+Which history a device holds comes from its node config (``partition-id`` in the Simulation
+Engine, or ``device-index``), the folder from the run config's ``history-dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpref.models.contract import Params
+from fedpref.models.federation import FederatedConfig
+from fedpref.models.metrics import ndcg, rank_of_target
+from fedpref.models.train import LocalData, local_update
+
+from .guard import encode_update
+from .history import DeviceHistory, load_history
+
+app = ClientApp()
+
+PRIVATE_KEY = "private"  # context.state key of the private arrays
+
+
+def device_index(context: Context) -> int:
+    config = context.node_config
+    for key in ("device-index", "partition-id"):
+        if key in config:
+            return int(config[key])
+    raise KeyError("node config names no device: set 'device-index' (or run in the Simulation Engine)")
+
+
+def _setup(msg: Message, context: Context) -> tuple[FederatedConfig, DeviceHistory, Params]:
+    torch.set_num_threads(1)  # one device per CPU slot; Ray gives each actor its own
+    config = FederatedConfig.from_run_config(context.run_config)
+    history = load_history(config.history_dir, device_index(context))
+    arrays = msg.content["arrays"]
+    shared = {name: arrays[name].numpy() for name in config.model_spec.build(1, 2).shared_names}
+    return config, history, shared
+
+
+def _private(context: Context, config: FederatedConfig, user: int) -> Params:
+    """This device's private arrays, created (seeded by device) the first time."""
+    if PRIVATE_KEY in context.state:
+        record = context.state[PRIVATE_KEY]
+        return {name: record[name].numpy() for name in record}
+    seed = int(np.random.SeedSequence([config.seed, user]).generate_state(1)[0] % (2**31))
+    model = config.model_spec.build(1, 2, seed=seed)
+    return model.get_private()
+
+
+def _store_private(context: Context, private: Params) -> None:
+    context.state[PRIVATE_KEY] = ArrayRecord({name: _array(v) for name, v in private.items()})
+
+
+def _array(value: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(value))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, history, shared = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    rng = np.random.default_rng([config.seed, history.user, server_round, 1])
+    private = _private(context, config, history.user)
+    data = LocalData.for_device(history.train_items, history.n_items)
+    update, private, metrics = local_update(shared, private, data, config.train_config(), rng)
+    _store_private(context, private)
+    weights, norm, clipped = encode_update(shared, update, config.clip_norm)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({name: _array(v) for name, v in weights.items()}),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": int(metrics["num_examples"]),
+                    "train-loss": float(metrics["loss"]),
+                    "update-norm": float(norm),
+                    "clipped": float(clipped),
+                }
+            ),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def rank_locally(scores: np.ndarray, history: DeviceHistory, which: str, rng: np.random.Generator) -> tuple[int, int]:
+    """(sampled rank, full rank) of the device's ``which`` item, computed on the device."""
+    target = history.target(which)
+    sampled = rank_of_target(scores[[target]], scores[history.negatives][None, :], rng)[0]
+    mask = np.ones(len(scores), dtype=bool)
+    mask[history.train_items] = False
+    mask[target] = False
+    full = rank_of_target(scores[[target]], scores[None, :], rng, candidate_mask=mask[None, :])[0]
+    return int(sampled), int(full)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, history, shared = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    rng = np.random.default_rng([config.seed, history.user, server_round, 2])
+    private = _private(context, config, history.user)
+    if config.personalize_epochs > 0 and len(history.train_items):
+        refit = replace(config.train_config(), epochs=config.personalize_epochs, freeze_shared=True)
+        data = LocalData.for_device(history.train_items, history.n_items)
+        _, private, _ = local_update(shared, private, data, refit, rng)
+        _store_private(context, private)
+    model = config.model_spec.build(1, history.n_items)
+    model.set_shared(shared)
+    model.set_private(private)
+    model.eval()
+    scores = model.score_all(torch.zeros(1, dtype=torch.long))[0].numpy().astype(np.float64)
+    k = config.k
+    metrics: dict[str, float | int] = {"num-examples": 1}
+    for which in ("val", "test"):
+        sampled, full = rank_locally(scores, history, which, rng)
+        metrics[f"{which}-hr"] = float(sampled < k)
+        metrics[f"{which}-ndcg"] = ndcg(np.array([sampled]), k)
+        metrics[f"{which}-full-hr"] = float(full < k)
+        metrics[f"{which}-full-ndcg"] = ndcg(np.array([full]), k)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"device": ConfigRecord({"key": device_index(context)})}), reply_to=msg)

@@ -1,0 +1,158 @@
+"""The run configuration that the ServerApp and every ClientApp share.
+
+One flat namespace of hyphenated keys, as Flower's run config is: defaults live in
+``pyproject.toml`` under ``[tool.flwr.app.config]`` and here (a test keeps the two equal);
+overrides come from ``flwr run . --run-config "clip-norm=0.5"`` or ``fedpref simulate``.
+A key that is not known is an error that lists the known ones, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+
+from .preference import ModelSpec
+from .train import LOSSES, TrainConfig, default_config
+
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+
+# key -> default. The order is the order of `--help`.
+RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
+    "history-dir": "",  # the device histories (written by `fedpref simulate` / `fedpref population`)
+    "num-server-rounds": 30,
+    "fraction-train": 1.0,  # share of devices that train each round
+    "min-train-nodes": 2,  # at least this many devices per round
+    "fraction-evaluate": 1.0,  # share of devices that evaluate (rank their own held-out items)
+    "evaluate-every": 1,  # federated evaluation every this many rounds (and after the last)
+    "strategy": "fedavg",
+    "server-lr": 1.0,  # fedavgm: server step on the averaged update; fedadam/fedyogi: eta
+    "server-momentum": 0.0,  # fedavgm only
+    "adaptivity": 1e-3,  # fedadam/fedyogi: tau
+    "model": "mf",
+    "dim": 64,
+    "loss": "softmax",
+    "num-negatives": 20,
+    "local-epochs": 1,
+    "lr": 0.01,  # device Adam step size
+    "l2": 0.01,
+    "batch-size": 64,
+    "clip-norm": 1.0,  # C: the L2 norm bound of every update that leaves a device
+    "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
+    "k": 10,
+    "seed": 0,
+    "results-dir": "",  # where the ServerApp writes per-round metrics (empty: do not write)
+}
+
+
+class RunConfigError(ValueError):
+    """A run-config key is unknown or its value is invalid."""
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """The run config, typed. Built with :meth:`from_run_config`."""
+
+    history_dir: str
+    num_server_rounds: int
+    fraction_train: float
+    min_train_nodes: int
+    fraction_evaluate: float
+    evaluate_every: int
+    strategy: str
+    server_lr: float
+    server_momentum: float
+    adaptivity: float
+    model: str
+    dim: int
+    loss: str
+    num_negatives: int
+    local_epochs: int
+    lr: float
+    l2: float
+    batch_size: int
+    clip_norm: float
+    personalize_epochs: int
+    k: int
+    seed: int
+    results_dir: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> FederatedConfig:
+        unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS))
+        if unknown:
+            raise RunConfigError(
+                f"unknown run-config key(s) {unknown}; the known keys are: {', '.join(RUN_CONFIG_DEFAULTS)}"
+            )
+        values = dict(RUN_CONFIG_DEFAULTS)
+        values.update(run_config)
+        kwargs = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            default = RUN_CONFIG_DEFAULTS[key]
+            value = values[key]
+            try:
+                if isinstance(default, bool):
+                    kwargs[f.name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                elif isinstance(default, int):
+                    if isinstance(value, float) and not value.is_integer():
+                        raise ValueError
+                    kwargs[f.name] = int(value)  # type: ignore[arg-type]
+                elif isinstance(default, float):
+                    kwargs[f.name] = float(value)  # type: ignore[arg-type]
+                else:
+                    kwargs[f.name] = str(value)
+            except (TypeError, ValueError):
+                raise RunConfigError(f"run-config key {key!r} must be a {type(default).__name__}, got {value!r}") from None
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> RunConfigError:
+            return RunConfigError(f"run-config {key!r}: {why}")
+
+        if self.num_server_rounds < 1:
+            raise bad("num-server-rounds", "must be at least 1")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise bad("fraction-train", f"must lie in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise bad("fraction-evaluate", f"must lie in [0, 1], got {self.fraction_evaluate}")
+        if self.min_train_nodes < 1:
+            raise bad("min-train-nodes", "must be at least 1")
+        if self.evaluate_every < 1:
+            raise bad("evaluate-every", "must be at least 1")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"unknown {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.loss not in LOSSES or self.loss == "full-softmax":
+            raise bad("loss", f"choose one of bpr, bce, softmax (full-softmax would send every item row), got {self.loss!r}")
+        if not self.clip_norm > 0:
+            raise bad("clip-norm", f"the clipping bound must be positive, got {self.clip_norm}")
+        if not self.server_lr > 0:
+            raise bad("server-lr", f"must be positive, got {self.server_lr}")
+        if self.personalize_epochs < 0:
+            raise bad("personalize-epochs", "must be 0 or more")
+        self.train_config()  # validates model, lr, l2, ... with their own messages
+
+    def train_config(self) -> TrainConfig:
+        """The device's local training (same function as the reference trainers)."""
+        base = default_config(self.model)
+        try:
+            return replace(
+                base,
+                model=replace(base.model, dim=self.dim) if self.model == "mf" else replace(base.model, dim=self.dim),
+                loss=self.loss,
+                num_negatives=self.num_negatives,
+                lr=self.lr,
+                l2=self.l2,
+                batch_size=self.batch_size,
+                epochs=self.local_epochs,
+            )
+        except ValueError as exc:
+            raise RunConfigError(f"run config: {exc}") from None
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return self.train_config().model
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,205 @@
+"""The aggregation server's Flower ServerApp.
+
+It validates the run config (unknown keys are an error that lists the known ones), builds
+the chosen Flower strategy (FedAvg, FedAvgM with a server learning rate, FedAdam, FedYogi),
+initialises the shared arrays of the model, and runs the rounds: devices train and send
+clipped updates; every ``evaluate-every`` rounds each device ranks its own held-out items
+and sends back scalars, which the strategy averages. The round is chosen on validation
+(NDCG@k) and the test metrics are those of that round.
+
+Per-round metrics go to ``results-dir`` (``rounds.json``) when it is set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
+
+from fedpref.models.federation import FederatedConfig
+
+app = ServerApp()
+
+RoundCallback = Callable[[dict], None]
+_round_callbacks: list[RoundCallback] = []  # set by an in-process runner (fedpref simulate) to show progress
+# Observers of every exchange (messages sent, replies received): the privacy tests use them to
+# check what devices actually sent. Only an in-process runner can register one.
+Exchange = Callable[[list[Message], list[Message]], None]
+_exchange_observers: list[Exchange] = []
+
+
+def add_exchange_observer(observer: Exchange) -> None:
+    _exchange_observers.append(observer)
+
+
+def clear_exchange_observers() -> None:
+    _exchange_observers.clear()
+
+
+def add_round_callback(callback: RoundCallback) -> None:
+    _round_callbacks.append(callback)
+
+
+def clear_round_callbacks() -> None:
+    _round_callbacks.clear()
+
+
+class StableGrid:
+    """A Grid whose node ids come in a stable order (by each device's key), so that
+    Flower's sampling with a seeded ``random`` picks the same devices in every run."""
+
+    def __init__(self, grid: Grid, order: dict[int, int]) -> None:
+        self._grid = grid
+        self._order = order
+
+    def get_node_ids(self) -> list[int]:
+        ids = list(self._grid.get_node_ids())
+        return sorted(ids, key=lambda n: (self._order.get(n, 1 << 62), n))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for observer in _exchange_observers:
+            observer(messages, replies)
+        return replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def device_keys(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
+    """Ask every device once for its stable key (its index in a simulation)."""
+    deadline = time.time() + timeout
+    while len(ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
+        time.sleep(0.5)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in ids
+    ]
+    keys = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if not reply.has_error():
+            keys[reply.metadata.src_node_id] = int(reply.content["device"]["key"])
+    return keys
+
+
+def population_meta(config: FederatedConfig) -> dict:
+    """The catalogue size (public) and the number of devices, from the population folder."""
+    meta = Path(config.history_dir) / "meta.json"
+    if not config.history_dir or not meta.exists():
+        raise FileNotFoundError(
+            "the server needs the item catalogue's size: set run-config 'history-dir' to a folder "
+            "written by `fedpref population` or `fedpref simulate`"
+        )
+    return json.loads(meta.read_text())
+
+
+def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[int, dict], None]):
+    """The Flower strategy named by ``config.strategy``, evaluating every ``evaluate-every`` rounds."""
+    common = dict(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=min(config.min_train_nodes, n_devices),
+        min_evaluate_nodes=1,
+        # Wait for every device before the first round (the Simulation Engine registers them
+        # one by one) so that the cohort is drawn from the whole population.
+        min_available_nodes=n_devices,
+    )
+    if config.strategy == "fedavg":
+        base, extra = FedAvg, {}
+    elif config.strategy == "fedavgm":
+        base, extra = FedAvgM, dict(server_learning_rate=config.server_lr, server_momentum=config.server_momentum)
+    elif config.strategy == "fedadam":
+        base, extra = FedAdam, dict(eta=config.server_lr, tau=config.adaptivity)
+    else:
+        base, extra = FedYogi, dict(eta=config.server_lr, tau=config.adaptivity)
+
+    last = config.num_server_rounds
+    every = config.evaluate_every
+
+    class Strategy(base):  # type: ignore[valid-type, misc]
+        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
+            if server_round % every and server_round != last:
+                return []
+            return super().configure_evaluate(server_round, arrays, cfg, grid)
+
+        def aggregate_train(self, server_round, replies):
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            on_round(server_round, {"train": dict(metrics) if metrics else {}, "arrays": arrays})
+            return arrays, metrics
+
+        def aggregate_evaluate(self, server_round, replies):
+            metrics = super().aggregate_evaluate(server_round, replies)
+            on_round(server_round, {"evaluate": dict(metrics) if metrics else {}})
+            return metrics
+
+    return Strategy(**common, **extra)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = FederatedConfig.from_run_config(context.run_config)
+    meta = population_meta(config)
+    n_devices, n_items = int(meta["n_users"]), int(meta["n_items"])
+    random.seed(config.seed)  # Flower samples cohorts with `random`
+    stable = StableGrid(grid, device_keys(grid, n_devices))
+
+    model = config.model_spec.build(1, n_items, seed=config.seed)
+    initial = {name: v for name, v in model.get_shared().items()}
+
+    rounds: dict[int, dict] = {}
+    best = {"round": 0, "val-ndcg": -1.0}
+    best_arrays: dict[str, np.ndarray] = {}
+    latest_arrays: dict[int, ArrayRecord] = {}
+    started = time.perf_counter()
+
+    def on_round(server_round: int, info: dict) -> None:
+        row = rounds.setdefault(server_round, {"round": server_round})
+        if "arrays" in info:
+            if info["arrays"] is not None:
+                latest_arrays.clear()
+                latest_arrays[server_round] = info["arrays"]
+            row.update({f"train-{k}" if not k.startswith("train-") else k: v for k, v in info["train"].items()})
+        if "evaluate" in info:
+            row.update(info["evaluate"])
+            row["seconds"] = round(time.perf_counter() - started, 3)
+            if row.get("val-ndcg", -1.0) > best["val-ndcg"]:
+                best.update({"round": server_round, "val-ndcg": row["val-ndcg"]})
+                arrays = latest_arrays.get(server_round)
+                if arrays is not None:
+                    best_arrays.clear()
+                    best_arrays.update({k: arrays[k].numpy() for k in arrays})
+            for callback in _round_callbacks:
+                callback(dict(row))
+
+    strategy = make_strategy(config, n_devices, on_round)
+    strategy.start(
+        grid=stable,
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
+        num_rounds=config.num_server_rounds,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+    )
+    if config.results_dir:
+        out = Path(config.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        chosen = rounds.get(best["round"], {})
+        summary = {
+            "config": config.to_run_config(),
+            "devices": n_devices,
+            "items": n_items,
+            "chosen_round": best["round"],
+            "chosen": chosen,
+            "rounds": [rounds[r] for r in sorted(rounds)],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        (out / "rounds.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if best_arrays:
+            np.savez_compressed(out / "best_model.npz", **best_arrays)

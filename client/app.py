@@ -48,7 +48,7 @@ def _setup(msg: Message, context: Context) -> tuple[FederatedConfig, DeviceHisto
     config = FederatedConfig.from_run_config(context.run_config)
     history = load_history(config.history_dir, device_index(context))
     arrays = msg.content["arrays"]
-    shared = {name: arrays[name].numpy() for name in config.model_spec.build(1, 2).shared_names}
+    shared = {name: arrays[name].numpy() for name in config.model_spec.build(1, 2, init=False).shared_names}
     return config, history, shared
 
 
@@ -118,7 +118,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         data = LocalData.for_device(history.train_items, history.n_items)
         _, private, _ = local_update(shared, private, data, refit, rng)
         _store_private(context, private)
-    model = config.model_spec.build(1, history.n_items)
+    model = config.model_spec.build(1, history.n_items, init=False)
     model.set_shared(shared)
     model.set_private(private)
     model.eval()

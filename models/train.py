@@ -149,7 +149,7 @@ def local_update(
     """
     n_rows = next(iter(private.values())).shape[0]
     n_items = data.n_items
-    model = config.model.build(n_rows, n_items)
+    model = config.model.build(n_rows, n_items, init=False)  # every array is set below
     model.set_shared(shared)
     model.set_private(private)
     if len(data) == 0:

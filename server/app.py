@@ -167,6 +167,8 @@ def main(grid: Grid, context: Context) -> None:
                 latest_arrays.clear()
                 latest_arrays[server_round] = info["arrays"]
             row.update({f"train-{k}" if not k.startswith("train-") else k: v for k, v in info["train"].items()})
+            for callback in _round_callbacks:
+                callback({"event": "train", **row})
         if "evaluate" in info:
             row.update(info["evaluate"])
             row["seconds"] = round(time.perf_counter() - started, 3)
@@ -177,7 +179,7 @@ def main(grid: Grid, context: Context) -> None:
                     best_arrays.clear()
                     best_arrays.update({k: arrays[k].numpy() for k in arrays})
             for callback in _round_callbacks:
-                callback(dict(row))
+                callback({"event": "evaluate", **row})
 
     strategy = make_strategy(config, n_devices, on_round)
     strategy.start(

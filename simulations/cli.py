@@ -29,9 +29,10 @@ from .data.interactions import DataFormatError, DataWarning
 from .data.registry import describe_sources, load_dataset
 from .evaluate import evaluate, popularity_scorer, random_scorer
 from .reference import ReferenceResult, train_centralised, train_local_only
+from .progress import progress_bar
 from .split import LeaveOneOutSplit, SplitError, leave_one_out
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="fedpref: on-device federated personalisation.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="fedpref: on-device federated personalisation.")
 console = Console()
 err = Console(stderr=True)
 
@@ -297,3 +298,147 @@ def tune(
 
 if __name__ == "__main__":
     app()
+
+
+# ---------------------------------------------------------------------------------------------
+# Federated simulation
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def population(
+    dataset: Dataset = "movielens-small",
+    out: Annotated[Path, typer.Option(help="Folder to write the device histories to.")] = Path("results/population-movielens-small"),
+    format: Format = None,
+    rating_threshold: Threshold = None,
+    seed: Seed = 0,
+) -> None:
+    """Write one history per device (for `flwr run .` with --run-config history-dir=OUT)."""
+    from .population import write_population
+
+    split = _load_split(dataset, format, rating_threshold, seed)
+    folder = write_population(split, out)
+    console.print(f"wrote {split.n_users:,} device histories to {folder}")
+    console.print(f"run them with: flwr run . --run-config \"history-dir='{folder.resolve()}'\"")
+
+
+def _references(split: LeaveOneOutSplit, dataset: str, model: str, seed: int, mode: str, progress: bool) -> dict[str, dict[str, float]]:
+    """Validation HR/NDCG of centralised and local-only training and of popularity, same split.
+
+    Cached under results/references/ so that every simulation on a data set reuses them.
+    """
+    pop = evaluate(popularity_scorer(split), split, target="val", seed=seed, full=False)
+    refs: dict[str, dict[str, float]] = {"popularity": {"hr": pop.hr, "ndcg": pop.ndcg}}
+    if mode == "none":
+        return refs
+    cache = Path("results") / "references" / f"{_slug(dataset)}-seed{seed}-{model}.json"
+    if cache.exists() and mode == "auto":
+        refs.update(json.loads(cache.read_text()))
+        return refs
+    config = default_config(model)
+    computed = {}
+    for name, trainer in (("centralised", "centralised"), ("local-only", "local-only")):
+        console.print(f"reference: {name} {model} on the same split (cached in {cache})")
+        result = _train(trainer, split, config, seed, 60 if trainer == "centralised" else 30, 5 if trainer == "centralised" else 3, progress)
+        computed[name] = {"hr": result.val.hr, "ndcg": result.val.ndcg, "test_hr": result.test.hr, "test_ndcg": result.test.ndcg, "test_full_hr": result.test.full_hr}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(computed, indent=2) + "\n")
+    refs.update(computed)
+    return refs
+
+
+@app.command()
+def simulate(
+    dataset: Dataset = "movielens-small",
+    format: Format = None,
+    rating_threshold: Threshold = None,
+    rounds: Annotated[int, typer.Option(help="Federated rounds; the reported round is chosen on validation.")] = 30,
+    fraction_train: Annotated[float, typer.Option(help="Share of devices that train each round.")] = 1.0,
+    devices_per_round: Annotated[Optional[int], typer.Option(help="Number of devices per round (instead of --fraction-train).")] = None,
+    local_epochs: Annotated[int, typer.Option(help="Passes over its own history a device makes per round.")] = 1,
+    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = "mf",
+    dim: Annotated[int, typer.Option(help="Embedding size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Device (Adam) step size.")] = 0.01,
+    l2: Annotated[float, typer.Option(help="L2 on the embeddings each batch touches.")] = 0.01,
+    clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update that leaves a device.")] = 1.0,
+    strategy: Annotated[str, typer.Option(help="Server: fedavg, fedavgm (server lr, momentum), fedadam or fedyogi.")] = "fedavg",
+    server_lr: Annotated[float, typer.Option(help="fedavgm: server step on the averaged update; fedadam/fedyogi: eta.")] = 1.0,
+    evaluate_every: Annotated[int, typer.Option(help="Federated evaluation every this many rounds.")] = 1,
+    run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
+    seed: Seed = 0,
+    cpus_per_device: Annotated[float, typer.Option(help="Ray CPUs per virtual device (devices that run at once = CPUs / this).")] = 1.0,
+    ray_address: Annotated[Optional[str], typer.Option(help="Address of an existing Ray cluster (e.g. ray://head:10001); default: a local one.")] = None,
+    references: Annotated[str, typer.Option(help="Reference lines: auto (cached or computed), compute, none.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/sim-<dataset>-<model>-<strategy>-seed<seed>).")] = None,
+    progress: Progress = True,
+) -> None:
+    """Federated training on Flower's Simulation Engine: one virtual device per user."""
+    from fedpref.models.federation import FederatedConfig, RunConfigError
+    from fedpref.server import app as server_app
+
+    from .federated import backend_config, run_flower_simulation
+    from .population import write_population
+    from .report import plot_rounds, write_rounds_csv
+
+    split = _load_split(dataset, format, rating_threshold, seed)
+    out = out or Path("results") / f"sim-{_slug(dataset)}-{model}-{strategy}-seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    folder = write_population(split, out / "population")
+    overrides: dict[str, object] = {}
+    for item in run_config.split():
+        if "=" not in item:
+            _fail(f"--run-config takes key=value pairs separated by spaces, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = value.strip("'\"")
+    if devices_per_round is not None:
+        if not 1 <= devices_per_round <= split.n_users:
+            _fail(f"--devices-per-round must lie in [1, {split.n_users}], got {devices_per_round}")
+        fraction_train = devices_per_round / split.n_users
+        overrides.setdefault("min-train-nodes", devices_per_round)
+    values = {
+        "history-dir": str(folder.resolve()), "num-server-rounds": rounds, "fraction-train": fraction_train,
+        "local-epochs": local_epochs, "model": model, "dim": dim, "lr": lr, "l2": l2, "clip-norm": clip_norm,
+        "strategy": strategy, "server-lr": server_lr, "evaluate-every": evaluate_every, "seed": seed,
+        "results-dir": str(out.resolve()),
+    }
+    values.update(overrides)
+    try:
+        config = FederatedConfig.from_run_config(values)
+    except RunConfigError as exc:
+        _fail(str(exc))
+    refs = _references(split, dataset, model, seed, references, progress)
+    backend = backend_config(cpus_per_device=cpus_per_device, ray_address=ray_address)
+    (out / "config.json").write_text(json.dumps({"dataset": dataset, "split": _split_info(split), "run_config": config.to_run_config(), "backend": {"cpus_per_device": cpus_per_device, "ray_address": ray_address}}, indent=2, default=str) + "\n")
+
+    with progress_bar(rounds, f"federated rounds ({split.n_users} devices)", progress) as advance:
+        last_status = {"text": ""}
+
+        def on_round(row: dict) -> None:
+            if row["event"] == "train":
+                advance(last_status["text"])
+            else:
+                last_status["text"] = f"round {row['round']}: val HR@10 {row.get('val-hr', float('nan')):.4f} NDCG@10 {row.get('val-ndcg', float('nan')):.4f}"
+                if not progress:
+                    console.print(last_status["text"])
+
+        server_app.add_round_callback(on_round)
+        try:
+            start = time.perf_counter()
+            result = run_flower_simulation(config, n_devices=split.n_users, backend=backend)
+            seconds = time.perf_counter() - start
+        finally:
+            server_app.clear_round_callbacks()
+    result["wall_seconds"] = round(seconds, 2)
+    result["references"] = refs
+    (out / "rounds.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_rounds_csv(result["rounds"], out / "rounds.csv")
+    title = f"{dataset}: federated {model}, {strategy}, {config.fraction_train:.0%} of {split.n_users} devices per round, C={config.clip_norm}"
+    plot_rounds(result["rounds"], out / "curves.png", references={k: v for k, v in refs.items()}, chosen_round=result["chosen_round"], title=title)
+    chosen = result["chosen"]
+    table = Table(title=f"round {result['chosen_round']} of {rounds}, chosen on validation NDCG@10")
+    for col in ("", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10"):
+        table.add_column(col, justify="right" if col else "left")
+    for which in ("val", "test"):
+        table.add_row(which, *(f"{chosen.get(f'{which}-{m}', float('nan')):.4f}" for m in ("hr", "ndcg", "full-hr", "full-ndcg")))
+    console.print(table)
+    console.print(f"{seconds:.1f} s in all; wrote {out}/config.json, rounds.json, rounds.csv, curves.png")

@@ -95,7 +95,7 @@ def evaluate(
 def model_scorer(spec: ModelSpec, shared: Params, private: Params, n_items: int) -> ScoreFn:
     """A score function from a model's shared and private arrays (one private row per user)."""
     n_users = next(iter(private.values())).shape[0]
-    model = spec.build(n_users, n_items)
+    model = spec.build(n_users, n_items, init=False)
     model.set_shared(shared)
     model.set_private(private)
     model.eval()

@@ -46,6 +46,9 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
         Path(app_dir, "pyproject.toml").write_text("\n".join(lines) + "\n")
         server_context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        if not verbose:  # Flower logs every round at INFO; fedpref shows its own progress
+            logging.getLogger("flwr").setLevel(logging.WARNING)
         _run_simulation(
             num_supernodes=n_devices,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

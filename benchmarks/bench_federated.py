@@ -1,0 +1,116 @@
+"""Cost of federated rounds on Flower's Simulation Engine (Ray), at 100 and at 671 devices.
+
+    .venv/bin/python benchmarks/bench_federated.py                 # 100 and 671 devices, 2 rounds each
+    .venv/bin/python benchmarks/bench_federated.py --devices 100 --rounds 3
+
+Devices are the first N users of movielens-small (same split as everywhere). Each round is
+one training exchange and one evaluation exchange with every device. Prints wall time per
+round (after the first, which carries Ray's start-up), time per device message (round time /
+2N messages), the bytes each device sends per round (the arrays of its training reply, as
+serialised), and peak memory of the server process and of the machine's Ray workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from fedpref.models.federation import FederatedConfig
+from fedpref.server import app as server_app
+from fedpref.simulations.data.movielens import load_movielens_small
+from fedpref.simulations.federated import run_flower_simulation
+from fedpref.simulations.population import write_population
+from fedpref.simulations.split import leave_one_out
+
+
+def first_users(split, n):
+    """The split restricted to its first ``n`` users."""
+    end = split.train_indptr[n]
+    return replace(
+        split,
+        n_users=n,
+        train_indptr=split.train_indptr[: n + 1],
+        train_items=split.train_items[:end],
+        val_item=split.val_item[:n],
+        test_item=split.test_item[:n],
+        negatives=split.negatives[:n],
+        user_ids=split.user_ids[:n],
+    )
+
+
+def ray_workers_rss_mb() -> float:
+    total = 0
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if "ray::" in cmd or "ClientAppActor" in cmd:
+            total += proc.info["memory_info"].rss
+    return total / 2**20
+
+
+def run(split, n: int, rounds: int, dim: int) -> dict:
+    sub = first_users(split, n)
+    sent_bytes: list[int] = []
+    worker_peak = [0.0]
+
+    def observe(messages, replies):
+        if messages and messages[0].metadata.message_type == "train":
+            for reply in replies:
+                if not reply.has_error():
+                    sent_bytes.append(sum(len(a.data) for a in reply.content["arrays"].values()))
+        worker_peak[0] = max(worker_peak[0], ray_workers_rss_mb())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_population(sub, Path(tmp) / "population")
+        config = FederatedConfig.from_run_config(
+            {"history-dir": str(folder), "num-server-rounds": rounds, "dim": dim, "results-dir": str(Path(tmp) / "out")}
+        )
+        server_app.add_exchange_observer(observe)
+        try:
+            result = run_flower_simulation(config, n_devices=n)
+        finally:
+            server_app.clear_exchange_observers()
+    ends = [r["seconds"] for r in result["rounds"]]
+    per_round = float(np.mean(np.diff(ends))) if len(ends) > 1 else ends[0]
+    return {
+        "devices": n,
+        "rounds": rounds,
+        "first_round_s": ends[0],
+        "round_s": per_round,
+        "per_message_ms": per_round / (2 * n) * 1000,
+        "bytes_per_device_round": int(np.mean(sent_bytes)),
+        "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "ray_workers_peak_rss_mb": worker_peak[0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, nargs="+", default=[100, 671])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=64)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    split = leave_one_out(load_movielens_small(), seed=0)
+    rows = [run(split, n, args.rounds, args.dim) for n in args.devices]
+    print(f"{'devices':>7} {'round (s)':>9} {'first round (s)':>15} {'per message (ms)':>16} {'sent per device/round':>21} {'server peak':>11} {'Ray workers peak':>16}")
+    for r in rows:
+        print(f"{r['devices']:>7} {r['round_s']:>9.1f} {r['first_round_s']:>15.1f} {r['per_message_ms']:>16.1f} {r['bytes_per_device_round'] / 2**20:>18.2f} MB {r['server_peak_rss_mb']:>8.0f} MB {r['ray_workers_peak_rss_mb']:>13.0f} MB")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        print(f"round time {b['devices']} / {a['devices']} devices: {b['round_s'] / a['round_s']:.2f}x for {b['devices'] / a['devices']:.2f}x the devices")
+    out = Path("results") / "bench_federated.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.serverapp.strategy import fedavg as _fedavg_module
 
 from fedpref.models.federation import FederatedConfig
 
@@ -52,12 +53,22 @@ def clear_round_callbacks() -> None:
 
 
 class StableGrid:
-    """A Grid whose node ids come in a stable order (by each device's key), so that
-    Flower's sampling with a seeded ``random`` picks the same devices in every run."""
+    """A Grid whose node ids come in a stable order (by each device's key) and that draws
+    cohorts from its own seeded generator, so that the same seed picks the same devices in
+    every run. (Flower samples with the global ``random``, which other threads of the
+    Simulation Engine's process draw from too; see :func:`_seeded_sample_nodes`.)"""
 
-    def __init__(self, grid: Grid, order: dict[int, int]) -> None:
+    def __init__(self, grid: Grid, order: dict[int, int], seed: int) -> None:
         self._grid = grid
         self._order = order
+        self.rng = random.Random(seed)
+
+    def sample(self, min_available_nodes: int, sample_size: int) -> tuple[list[int], list[int]]:
+        ids = self.get_node_ids()
+        while len(ids) < max(min_available_nodes, sample_size):
+            time.sleep(1)
+            ids = self.get_node_ids()
+        return self.rng.sample(ids, sample_size), ids
 
     def get_node_ids(self) -> list[int]:
         ids = list(self._grid.get_node_ids())
@@ -72,6 +83,18 @@ class StableGrid:
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
+
+
+def _seeded_sample_nodes(grid, min_available_nodes: int, sample_size: int) -> tuple[list[int], list[int]]:
+    if isinstance(grid, StableGrid):
+        return grid.sample(min_available_nodes, sample_size)
+    return _flower_sample_nodes(grid, min_available_nodes, sample_size)
+
+
+# Flower's FedAvg (and the strategies built on it) call this module-level function to draw a
+# cohort; fedpref's grids draw it from their own seeded generator instead.
+_flower_sample_nodes = _fedavg_module.sample_nodes
+_fedavg_module.sample_nodes = _seeded_sample_nodes
 
 
 def device_keys(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
@@ -148,8 +171,7 @@ def main(grid: Grid, context: Context) -> None:
     config = FederatedConfig.from_run_config(context.run_config)
     meta = population_meta(config)
     n_devices, n_items = int(meta["n_users"]), int(meta["n_items"])
-    random.seed(config.seed)  # Flower samples cohorts with `random`
-    stable = StableGrid(grid, device_keys(grid, n_devices))
+    stable = StableGrid(grid, device_keys(grid, n_devices), config.seed)
 
     model = config.model_spec.build(1, n_items, seed=config.seed)
     initial = {name: v for name, v in model.get_shared().items()}
@@ -167,9 +189,10 @@ def main(grid: Grid, context: Context) -> None:
                 latest_arrays.clear()
                 latest_arrays[server_round] = info["arrays"]
             row.update({f"train-{k}" if not k.startswith("train-") else k: v for k, v in info["train"].items()})
+            row["seconds"] = round(time.perf_counter() - started, 3)
             for callback in _round_callbacks:
                 callback({"event": "train", **row})
-        if "evaluate" in info:
+        if info.get("evaluate"):  # empty in rounds without evaluation
             row.update(info["evaluate"])
             row["seconds"] = round(time.perf_counter() - started, 3)
             if row.get("val-ndcg", -1.0) > best["val-ndcg"]:

@@ -366,6 +366,7 @@ def simulate(
     evaluate_every: Annotated[int, typer.Option(help="Federated evaluation every this many rounds.")] = 1,
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
     seed: Seed = 0,
+    engine: Annotated[str, typer.Option(help="flower: Flower's Simulation Engine (Ray); inprocess: the same apps and messages, devices called one by one in this process (faster for sweeps).")] = "flower",
     cpus_per_device: Annotated[float, typer.Option(help="Ray CPUs per virtual device (devices that run at once = CPUs / this).")] = 1.0,
     ray_address: Annotated[Optional[str], typer.Option(help="Address of an existing Ray cluster (e.g. ray://head:10001); default: a local one.")] = None,
     references: Annotated[str, typer.Option(help="Reference lines: auto (cached or computed), compute, none.")] = "auto",
@@ -377,9 +378,12 @@ def simulate(
     from fedpref.server import app as server_app
 
     from .federated import backend_config, run_flower_simulation
+    from .inprocess import run_inprocess
     from .population import write_population
     from .report import plot_rounds, write_rounds_csv
 
+    if engine not in ("flower", "inprocess"):
+        _fail(f"unknown engine {engine!r}; choose flower or inprocess")
     split = _load_split(dataset, format, rating_threshold, seed)
     out = out or Path("results") / f"sim-{_slug(dataset)}-{model}-{strategy}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +412,7 @@ def simulate(
         _fail(str(exc))
     refs = _references(split, dataset, model, seed, references, progress)
     backend = backend_config(cpus_per_device=cpus_per_device, ray_address=ray_address)
-    (out / "config.json").write_text(json.dumps({"dataset": dataset, "split": _split_info(split), "run_config": config.to_run_config(), "backend": {"cpus_per_device": cpus_per_device, "ray_address": ray_address}}, indent=2, default=str) + "\n")
+    (out / "config.json").write_text(json.dumps({"dataset": dataset, "split": _split_info(split), "run_config": config.to_run_config(), "engine": engine, "backend": {"cpus_per_device": cpus_per_device, "ray_address": ray_address}}, indent=2, default=str) + "\n")
 
     with progress_bar(rounds, f"federated rounds ({split.n_users} devices)", progress) as advance:
         last_status = {"text": ""}
@@ -416,7 +420,7 @@ def simulate(
         def on_round(row: dict) -> None:
             if row["event"] == "train":
                 advance(last_status["text"])
-            else:
+            elif "val-hr" in row:
                 last_status["text"] = f"round {row['round']}: val HR@10 {row.get('val-hr', float('nan')):.4f} NDCG@10 {row.get('val-ndcg', float('nan')):.4f}"
                 if not progress:
                     console.print(last_status["text"])
@@ -424,7 +428,10 @@ def simulate(
         server_app.add_round_callback(on_round)
         try:
             start = time.perf_counter()
-            result = run_flower_simulation(config, n_devices=split.n_users, backend=backend)
+            if engine == "flower":
+                result = run_flower_simulation(config, n_devices=split.n_users, backend=backend)
+            else:
+                result = run_inprocess(config, n_devices=split.n_users)
             seconds = time.perf_counter() - start
         finally:
             server_app.clear_round_callbacks()

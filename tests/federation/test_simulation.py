@@ -6,6 +6,7 @@ devices actually sent.
 """
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -109,3 +110,25 @@ def test_same_seed_same_metrics(run, tmp_path):
     for a, b in zip(first["rounds"], second["rounds"]):
         assert a["val-hr"] == pytest.approx(b["val-hr"], abs=1e-4)
         assert a["test-ndcg"] == pytest.approx(b["test-ndcg"], abs=1e-4)
+
+
+def test_the_in_process_engine_gives_the_flower_engines_metrics(run, tmp_path):
+    from fedpref.simulations.inprocess import run_inprocess
+
+    config, flower, _ = run
+    inprocess = run_inprocess(replace(config, results_dir=str(tmp_path / "inprocess")), n_devices=N_DEVICES)
+    for a, b in zip(flower["rounds"], inprocess["rounds"]):
+        for key in ("train-loss", "val-hr", "val-ndcg", "test-hr", "test-full-ndcg"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_partial_participation_draws_the_same_cohorts_in_both_engines(tmp_path):
+    from fedpref.simulations.inprocess import run_inprocess
+
+    config, flower, exchanges = simulate(tmp_path, "half", **{"fraction-train": 0.5, "num-server-rounds": 2})
+    trained = [len(sent) for sent, _ in train_exchanges(exchanges)]
+    assert trained == [10, 10]
+    inprocess = run_inprocess(replace(config, results_dir=str(tmp_path / "inprocess")), n_devices=N_DEVICES)
+    for a, b in zip(flower["rounds"], inprocess["rounds"]):
+        assert a["train-loss"] == pytest.approx(b["train-loss"], abs=1e-6)
+        assert a["val-ndcg"] == pytest.approx(b["val-ndcg"], abs=1e-4)

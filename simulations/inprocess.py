@@ -1,0 +1,107 @@
+"""An in-process engine: the same ServerApp and ClientApp, Flower messages, no Ray.
+
+``InProcessGrid`` is a Flower ``Grid`` that delivers each message by calling the
+``ClientApp`` directly in this process, with one ``Context`` per virtual device kept across
+rounds (as the Simulation Engine keeps them). The server's strategy, sampling and
+aggregation, the device's training, clipping and evaluation are exactly the code that runs on
+the Simulation Engine and on real SuperNodes; what is left out is the transport (Ray actors,
+the in-memory SuperLink and the serialisation between processes). It runs devices one after
+another in one process, which on a small machine is several times faster than the Simulation
+Engine for sweeps; a test checks that both give the same metrics for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from uuid import uuid4
+
+from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpref.models.federation import FederatedConfig
+
+
+class InProcessGrid(Grid):
+    """Deliver messages to ``n_devices`` virtual devices by calling ``client_app`` in-process."""
+
+    def __init__(self, client_app, n_devices: int, run_config: dict, *, run_id: int = 1) -> None:
+        self._client_app = client_app
+        self._run_id = run_id
+        # Node ids like the SuperLink's (any ints); partition ids 0..n-1 like the Simulation Engine's.
+        self._contexts = {
+            1000 + i: Context(
+                run_id=run_id,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": n_devices},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for i in range(n_devices)
+        }
+        self._replies: dict[str, Message] = {}
+
+    # -- the Grid interface -----------------------------------------------------------
+    def set_run(self, run) -> None:  # noqa: D102 - nothing to set in-process
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        raise NotImplementedError("the in-process grid has no SuperLink run")
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            message_id = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = message_id
+            msg.metadata.__dict__["_run_id"] = self._run_id
+            node = msg.metadata.dst_node_id
+            try:
+                reply = self._client_app(msg, self._contexts[node])
+            except Exception as exc:  # a failing device is an error reply, not a crash of the run
+                from flwr.app import Error
+
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            self._replies[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(self.push_messages(messages)))
+
+
+def run_inprocess(config: FederatedConfig, *, n_devices: int) -> dict:
+    """Run ``config`` on ``n_devices`` in-process devices; returns the server's rounds.json."""
+    from fedpref.client.app import app as client_app
+    from fedpref.server.app import main as server_main
+
+    if not config.results_dir:
+        raise ValueError("set results_dir: the server writes its rounds there")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_config = config.to_run_config()
+    # Messages take their run and sender from the process's task identity, as in run_simulation.
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    grid = InProcessGrid(client_app, n_devices, run_config)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    start = time.perf_counter()
+    server_main(grid, context)
+    result = json.loads((Path(config.results_dir) / "rounds.json").read_text())
+    result["engine_seconds"] = round(time.perf_counter() - start, 3)
+    return result

@@ -70,7 +70,9 @@ def run(split, n: int, rounds: int, dim: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_population(sub, Path(tmp) / "population")
         config = FederatedConfig.from_run_config(
-            {"history-dir": str(folder), "num-server-rounds": rounds, "dim": dim, "results-dir": str(Path(tmp) / "out")}
+            # The configuration measured in docs/federated.md, pinned so the figures stay comparable.
+            {"history-dir": str(folder), "num-server-rounds": rounds, "dim": dim, "results-dir": str(Path(tmp) / "out"),
+             "strategy": "fedavg", "server-lr": 1.0, "local-epochs": 1, "num-negatives": 20, "clip-norm": 1.0, "evaluate-every": 1}
         )
         server_app.add_exchange_observer(observe)
         try:

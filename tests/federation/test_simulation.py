@@ -28,7 +28,7 @@ def simulate(tmp, name, **overrides):
         population = generate_synthetic(SyntheticConfig(n_users=N_DEVICES, n_items=300, mean_events=20, seed=0))
         split = leave_one_out(population.interactions, seed=0)
     folder = write_population(split, tmp / "population")
-    run_config = {"history-dir": str(folder), "num-server-rounds": ROUNDS, "dim": 8, "clip-norm": CLIP, "results-dir": str(tmp / name)}
+    run_config = {"history-dir": str(folder), "num-server-rounds": ROUNDS, "dim": 8, "clip-norm": CLIP, "evaluate-every": 1, "local-epochs": 1, "results-dir": str(tmp / name)}
     run_config.update(overrides)
     config = FederatedConfig.from_run_config(run_config)
     exchanges = []

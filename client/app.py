@@ -43,13 +43,17 @@ def device_index(context: Context) -> int:
     raise KeyError("node config names no device: set 'device-index' (or run in the Simulation Engine)")
 
 
-def _setup(msg: Message, context: Context) -> tuple[FederatedConfig, DeviceHistory, Params]:
+def _setup(msg: Message, context: Context, stream: int) -> tuple[FederatedConfig, DeviceHistory, Params, Params, np.random.Generator]:
+    """What every message needs: config, this device's history, the global shared arrays,
+    its private arrays and a generator seeded by (seed, device, round, ``stream``)."""
     torch.set_num_threads(1)  # one device per CPU slot; Ray gives each actor its own
     config = FederatedConfig.from_run_config(context.run_config)
     history = load_history(config.history_dir, device_index(context))
     arrays = msg.content["arrays"]
     shared = {name: arrays[name].numpy() for name in config.model_spec.build(1, 2, init=False).shared_names}
-    return config, history, shared
+    server_round = int(msg.content["config"].get("server-round", 0))
+    rng = np.random.default_rng([config.seed, history.user, server_round, stream])
+    return config, history, shared, _private(context, config, history.user), rng
 
 
 def _private(context: Context, config: FederatedConfig, user: int) -> Params:
@@ -72,10 +76,7 @@ def _array(value: np.ndarray) -> Array:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, history, shared = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    rng = np.random.default_rng([config.seed, history.user, server_round, 1])
-    private = _private(context, config, history.user)
+    config, history, shared, private, rng = _setup(msg, context, stream=1)
     data = LocalData.for_device(history.train_items, history.n_items)
     update, private, metrics = local_update(shared, private, data, config.train_config(), rng)
     _store_private(context, private)
@@ -109,10 +110,7 @@ def rank_locally(scores: np.ndarray, history: DeviceHistory, which: str, rng: np
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, history, shared = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    rng = np.random.default_rng([config.seed, history.user, server_round, 2])
-    private = _private(context, config, history.user)
+    config, history, shared, private, rng = _setup(msg, context, stream=2)
     if config.personalize_epochs > 0 and len(history.train_items):
         refit = replace(config.train_config(), epochs=config.personalize_epochs, freeze_shared=True)
         data = LocalData.for_device(history.train_items, history.n_items)

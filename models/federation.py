@@ -139,7 +139,7 @@ class FederatedConfig:
         try:
             return replace(
                 base,
-                model=replace(base.model, dim=self.dim) if self.model == "mf" else replace(base.model, dim=self.dim),
+                model=replace(base.model, dim=self.dim),
                 loss=self.loss,
                 num_negatives=self.num_negatives,
                 lr=self.lr,

@@ -173,21 +173,18 @@ def main(grid: Grid, context: Context) -> None:
     n_devices, n_items = int(meta["n_users"]), int(meta["n_items"])
     stable = StableGrid(grid, device_keys(grid, n_devices), config.seed)
 
-    model = config.model_spec.build(1, n_items, seed=config.seed)
-    initial = {name: v for name, v in model.get_shared().items()}
+    initial = config.model_spec.build(1, n_items, seed=config.seed).get_shared()
 
     rounds: dict[int, dict] = {}
-    best = {"round": 0, "val-ndcg": -1.0}
-    best_arrays: dict[str, np.ndarray] = {}
-    latest_arrays: dict[int, ArrayRecord] = {}
+    latest: dict = {"round": 0, "arrays": None}  # the latest aggregated global arrays
+    best: dict = {"round": 0, "arrays": None}  # the round chosen on validation NDCG@k, and its arrays
     started = time.perf_counter()
 
     def on_round(server_round: int, info: dict) -> None:
         row = rounds.setdefault(server_round, {"round": server_round})
         if "arrays" in info:
             if info["arrays"] is not None:
-                latest_arrays.clear()
-                latest_arrays[server_round] = info["arrays"]
+                latest.update(round=server_round, arrays=info["arrays"])
             row.update({f"train-{k}" if not k.startswith("train-") else k: v for k, v in info["train"].items()})
             row["seconds"] = round(time.perf_counter() - started, 3)
             for callback in _round_callbacks:
@@ -195,12 +192,10 @@ def main(grid: Grid, context: Context) -> None:
         if info.get("evaluate"):  # empty in rounds without evaluation
             row.update(info["evaluate"])
             row["seconds"] = round(time.perf_counter() - started, 3)
-            if row.get("val-ndcg", -1.0) > best["val-ndcg"]:
-                best.update({"round": server_round, "val-ndcg": row["val-ndcg"]})
-                arrays = latest_arrays.get(server_round)
-                if arrays is not None:
-                    best_arrays.clear()
-                    best_arrays.update({k: arrays[k].numpy() for k in arrays})
+            best_ndcg = rounds[best["round"]]["val-ndcg"] if best["round"] else -1.0
+            if row.get("val-ndcg", -1.0) > best_ndcg:
+                arrays = latest["arrays"] if latest["round"] == server_round else None
+                best.update(round=server_round, arrays=arrays)
             for callback in _round_callbacks:
                 callback({"event": "evaluate", **row})
 
@@ -226,5 +221,5 @@ def main(grid: Grid, context: Context) -> None:
             "seconds": round(time.perf_counter() - started, 3),
         }
         (out / "rounds.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if best_arrays:
-            np.savez_compressed(out / "best_model.npz", **best_arrays)
+        if best["arrays"] is not None:
+            np.savez_compressed(out / "best_model.npz", **{k: best["arrays"][k].numpy() for k in best["arrays"]})

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedpref.models.metrics import NonFiniteScoresError
-from fedpref.models.preference import MODELS, ModelSpec
+from fedpref.models.preference import MODELS
 from fedpref.models.train import LOSSES, TrainConfig, default_config
 
 from .data.interactions import DataFormatError, DataWarning
@@ -136,6 +136,10 @@ def _metrics_table(rows: list[tuple[str, ReferenceResult | None, object, object]
     return table
 
 
+# Upper bound on epochs and early-stopping patience of each reference trainer.
+REFERENCE_EPOCHS = {"centralised": (60, 5), "local-only": (30, 3)}
+
+
 def _train(trainer: str, split: LeaveOneOutSplit, config: TrainConfig, seed: int, max_epochs: int, patience: int, progress: bool) -> ReferenceResult:
     fn = train_centralised if trainer == "centralised" else train_local_only
     try:
@@ -227,7 +231,7 @@ def reference(
     for label, trainer, kind in (("local-only mf", "local-only", "mf"), ("centralised mf", "centralised", "mf"), ("centralised neumf", "centralised", "neumf")):
         config = default_config(kind)
         start = time.perf_counter()
-        result = _train(trainer, split, config, seed, 60 if trainer == "centralised" else 30, 5 if trainer == "centralised" else 3, progress)
+        result = _train(trainer, split, config, seed, *REFERENCE_EPOCHS[trainer], progress)
         rows.append((label, result, result.val, result.test))
         payload["rows"][label] = _result_payload(trainer, dataset, split, config, seed, result, time.perf_counter() - start)
     for name, _, val, test in rows[:2]:
@@ -339,7 +343,7 @@ def _references(split: LeaveOneOutSplit, dataset: str, model: str, seed: int, mo
     computed = {}
     for name, trainer in (("centralised", "centralised"), ("local-only", "local-only")):
         console.print(f"reference: {name} {model} on the same split (cached in {cache})")
-        result = _train(trainer, split, config, seed, 60 if trainer == "centralised" else 30, 5 if trainer == "centralised" else 3, progress)
+        result = _train(trainer, split, config, seed, *REFERENCE_EPOCHS[trainer], progress)
         computed[name] = {"hr": result.val.hr, "ndcg": result.val.ndcg, "test_hr": result.test.hr, "test_ndcg": result.test.ndcg, "test_full_hr": result.test.full_hr}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(computed, indent=2) + "\n")

@@ -10,9 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """Yield ``advance(status)``: one step done, with a short status line."""
+    """Yield ``advance(status="", steps=1)``: steps done, with a short status line."""
     if not enabled:
-        yield lambda status="": None
+        yield lambda status="", steps=1: None
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -24,8 +24,8 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(description, total=total, status="")
 
-        def advance(status: str = "") -> None:
-            progress.update(task, advance=1, status=status)
+        def advance(status: str = "", steps: int = 1) -> None:
+            progress.update(task, advance=steps, status=status)
 
         yield advance
         progress.update(task, total=progress.tasks[0].completed)

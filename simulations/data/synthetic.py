@@ -94,6 +94,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..progress import progress_bar
 from .interactions import Interactions
 
 #: Users per generator block. Part of the seeding contract: changing it changes every output.
@@ -737,32 +738,10 @@ def generate_synthetic(
         buffers.append(block.item, block.timestamp)
 
     chunks = _rechunk(_iter_blocks(config, items), chunk_users)
-    if progress:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("users"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns) as bar:
-            task = bar.add_task(config.name, total=config.n_users)
-            for block in chunks:
-                collect(block)
-                bar.update(task, advance=block.stop - block.start)
-    else:
+    with progress_bar(config.n_users, f"{config.name} users", progress) as advance:
         for block in chunks:
             collect(block)
+            advance(steps=block.stop - block.start)
 
     item, timestamp = buffers.finish()
     del buffers

@@ -74,10 +74,21 @@ def _array(value: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(value))
 
 
+def _refit_private(config: FederatedConfig, shared: Params, private: Params, data: LocalData, epochs: int, rng: np.random.Generator) -> Params:
+    """``epochs`` passes that train only the private arrays, the shared ones frozen."""
+    if epochs < 1 or len(data) == 0:
+        return private
+    refit = replace(config.train_config(), epochs=epochs, freeze_shared=True)
+    return local_update(shared, private, data, refit, rng)[1]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, history, shared, private, rng = _setup(msg, context, stream=1)
     data = LocalData.for_device(history.train_items, history.n_items)
+    # Fit the private vector to the current global items first, so that the item update is
+    # computed against a user vector that already fits (not a random or stale one).
+    private = _refit_private(config, shared, private, data, config.private_epochs, rng)
     update, private, metrics = local_update(shared, private, data, config.train_config(), rng)
     _store_private(context, private)
     weights, norm, clipped = encode_update(shared, update, config.clip_norm)
@@ -112,9 +123,8 @@ def rank_locally(scores: np.ndarray, history: DeviceHistory, which: str, rng: np
 def evaluate(msg: Message, context: Context) -> Message:
     config, history, shared, private, rng = _setup(msg, context, stream=2)
     if config.personalize_epochs > 0 and len(history.train_items):
-        refit = replace(config.train_config(), epochs=config.personalize_epochs, freeze_shared=True)
         data = LocalData.for_device(history.train_items, history.n_items)
-        _, private, _ = local_update(shared, private, data, refit, rng)
+        private = _refit_private(config, shared, private, data, config.personalize_epochs, rng)
         _store_private(context, private)
     model = config.model_spec.build(1, history.n_items, init=False)
     model.set_shared(shared)

@@ -32,8 +32,10 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "dim": 64,
     "loss": "softmax",
     "num-negatives": 5,  # fewer than centrally: each negative row adds to what the device sends
+    "private-epochs": 0,  # before its local epochs, a device fits its private vector to the global items
     "local-epochs": 3,  # the private vector learns only on the device: give it work each round
-    "lr": 0.01,  # device Adam step size
+    "lr": 0.01,  # device step size
+    "optimizer": "adam",  # device optimiser: adam, lazy-adam (only the rows a batch touches move) or sgd
     "l2": 0.01,
     "batch-size": 64,
     "clip-norm": 10.0,  # C: the L2 norm bound of every update that leaves a device
@@ -66,8 +68,10 @@ class FederatedConfig:
     dim: int
     loss: str
     num_negatives: int
+    private_epochs: int
     local_epochs: int
     lr: float
+    optimizer: str
     l2: float
     batch_size: int
     clip_norm: float
@@ -131,6 +135,8 @@ class FederatedConfig:
             raise bad("server-lr", f"must be positive, got {self.server_lr}")
         if self.personalize_epochs < 0:
             raise bad("personalize-epochs", "must be 0 or more")
+        if self.private_epochs < 0:
+            raise bad("private-epochs", "must be 0 or more")
         self.train_config()  # validates model, lr, l2, ... with their own messages
 
     def train_config(self) -> TrainConfig:
@@ -143,6 +149,7 @@ class FederatedConfig:
                 loss=self.loss,
                 num_negatives=self.num_negatives,
                 lr=self.lr,
+                optimizer=self.optimizer,
                 l2=self.l2,
                 batch_size=self.batch_size,
                 epochs=self.local_epochs,

@@ -23,7 +23,7 @@ from .contract import Params
 from .preference import ModelSpec
 
 LOSSES = ("bpr", "bce", "softmax", "full-softmax")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "lazy-adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class TrainConfig:
     l2: float = 0.01  # L2 on the embeddings a batch touches (keeps updates sparse, unlike weight decay)
     batch_size: int = 256  # positives per step
     epochs: int = 1  # passes over the local data per call
-    optimizer: str = "adam"
+    optimizer: str = "adam"  # adam (dense), lazy-adam (moves only the embedding rows a batch touches) or sgd
     freeze_shared: bool = False  # local-only training: shared parameters stay as they are
 
     def __post_init__(self) -> None:
@@ -53,6 +53,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.l2 < 0:
             raise ValueError(f"l2 must be zero or positive, got {self.l2}")
+        if self.optimizer == "lazy-adam" and self.loss == "full-softmax":
+            raise ValueError("lazy-adam needs sparse gradients, and full-softmax touches every item row: use adam")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,44 @@ def _loss(pos: torch.Tensor, neg: torch.Tensor, kind: str) -> torch.Tensor:
     return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
 
 
+class _Optimizers:
+    """Several torch optimisers stepped as one (lazy Adam: sparse rows and dense layers)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer) -> None:
+        self.opts = opts
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+def _optimizer(model: torch.nn.Module, trainable: list[torch.Tensor], config: TrainConfig) -> _Optimizers:
+    """``adam``: every trainable array takes a step each batch (rows a batch did not touch
+    still drift on their momentum). ``lazy-adam``: embeddings get sparse gradients and
+    ``torch.optim.SparseAdam``, so a step moves only the rows the batch touched and costs
+    what the batch costs, not what the catalogue costs; dense layers (NeuMF's tower) keep Adam."""
+    if config.optimizer == "sgd":
+        return _Optimizers(torch.optim.SGD(trainable, lr=config.lr))
+    if config.optimizer == "adam":
+        return _Optimizers(torch.optim.Adam(trainable, lr=config.lr))
+    wanted = {id(p) for p in trainable}
+    sparse, dense = [], []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and id(module.weight) in wanted:
+            module.sparse = True
+            sparse.append(module.weight)
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in trainable if id(p) not in sparse_ids]
+    opts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse, lr=config.lr)]
+    if dense:
+        opts.append(torch.optim.Adam(dense, lr=config.lr))
+    return _Optimizers(*opts)
+
+
 EpochCallback = Callable[[int, Params, Params, float], bool]
 
 
@@ -163,10 +203,7 @@ def local_update(
             own[n].requires_grad_(False)
     else:
         trainable += [own[n] for n in model.shared_names]
-    if config.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(trainable, lr=config.lr)
-    else:
-        opt = torch.optim.SGD(trainable, lr=config.lr)
+    opt = _optimizer(model, trainable, config)
 
     torch_gen_seed = int(rng.integers(0, 2**31 - 1))
     torch.manual_seed(torch_gen_seed)  # dropout-free models; kept for any stochastic layer

@@ -426,7 +426,7 @@ def simulate(
                 advance(last_status["text"])
             elif "val-hr" in row:
                 last_status["text"] = f"round {row['round']}: val HR@10 {row.get('val-hr', float('nan')):.4f} NDCG@10 {row.get('val-ndcg', float('nan')):.4f}"
-                if not progress:
+                if not progress or not console.is_terminal:  # logs get a line per evaluation
                     console.print(last_status["text"])
 
         server_app.add_round_callback(on_round)

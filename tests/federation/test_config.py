@@ -29,6 +29,8 @@ def test_unknown_keys_are_an_error_that_lists_the_known_ones():
         ({"fraction-train": 1.5}, r"must lie in \(0, 1\]"),
         ({"num-server-rounds": "many"}, "must be a int"),
         ({"loss": "full-softmax"}, "every item row"),
+        ({"optimizer": "adagrad"}, "unknown optimizer"),
+        ({"private-epochs": -1}, "must be 0 or more"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, message):

@@ -46,13 +46,14 @@ def test_set_shared_refuses_wrong_names_and_shapes():
         model.set_shared(bad)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "lazy-adam", "sgd"])
 @pytest.mark.parametrize("kind", ["mf", "neumf"])
-def test_device_update_changes_only_rows_of_items_it_touched(kind):
+def test_device_update_changes_only_rows_of_items_it_touched(kind, optimizer):
     n_items = 50
     spec = ModelSpec(kind=kind, dim=8, mlp_layers=(16, 8))
     shared, private = init_params(spec, 1, n_items, seed=0)
     data = LocalData.for_device(np.array([1, 2, 3]), n_items)
-    cfg = TrainConfig(model=spec, num_negatives=2, epochs=1, batch_size=8, lr=0.01)
+    cfg = TrainConfig(model=spec, num_negatives=2, epochs=1, batch_size=8, lr=0.01, optimizer=optimizer)
     update, new_private, metrics = local_update(shared, private, data, cfg, np.random.default_rng(0))
     assert set(update) == set(shared) and set(new_private) == set(private)
     assert metrics["num_examples"] == 3.0 and np.isfinite(metrics["loss"])
@@ -62,6 +63,30 @@ def test_device_update_changes_only_rows_of_items_it_touched(kind):
     assert set([1, 2, 3]) <= set(touched_rows.tolist())
     assert len(touched_rows) <= 3 + 6
     assert not np.allclose(new_private[next(iter(private))], private[next(iter(private))])
+
+
+@pytest.mark.parametrize("kind", ["mf", "neumf"])
+def test_lazy_adam_takes_adams_first_step_and_then_leaves_untouched_rows_alone(kind):
+    n_items = 60
+    spec = ModelSpec(kind=kind, dim=8, mlp_layers=(16, 8))
+    shared, private = init_params(spec, 1, n_items, seed=0)
+    data = LocalData.for_device(np.arange(12), n_items)
+    one_step = dict(model=spec, num_negatives=3, epochs=1, batch_size=64, lr=0.01)
+    dense = local_update(shared, private, data, TrainConfig(**one_step), np.random.default_rng(3))
+    lazy = local_update(shared, private, data, TrainConfig(**one_step, optimizer="lazy-adam"), np.random.default_rng(3))
+    for k in shared:  # one batch: Adam's first step moves only rows with a gradient, by about lr each
+        # (SparseAdam adds eps before the bias correction, so coordinates with tiny gradients differ)
+        np.testing.assert_array_equal(lazy[0][k] != 0, dense[0][k] != 0)
+        big = np.abs(dense[0][k]) > 0.005
+        np.testing.assert_array_equal(np.sign(lazy[0][k][big]), np.sign(dense[0][k][big]))
+    # Many small batches: dense Adam keeps moving a row on its momentum after the batch that
+    # touched it; lazy Adam moves a row only in the batches that touch it.
+    many = dict(one_step, batch_size=1, epochs=2)
+    dense = local_update(shared, private, data, TrainConfig(**many), np.random.default_rng(3))
+    lazy = local_update(shared, private, data, TrainConfig(**many, optimizer="lazy-adam"), np.random.default_rng(3))
+    emb = "item_embedding.weight" if kind == "mf" else "item_gmf.weight"
+    assert not np.allclose(lazy[0][emb], dense[0][emb])
+    assert (np.abs(lazy[0][emb]).sum(axis=1) > 0).sum() == (np.abs(dense[0][emb]).sum(axis=1) > 0).sum()
 
 
 def test_frozen_shared_gives_a_zero_update_and_a_new_private_vector():
@@ -85,7 +110,8 @@ def test_same_rng_seed_gives_the_same_update():
         np.testing.assert_array_equal(a[0][k], b[0][k])
 
 
-def test_training_learns_a_preference():
+@pytest.mark.parametrize("optimizer", ["adam", "lazy-adam"])
+def test_training_learns_a_preference(optimizer):
     # Users 0-9 like items 0-9, users 10-19 like items 10-19; after training each user
     # must score unseen items of their own group above the other group's.
     rng = np.random.default_rng(0)
@@ -98,7 +124,7 @@ def test_training_learns_a_preference():
     spec = ModelSpec(dim=8)
     shared, private = init_params(spec, 20, 20, seed=0)
     data = LocalData(np.array(users), np.array(items), 20)
-    cfg = TrainConfig(model=spec, epochs=60, lr=0.05, num_negatives=4, batch_size=32)
+    cfg = TrainConfig(model=spec, epochs=60, lr=0.05, num_negatives=4, batch_size=32, optimizer=optimizer)
     update, private, _ = local_update(shared, private, data, cfg, rng)
     shared = {k: shared[k] + update[k] for k in shared}
     model = spec.build(20, 20)
@@ -122,6 +148,8 @@ def test_negatives_avoid_the_users_positives():
         ({"loss": "hinge"}, "unknown loss"),
         ({"lr": 0.0}, "lr must be positive"),
         ({"num_negatives": 0}, "num_negatives must be a positive"),
+        ({"optimizer": "adagrad"}, "unknown optimizer"),
+        ({"optimizer": "lazy-adam", "loss": "full-softmax"}, "lazy-adam needs sparse gradients"),
     ],
 )
 def test_bad_training_config_is_refused_with_the_fix(kwargs, message):

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedpref.models.federation import FederatedConfig
 from fedpref.models.train import LocalData, init_params, local_update
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as each device does (fedpref.client.app)
     split = leave_one_out(load_movielens_small(), seed=0)
     rows = []
     print(f"{args.devices} devices of movielens-small ({split.n_items:,} items), dim {args.dim}, {args.epochs} local epochs")

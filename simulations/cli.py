@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedpref.models.federation import RUN_CONFIG_DEFAULTS as _RC  # simulate's defaults are the run config's
 from fedpref.models.metrics import NonFiniteScoresError
 from fedpref.models.preference import MODELS
 from fedpref.models.train import LOSSES, TrainConfig, default_config
@@ -172,7 +173,7 @@ def _train_command(trainer: str, **kw) -> None:
 @app.command()
 def central(
     dataset: Dataset = "movielens-small",
-    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = "mf",
+    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = _RC["model"],
     format: Format = None,
     rating_threshold: Threshold = None,
     dim: Annotated[Optional[int], typer.Option(help="Embedding size (default: the model's tuned value).")] = None,
@@ -194,7 +195,7 @@ def central(
 @app.command("local-only")
 def local_only(
     dataset: Dataset = "movielens-small",
-    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = "mf",
+    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = _RC["model"],
     format: Format = None,
     rating_threshold: Threshold = None,
     dim: Annotated[Optional[int], typer.Option(help="Embedding size.")] = None,
@@ -257,7 +258,7 @@ def _ints(text: str) -> list[int]:
 @app.command()
 def tune(
     dataset: Dataset = "movielens-small",
-    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = "mf",
+    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = _RC["model"],
     format: Format = None,
     rating_threshold: Threshold = None,
     loss: Annotated[str, typer.Option(help="Comma-separated losses to try.")] = "softmax,bpr",
@@ -356,18 +357,18 @@ def simulate(
     dataset: Dataset = "movielens-small",
     format: Format = None,
     rating_threshold: Threshold = None,
-    rounds: Annotated[int, typer.Option(help="Federated rounds; the reported round is chosen on validation.")] = 30,
-    fraction_train: Annotated[float, typer.Option(help="Share of devices that train each round.")] = 1.0,
+    rounds: Annotated[int, typer.Option(help="Federated rounds; the reported round is chosen on validation.")] = _RC["num-server-rounds"],
+    fraction_train: Annotated[float, typer.Option(help="Share of devices that train each round.")] = _RC["fraction-train"],
     devices_per_round: Annotated[Optional[int], typer.Option(help="Number of devices per round (instead of --fraction-train).")] = None,
-    local_epochs: Annotated[int, typer.Option(help="Passes over its own history a device makes per round.")] = 3,
-    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = "mf",
-    dim: Annotated[int, typer.Option(help="Embedding size.")] = 64,
-    lr: Annotated[float, typer.Option(help="Device (Adam) step size.")] = 0.01,
-    l2: Annotated[float, typer.Option(help="L2 on the embeddings each batch touches.")] = 0.01,
-    clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update that leaves a device.")] = 10.0,
-    strategy: Annotated[str, typer.Option(help="Server: fedavg, fedavgm (server lr, momentum), fedadam or fedyogi.")] = "fedadam",
-    server_lr: Annotated[float, typer.Option(help="fedavgm: server step on the averaged update; fedadam/fedyogi: eta.")] = 0.02,
-    evaluate_every: Annotated[int, typer.Option(help="Federated evaluation every this many rounds (and after the last).")] = 5,
+    local_epochs: Annotated[int, typer.Option(help="Passes over its own history a device makes per round.")] = _RC["local-epochs"],
+    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = _RC["model"],
+    dim: Annotated[int, typer.Option(help="Embedding size.")] = _RC["dim"],
+    lr: Annotated[float, typer.Option(help="Device step size (run-config optimizer: lazy-adam, adam or sgd).")] = _RC["lr"],
+    l2: Annotated[float, typer.Option(help="L2 on the embeddings each batch touches.")] = _RC["l2"],
+    clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update that leaves a device.")] = _RC["clip-norm"],
+    strategy: Annotated[str, typer.Option(help="Server: fedavg, fedavgm (server lr, momentum), fedadam or fedyogi.")] = _RC["strategy"],
+    server_lr: Annotated[float, typer.Option(help="fedavgm: server step on the averaged update; fedadam/fedyogi: eta.")] = _RC["server-lr"],
+    evaluate_every: Annotated[int, typer.Option(help="Federated evaluation every this many rounds (and after the last).")] = _RC["evaluate-every"],
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
     seed: Seed = 0,
     engine: Annotated[str, typer.Option(help="flower: Flower's Simulation Engine (Ray); inprocess: the same apps and messages, devices called one by one in this process (faster for sweeps).")] = "flower",

@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/bench_federated.py                 # 100 and 671 devices, 2 rounds each
     .venv/bin/python benchmarks/bench_federated.py --devices 100 --rounds 3
 
-Devices are the first N users of movielens-small (same split as everywhere). Each round is
+Devices are the first N users of movielens-small (same split as everywhere), with the
+run-config defaults (``--run-config`` overrides them) and evaluation every round. Each round is
 one training exchange and one evaluation exchange with every device. Prints wall time per
-round (after the first, which carries Ray's start-up), time per device message (round time /
+round (after the first, which carries Ray's start-up; at least 2 rounds), time per device message (round time /
 2N messages), the bytes each device sends per round (the arrays of its training reply, as
 serialised), and peak memory of the server process and of the machine's Ray workers.
 """
@@ -55,7 +56,7 @@ def ray_workers_rss_mb() -> float:
     return total / 2**20
 
 
-def run(split, n: int, rounds: int, dim: int) -> dict:
+def run(split, n: int, rounds: int, dim: int, extra: dict) -> dict:
     sub = first_users(split, n)
     sent_bytes: list[int] = []
     worker_peak = [0.0]
@@ -70,9 +71,8 @@ def run(split, n: int, rounds: int, dim: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_population(sub, Path(tmp) / "population")
         config = FederatedConfig.from_run_config(
-            # The configuration measured in docs/federated.md, pinned so the figures stay comparable.
-            {"history-dir": str(folder), "num-server-rounds": rounds, "dim": dim, "results-dir": str(Path(tmp) / "out"),
-             "strategy": "fedavg", "server-lr": 1.0, "local-epochs": 1, "num-negatives": 20, "clip-norm": 1.0, "evaluate-every": 1}
+            # The run-config defaults (what `fedpref simulate` runs), evaluating every round.
+            {"history-dir": str(folder), "num-server-rounds": rounds, "dim": dim, "results-dir": str(Path(tmp) / "out"), "evaluate-every": 1, **extra}
         )
         server_app.add_exchange_observer(observe)
         try:
@@ -98,10 +98,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="+", default=[100, 671])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--run-config", default="", help='overrides, e.g. "optimizer=adam local-epochs=1"')
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.run_config.split())
     warnings.simplefilter("ignore")
     split = leave_one_out(load_movielens_small(), seed=0)
-    rows = [run(split, n, args.rounds, args.dim) for n in args.devices]
+    rows = [run(split, n, args.rounds, args.dim, extra) for n in args.devices]
     print(f"{'devices':>7} {'round (s)':>9} {'first round (s)':>15} {'per message (ms)':>16} {'sent per device/round':>21} {'server peak':>11} {'Ray workers peak':>16}")
     for r in rows:
         print(f"{r['devices']:>7} {r['round_s']:>9.1f} {r['first_round_s']:>15.1f} {r['per_message_ms']:>16.1f} {r['bytes_per_device_round'] / 2**20:>18.2f} MB {r['server_peak_rss_mb']:>8.0f} MB {r['ray_workers_peak_rss_mb']:>13.0f} MB")

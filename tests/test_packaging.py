@@ -49,7 +49,7 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert test_command in ci, ".ci/run must run the README's test command verbatim"
 
 
-def test_the_readme_main_command_runs_the_built_in_data_set():
+def test_the_readme_main_command_is_a_federated_simulation_on_the_built_in_data_set():
     readme = (ROOT / "README.md").read_text()
     block = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, flags=re.S)[0]
-    assert any("fedpref" in line and "movielens-small" in line for line in block.splitlines())
+    assert any("fedpref simulate" in line and "movielens-small" in line for line in block.splitlines())

@@ -124,6 +124,20 @@ def population_meta(config: FederatedConfig) -> dict:
     return json.loads(meta.read_text())
 
 
+def _in_devices_dtype(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+    """``arrays`` cast back to the dtype the devices sent. FedAdam and FedYogi step with a
+    NumPy float64 scalar, which promotes float32 arrays to float64: the next round would
+    send every device twice the bytes, and devices would send twice as many back."""
+    sent = next((r.content["arrays"] for r in replies if not r.has_error()), None)
+    if sent is None:
+        return arrays
+    out = {}
+    for name, array in arrays.items():
+        dtype = sent[name].dtype if name in sent else array.dtype
+        out[name] = array if array.dtype == dtype else Array(array.numpy().astype(dtype))
+    return ArrayRecord(out)
+
+
 def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[int, dict], None]):
     """The Flower strategy named by ``config.strategy``, evaluating every ``evaluate-every`` rounds."""
     common = dict(
@@ -154,7 +168,10 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
             return super().configure_evaluate(server_round, arrays, cfg, grid)
 
         def aggregate_train(self, server_round, replies):
+            replies = list(replies)
             arrays, metrics = super().aggregate_train(server_round, replies)
+            if arrays is not None:
+                arrays = _in_devices_dtype(arrays, replies)
             on_round(server_round, {"train": dict(metrics) if metrics else {}, "arrays": arrays})
             return arrays, metrics
 

@@ -81,6 +81,15 @@ def test_only_declared_shared_arrays_leave_a_device_and_each_update_is_within_th
     assert checked == N_DEVICES * ROUNDS
 
 
+def test_the_model_stays_float32_both_ways_in_every_round(run):
+    # FedAdam's step would promote the global arrays to float64 (twice the bytes each way).
+    config, _, exchanges = run
+    assert config.strategy == "fedadam"
+    for sent, replies in train_exchanges(exchanges):
+        assert {a.dtype for m in sent for a in m.content["arrays"].values()} == {"float32"}
+        assert {a.dtype for r in replies for a in r.content["arrays"].values()} == {"float32"}
+
+
 def test_clipping_really_happened(run):
     _, rounds, _ = run
     assert rounds["rounds"][0]["train-clipped"] > 0.5  # most devices hit the small bound

@@ -14,13 +14,13 @@ the rows the batch touched, so its cost follows the history rather than the cata
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from _results import write_results
 
 from fedpref.models.federation import FederatedConfig
 from fedpref.models.train import LocalData, init_params, local_update
@@ -57,10 +57,7 @@ def main() -> None:
         lazy = time_devices(split, args.devices, replace(base, optimizer="lazy-adam"))
         rows.append({"model": model, "devices": args.devices, "dim": args.dim, "epochs": args.epochs, "adam_ms": dense * 1000, "lazy_adam_ms": lazy * 1000, "ratio": lazy / dense})
         print(f"{model:>6} {dense * 1000:>17.1f} {lazy * 1000:>22.1f} {lazy / dense:>12.2f}x")
-    out = Path("results") / "bench_device.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results("bench_device", rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ serialised), and peak memory of the server process and of the machine's Ray work
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 import warnings
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+
+from _results import write_results
 
 from fedpref.models.federation import FederatedConfig
 from fedpref.server import app as server_app
@@ -110,10 +111,7 @@ def main() -> None:
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         print(f"round time {b['devices']} / {a['devices']} devices: {b['round_s'] / a['round_s']:.2f}x for {b['devices'] / a['devices']:.2f}x the devices")
-    out = Path("results") / "bench_federated.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results("bench_federated", rows)
 
 
 if __name__ == "__main__":

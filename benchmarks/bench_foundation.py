@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _results import write_results
+
 from fedpref.models.train import LocalData, default_config, init_params, local_update
 from fedpref.simulations.data.loaders import load_file
 from fedpref.simulations.data.movielens import load_movielens_small
@@ -118,10 +120,7 @@ def main() -> None:
     print(f"{'measure':<{width}}  result")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    out = Path("results") / "bench_foundation.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results("bench_foundation", report)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def _optimizer(model: torch.nn.Module, trainable: list[torch.Tensor], config: Tr
     if config.optimizer == "adam":
         return _Optimizers(torch.optim.Adam(trainable, lr=config.lr))
     wanted = {id(p) for p in trainable}
-    sparse, dense = [], []
+    sparse = []
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding) and id(module.weight) in wanted:
             module.sparse = True

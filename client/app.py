@@ -89,7 +89,8 @@ def train(msg: Message, context: Context) -> Message:
     # Fit the private vector to the current global items first, so that the item update is
     # computed against a user vector that already fits (not a random or stale one).
     private = _refit_private(config, shared, private, data, config.private_epochs, rng)
-    update, private, metrics = local_update(shared, private, data, config.train_config(), rng)
+    server_round = int(msg.content["config"].get("server-round", 1))
+    update, private, metrics = local_update(shared, private, data, config.train_config(server_round), rng)
     _store_private(context, private)
     weights, norm, clipped = encode_update(shared, update, config.clip_norm)
     content = RecordDict(

@@ -8,6 +8,7 @@ A key that is not known is an error that lists the known ones, never silently ig
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
@@ -26,6 +27,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "evaluate-every": 5,  # federated evaluation every this many rounds (and after the last)
     "strategy": "fedadam",  # per-coordinate steps: rows few devices touched still move (docs/federated.md)
     "server-lr": 0.02,  # fedavgm: server step on the averaged update; fedadam/fedyogi: eta
+    "server-lr-end": 1.0,  # server-lr is cosine-decayed to this fraction of itself by the last round (1: constant)
     "server-momentum": 0.0,  # fedavgm only
     "adaptivity": 1e-6,  # fedadam/fedyogi: tau; a rarely touched row moves ~1e-5 a round, which 1e-3 would swamp
     "model": "mf",
@@ -35,6 +37,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "private-epochs": 2,  # before its local epochs, a device fits its private vector to the global items
     "local-epochs": 3,  # the private vector learns only on the device: give it work each round
     "lr": 0.01,  # device step size
+    "lr-end": 1.0,  # lr is cosine-decayed across rounds to this fraction of itself by the last round (1: constant)
     "optimizer": "lazy-adam",  # device optimiser: adam, lazy-adam (only the rows a batch touches move) or sgd
     "l2": 0.01,
     "batch-size": 64,
@@ -44,6 +47,15 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "seed": 0,
     "results-dir": "",  # where the ServerApp writes per-round metrics (empty: do not write)
 }
+
+
+def cosine_factor(server_round: int, num_rounds: int, end: float) -> float:
+    """The step-size factor of ``server_round`` (1-based): 1 at round 1, ``end`` at round
+    ``num_rounds``, a half cosine in between; 1 throughout when ``end`` is 1."""
+    if end >= 1.0 or num_rounds <= 1:
+        return 1.0
+    t = min(max(server_round - 1, 0), num_rounds - 1) / (num_rounds - 1)
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 class RunConfigError(ValueError):
@@ -62,6 +74,7 @@ class FederatedConfig:
     evaluate_every: int
     strategy: str
     server_lr: float
+    server_lr_end: float
     server_momentum: float
     adaptivity: float
     model: str
@@ -71,6 +84,7 @@ class FederatedConfig:
     private_epochs: int
     local_epochs: int
     lr: float
+    lr_end: float
     optimizer: str
     l2: float
     batch_size: int
@@ -133,22 +147,27 @@ class FederatedConfig:
             raise bad("clip-norm", f"the clipping bound must be positive, got {self.clip_norm}")
         if not self.server_lr > 0:
             raise bad("server-lr", f"must be positive, got {self.server_lr}")
+        for key, value in (("server-lr-end", self.server_lr_end), ("lr-end", self.lr_end)):
+            if not 0.0 < value <= 1.0:
+                raise bad(key, f"the fraction of the step size left at the last round must lie in (0, 1], got {value}")
         if self.personalize_epochs < 0:
             raise bad("personalize-epochs", "must be 0 or more")
         if self.private_epochs < 0:
             raise bad("private-epochs", "must be 0 or more")
         self.train_config()  # validates model, lr, l2, ... with their own messages
 
-    def train_config(self) -> TrainConfig:
-        """The device's local training (same function as the reference trainers)."""
+    def train_config(self, server_round: int | None = None) -> TrainConfig:
+        """The device's local training (same function as the reference trainers); with
+        ``server_round``, its step size is the one ``lr-end`` schedules for that round."""
         base = default_config(self.model)
+        lr = self.lr if server_round is None else self.lr * cosine_factor(server_round, self.num_server_rounds, self.lr_end)
         try:
             return replace(
                 base,
                 model=replace(base.model, dim=self.dim),
                 loss=self.loss,
                 num_negatives=self.num_negatives,
-                lr=self.lr,
+                lr=lr,
                 optimizer=self.optimizer,
                 l2=self.l2,
                 batch_size=self.batch_size,

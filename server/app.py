@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.federation import FederatedConfig, cosine_factor
 
 app = ServerApp()
 
@@ -169,10 +169,16 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
 
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
+            # The server step of this round (lr-end schedules it across rounds).
+            step = config.server_lr * cosine_factor(server_round, last, config.server_lr_end)
+            if hasattr(self, "eta"):  # FedAdam, FedYogi
+                self.eta = step
+            elif hasattr(self, "server_learning_rate"):  # FedAvgM
+                self.server_learning_rate = step
             arrays, metrics = super().aggregate_train(server_round, replies)
             if arrays is not None:
                 arrays = _in_devices_dtype(arrays, replies)
-            on_round(server_round, {"train": dict(metrics) if metrics else {}, "arrays": arrays})
+            on_round(server_round, {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step})
             return arrays, metrics
 
         def aggregate_evaluate(self, server_round, replies):
@@ -203,6 +209,8 @@ def main(grid: Grid, context: Context) -> None:
             if info["arrays"] is not None:
                 latest.update(round=server_round, arrays=info["arrays"])
             row.update({f"train-{k}" if not k.startswith("train-") else k: v for k, v in info["train"].items()})
+            if config.strategy != "fedavg":
+                row["server-lr"] = info["server-lr"]
             row["seconds"] = round(time.perf_counter() - started, 3)
             for callback in _round_callbacks:
                 callback({"event": "train", **row})

@@ -368,6 +368,8 @@ def simulate(
     clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update that leaves a device.")] = _RC["clip-norm"],
     strategy: Annotated[str, typer.Option(help="Server: fedavg, fedavgm (server lr, momentum), fedadam or fedyogi.")] = _RC["strategy"],
     server_lr: Annotated[float, typer.Option(help="fedavgm: server step on the averaged update; fedadam/fedyogi: eta.")] = _RC["server-lr"],
+    server_lr_end: Annotated[float, typer.Option(help="Cosine-decay the server step to this fraction of --server-lr by the last round (1: constant).")] = _RC["server-lr-end"],
+    lr_end: Annotated[float, typer.Option(help="Cosine-decay the device step to this fraction of --lr by the last round (1: constant).")] = _RC["lr-end"],
     evaluate_every: Annotated[int, typer.Option(help="Federated evaluation every this many rounds (and after the last).")] = _RC["evaluate-every"],
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
     seed: Seed = 0,
@@ -407,7 +409,7 @@ def simulate(
     values = {
         "history-dir": str(folder.resolve()), "num-server-rounds": rounds, "fraction-train": fraction_train,
         "local-epochs": local_epochs, "model": model, "dim": dim, "lr": lr, "l2": l2, "clip-norm": clip_norm,
-        "strategy": strategy, "server-lr": server_lr, "evaluate-every": evaluate_every, "seed": seed,
+        "strategy": strategy, "server-lr": server_lr, "server-lr-end": server_lr_end, "lr-end": lr_end, "evaluate-every": evaluate_every, "seed": seed,
         "results-dir": str(out.resolve()),
     }
     values.update(overrides)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpref.models.federation import RUN_CONFIG_DEFAULTS, FederatedConfig, RunConfigError
+from fedpref.models.federation import RUN_CONFIG_DEFAULTS, FederatedConfig, RunConfigError, cosine_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,3 +41,20 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
 def test_round_trip():
     config = FederatedConfig.from_run_config({"clip-norm": 0.5, "strategy": "fedadam"})
     assert FederatedConfig.from_run_config(config.to_run_config()) == config
+
+
+def test_the_cosine_schedule_runs_from_one_to_its_end():
+    factors = [cosine_factor(r, 5, 0.1) for r in range(1, 6)]
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert [cosine_factor(r, 5, 1.0) for r in range(1, 6)] == [1.0] * 5
+    config = FederatedConfig.from_run_config({"lr": 0.01, "lr-end": 0.1, "num-server-rounds": 5})
+    assert config.train_config(1).lr == 0.01 and config.train_config(5).lr == pytest.approx(0.001)
+    assert config.train_config().lr == 0.01
+
+
+@pytest.mark.parametrize("key", ["lr-end", "server-lr-end"])
+@pytest.mark.parametrize("value", [0.0, 1.5])
+def test_a_schedule_end_outside_0_1_is_refused(key, value):
+    with pytest.raises(RunConfigError, match=rf"'{key}'.*must lie in \(0, 1\]"):
+        FederatedConfig.from_run_config({key: value})

@@ -41,3 +41,29 @@ def test_fitting_the_private_vector_first_lowers_the_first_rounds_training_loss(
 def test_every_device_optimiser_runs_a_round(population, tmp_path, optimizer):
     row = first_round(population, tmp_path, optimizer=optimizer)
     assert row["train-loss"] > 0 and 0.0 <= row["val-hr"] <= 1.0
+
+
+def test_lr_end_shrinks_the_devices_step_in_later_rounds(population, tmp_path):
+    def last_round_norm(**overrides):
+        rounds = run_inprocess(
+            FederatedConfig.from_run_config(
+                {"history-dir": str(population), "num-server-rounds": 2, "dim": 8, "local-epochs": 1,
+                 "clip-norm": 1e6, "evaluate-every": 2, "results-dir": str(tmp_path / str(overrides)), **overrides}
+            ),
+            n_devices=N_DEVICES,
+        )["rounds"]
+        return rounds[1]["train-update-norm"]
+
+    # Round 2 of 2 steps at lr * lr-end: a hundredth of the step, far less movement.
+    assert last_round_norm(**{"lr-end": 0.01}) < 0.1 * last_round_norm()
+
+
+def test_server_lr_end_schedules_the_servers_step(population, tmp_path):
+    rounds = run_inprocess(
+        FederatedConfig.from_run_config(
+            {"history-dir": str(population), "num-server-rounds": 3, "dim": 8, "local-epochs": 1, "evaluate-every": 3,
+             "strategy": "fedadam", "server-lr": 0.02, "server-lr-end": 0.1, "results-dir": str(tmp_path)}
+        ),
+        n_devices=N_DEVICES,
+    )["rounds"]
+    assert [r["server-lr"] for r in rounds] == pytest.approx([0.02, 0.011, 0.002])

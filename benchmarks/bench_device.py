@@ -1,12 +1,13 @@
-"""What one device's training round costs, with dense Adam against lazy (sparse) Adam.
+"""What one device's training round costs with each device optimiser: dense Adam, lazy
+(sparse) Adam and SGD (sparse gradients).
 
     .venv/bin/python benchmarks/bench_device.py
     .venv/bin/python benchmarks/bench_device.py --devices 100 --dim 64 --epochs 3
 
 Runs ``local_update`` (the function every device calls each round) on the histories of the
 first N users of movielens-small, with the federated defaults (MF, 3 local epochs, batch 64,
-5 negatives), once with each optimiser, in this process. Prints the mean time per device and
-the ratio of the two, for MF and for the NeuMF-style model. Dense Adam steps every one of the
+the run-config negatives), once with each optimiser, in this process. Prints the mean time
+per device and the ratios to dense Adam, for MF and for the NeuMF-style model. Dense Adam steps every one of the
 9,066 item rows on every batch; lazy Adam (``torch.optim.SparseAdam`` on the embeddings) only
 the rows the batch touched, so its cost follows the history rather than the catalogue.
 """
@@ -50,13 +51,14 @@ def main() -> None:
     split = leave_one_out(load_movielens_small(), seed=0)
     rows = []
     print(f"{args.devices} devices of movielens-small ({split.n_items:,} items), dim {args.dim}, {args.epochs} local epochs")
-    print(f"{'model':>6} {'adam (ms/device)':>17} {'lazy-adam (ms/device)':>22} {'lazy / dense':>13}")
+    print(f"{'model':>6} {'adam (ms/device)':>17} {'lazy-adam (ms/device)':>22} {'sgd (ms/device)':>16} {'lazy / adam':>12} {'sgd / adam':>11}")
     for model in ("mf", "neumf"):
         base = FederatedConfig.from_run_config({"model": model, "dim": args.dim, "local-epochs": args.epochs}).train_config()
         dense = time_devices(split, args.devices, replace(base, optimizer="adam"))
         lazy = time_devices(split, args.devices, replace(base, optimizer="lazy-adam"))
-        rows.append({"model": model, "devices": args.devices, "dim": args.dim, "epochs": args.epochs, "adam_ms": dense * 1000, "lazy_adam_ms": lazy * 1000, "ratio": lazy / dense})
-        print(f"{model:>6} {dense * 1000:>17.1f} {lazy * 1000:>22.1f} {lazy / dense:>12.2f}x")
+        sgd = time_devices(split, args.devices, replace(base, optimizer="sgd", lr=1.0))
+        rows.append({"model": model, "devices": args.devices, "dim": args.dim, "epochs": args.epochs, "adam_ms": dense * 1000, "lazy_adam_ms": lazy * 1000, "sgd_ms": sgd * 1000, "ratio": lazy / dense, "sgd_ratio": sgd / dense})
+        print(f"{model:>6} {dense * 1000:>17.1f} {lazy * 1000:>22.1f} {sgd * 1000:>16.1f} {lazy / dense:>11.2f}x {sgd / dense:>10.2f}x")
     write_results("bench_device", rows)
 
 

@@ -146,23 +146,33 @@ def _optimizer(model: torch.nn.Module, trainable: list[torch.Tensor], config: Tr
     """``adam``: every trainable array takes a step each batch (rows a batch did not touch
     still drift on their momentum). ``lazy-adam``: embeddings get sparse gradients and
     ``torch.optim.SparseAdam``, so a step moves only the rows the batch touched and costs
-    what the batch costs, not what the catalogue costs; dense layers (NeuMF's tower) keep Adam."""
-    if config.optimizer == "sgd":
-        return _Optimizers(torch.optim.SGD(trainable, lr=config.lr))
+    what the batch costs, not what the catalogue costs; dense layers (NeuMF's tower) keep Adam.
+    ``sgd``: plain SGD, its step proportional to the gradient; the embeddings' gradients are
+    sparse too (the same steps as dense SGD, at the batch's cost) unless every item is scored."""
     if config.optimizer == "adam":
         return _Optimizers(torch.optim.Adam(trainable, lr=config.lr))
     wanted = {id(p) for p in trainable}
-    sparse = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding) and id(module.weight) in wanted:
-            module.sparse = True
-            sparse.append(module.weight)
+    if config.optimizer == "sgd":
+        if config.loss != "full-softmax":  # it reads the item table whole: dense gradients
+            _make_sparse(model, wanted)
+        return _Optimizers(torch.optim.SGD(trainable, lr=config.lr))
+    sparse = _make_sparse(model, wanted)
     sparse_ids = {id(p) for p in sparse}
     dense = [p for p in trainable if id(p) not in sparse_ids]
     opts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse, lr=config.lr)]
     if dense:
         opts.append(torch.optim.Adam(dense, lr=config.lr))
     return _Optimizers(*opts)
+
+
+def _make_sparse(model: torch.nn.Module, wanted: set[int]) -> list[torch.Tensor]:
+    """Give the trainable embeddings sparse gradients; returns their weights."""
+    sparse = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and id(module.weight) in wanted:
+            module.sparse = True
+            sparse.append(module.weight)
+    return sparse
 
 
 EpochCallback = Callable[[int, Params, Params, float], bool]

@@ -6,6 +6,7 @@ import torch
 
 from fedpref.models.contract import ContractError, PreferenceModel, shared_norm
 from fedpref.models.preference import ModelSpec
+from fedpref.models import train as train_module
 from fedpref.models.train import LocalData, TrainConfig, init_params, local_update, sample_negatives
 
 
@@ -89,6 +90,21 @@ def test_lazy_adam_takes_adams_first_step_and_then_leaves_untouched_rows_alone(k
     assert (np.abs(lazy[0][emb]).sum(axis=1) > 0).sum() == (np.abs(dense[0][emb]).sum(axis=1) > 0).sum()
 
 
+@pytest.mark.parametrize("kind", ["mf", "neumf"])
+def test_sgd_with_sparse_gradients_takes_the_steps_of_dense_sgd(kind, monkeypatch):
+    spec = ModelSpec(kind=kind, dim=8, mlp_layers=(16, 8))
+    shared, private = init_params(spec, 1, 60, seed=0)
+    data = LocalData.for_device(np.arange(12), 60)
+    cfg = TrainConfig(model=spec, num_negatives=3, epochs=2, batch_size=4, lr=0.5, optimizer="sgd")
+    sparse = local_update(shared, private, data, cfg, np.random.default_rng(3))
+    monkeypatch.setattr(train_module, "_make_sparse", lambda model, wanted: [])
+    dense = local_update(shared, private, data, cfg, np.random.default_rng(3))
+    for k in shared:
+        np.testing.assert_allclose(sparse[0][k], dense[0][k], atol=1e-6)
+    for k in private:
+        np.testing.assert_allclose(sparse[1][k], dense[1][k], atol=1e-6)
+
+
 def test_frozen_shared_gives_a_zero_update_and_a_new_private_vector():
     spec = ModelSpec(dim=8)
     shared, private = init_params(spec, 1, 30, seed=0)
@@ -110,8 +126,8 @@ def test_same_rng_seed_gives_the_same_update():
         np.testing.assert_array_equal(a[0][k], b[0][k])
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "lazy-adam"])
-def test_training_learns_a_preference(optimizer):
+@pytest.mark.parametrize("optimizer, lr", [("adam", 0.05), ("lazy-adam", 0.05), ("sgd", 2.0)])
+def test_training_learns_a_preference(optimizer, lr):
     # Users 0-9 like items 0-9, users 10-19 like items 10-19; after training each user
     # must score unseen items of their own group above the other group's.
     rng = np.random.default_rng(0)
@@ -124,7 +140,7 @@ def test_training_learns_a_preference(optimizer):
     spec = ModelSpec(dim=8)
     shared, private = init_params(spec, 20, 20, seed=0)
     data = LocalData(np.array(users), np.array(items), 20)
-    cfg = TrainConfig(model=spec, epochs=60, lr=0.05, num_negatives=4, batch_size=32, optimizer=optimizer)
+    cfg = TrainConfig(model=spec, epochs=60, lr=lr, num_negatives=4, batch_size=32, optimizer=optimizer)
     update, private, _ = local_update(shared, private, data, cfg, rng)
     shared = {k: shared[k] + update[k] for k in shared}
     model = spec.build(20, 20)

@@ -26,8 +26,8 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "fraction-evaluate": 1.0,  # share of devices that evaluate (rank their own held-out items)
     "evaluate-every": 5,  # federated evaluation every this many rounds (and after the last)
     "strategy": "fedadam",  # per-coordinate steps: rows few devices touched still move (docs/federated.md)
-    "server-lr": 0.02,  # fedavgm: server step on the averaged update; fedadam/fedyogi: eta
-    "server-lr-end": 1.0,  # server-lr is cosine-decayed to this fraction of itself by the last round (1: constant)
+    "server-lr": 0.06,  # fedavgm: server step on the averaged update; fedadam/fedyogi: eta
+    "server-lr-end": 0.05,  # server-lr is cosine-decayed to this fraction of itself by the last round (1: constant)
     "server-momentum": 0.0,  # fedavgm only
     "adaptivity": 1e-6,  # fedadam/fedyogi: tau; a rarely touched row moves ~1e-5 a round, which 1e-3 would swamp
     "model": "mf",
@@ -36,9 +36,9 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "num-negatives": 20,  # as centrally: 5 ranked lower on validation, full ranking most (docs/federated.md)
     "private-epochs": 2,  # before its local epochs, a device fits its private vector to the global items
     "local-epochs": 3,  # the private vector learns only on the device: give it work each round
-    "lr": 0.01,  # device step size
+    "lr": 0.3,  # device step size (SGD; Adam needs about 0.01)
     "lr-end": 1.0,  # lr is cosine-decayed across rounds to this fraction of itself by the last round (1: constant)
-    "optimizer": "lazy-adam",  # device optimiser: adam, lazy-adam (only the rows a batch touches move) or sgd
+    "optimizer": "sgd",  # device optimiser: sgd (steps that keep the gradient's size; docs/federated.md), adam or lazy-adam
     "l2": 0.01,
     "batch-size": 64,
     "clip-norm": 10.0,  # C: the L2 norm bound of every update that leaves a device

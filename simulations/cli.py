@@ -353,6 +353,44 @@ def _references(split: LeaveOneOutSplit, dataset: str, model: str, seed: int, mo
 
 
 @app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Results folders of `fedpref simulate`, each optionally labelled: \"label=folder\".")],
+    out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("results/compare.png"),
+    x: Annotated[str, typer.Option(help="round or seconds on the x axis.")] = "round",
+    title: Annotated[str, typer.Option(help="Title of the plot.")] = "",
+) -> None:
+    """Several federated runs side by side: their validation curves in one plot, and a table
+    of each run's chosen round with its validation and test figures."""
+    from .report import plot_comparison
+
+    if x not in ("round", "seconds"):
+        _fail(f"--x must be round or seconds, got {x!r}")
+    loaded: dict[str, dict] = {}
+    for item in runs:
+        label, _, folder = item.rpartition("=") if "=" in item else ("", "", item)
+        path = Path(folder) / "rounds.json"
+        if not path.exists():
+            _fail(f"{folder}: no rounds.json here; give the results folder of a `fedpref simulate` run")
+        result = json.loads(path.read_text())
+        loaded[label or Path(folder).name] = result
+    references = next((r["references"] for r in loaded.values() if r.get("references")), None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_comparison({label: r["rounds"] for label, r in loaded.items()}, out, references=references, title=title, x=x)
+    table = Table(title="chosen on validation NDCG@10")
+    for col in ("run", "round", "val HR@10", "val NDCG@10", "test HR@10", "test NDCG@10", "test full HR@10", "seconds"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for label, r in loaded.items():
+        c = r.get("chosen", {})
+        table.add_row(
+            label, f"{r.get('chosen_round')} of {len(r['rounds'])}",
+            *(f"{c.get(m, float('nan')):.4f}" for m in ("val-hr", "val-ndcg", "test-hr", "test-ndcg", "test-full-hr")),
+            f"{r.get('wall_seconds', r.get('seconds', float('nan'))):,.0f}",
+        )
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+@app.command()
 def simulate(
     dataset: Dataset = "movielens-small",
     format: Format = None,

@@ -57,3 +57,38 @@ def plot_rounds(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_comparison(
+    runs: dict[str, list[dict]],
+    path: Path,
+    *,
+    references: dict[str, dict[str, float]] | None = None,
+    title: str = "",
+    k: int = 10,
+    x: str = "round",
+) -> Path:
+    """Validation HR@k and NDCG@k per round of several runs (label -> rounds), one line each,
+    with the references as horizontal lines. ``x`` is ``round`` or ``seconds``."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"centralised": ("tab:green", "--"), "local-only": ("tab:red", ":"), "popularity": ("tab:gray", "-.")}
+    for ax, metric, label in ((axes[0], "hr", f"HR@{k}"), (axes[1], "ndcg", f"NDCG@{k}")):
+        for name, rounds in runs.items():
+            evaluated = [r for r in rounds if "val-hr" in r]
+            ax.plot([r[x] for r in evaluated], [r[f"val-{metric}"] for r in evaluated], marker="o", ms=3, label=name)
+        for name, values in (references or {}).items():
+            color, style = styles.get(name, ("tab:purple", "--"))
+            ax.axhline(values[metric], color=color, linestyle=style, label=f"{name}")
+        ax.set_xlabel("round" if x == "round" else "seconds")
+        ax.set_ylabel(f"validation {label}")
+        ax.set_title(f"{label}, sampled: target + 99 negatives", fontsize=9)
+        if x == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -68,3 +68,28 @@ def test_builtin_data_set_summary():
     result = runner.invoke(app, ["data", "--dataset", "movielens-small"])
     assert result.exit_code == 0, result.output
     assert "671 users" in result.output and "9,066 items" in result.output
+
+
+def _fake_run(folder, val_hr, chosen):
+    folder.mkdir(parents=True)
+    rounds = [{"round": r, "seconds": r * 2.0, "val-hr": val_hr * r / 4, "val-ndcg": val_hr * r / 8} for r in (2, 4)]
+    chosen_row = dict(rounds[-1], **{"test-hr": 0.5, "test-ndcg": 0.3, "test-full-hr": 0.04})
+    result = {"rounds": rounds, "chosen_round": chosen, "chosen": chosen_row, "wall_seconds": 8.0, "references": {"popularity": {"hr": 0.3, "ndcg": 0.2}}}
+    (folder / "rounds.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_compare_plots_runs_side_by_side_and_tables_their_chosen_rounds(tmp_path):
+    a = _fake_run(tmp_path / "a", 0.6, 4)
+    b = _fake_run(tmp_path / "b", 0.8, 4)
+    out = tmp_path / "cmp.png"
+    result = runner.invoke(app, ["compare", f"first={a}", str(b), "--out", str(out), "--x", "seconds"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "first" in result.output and " b " in result.output and "0.6000" in result.output and "0.8000" in result.output
+
+
+def test_compare_explains_a_folder_without_results(tmp_path):
+    result = runner.invoke(app, ["compare", str(tmp_path)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert "no rounds.json" in result.output

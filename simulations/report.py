@@ -34,29 +34,7 @@ def plot_rounds(
     k: int = 10,
 ) -> Path:
     """Validation HR@k and NDCG@k per round; each reference (name -> {"hr", "ndcg"}) a line."""
-    evaluated = [r for r in rounds if "val-hr" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"centralised": ("tab:green", "--"), "local-only": ("tab:red", ":"), "popularity": ("tab:gray", "-.")}
-    for ax, metric, label in ((axes[0], "hr", f"HR@{k}"), (axes[1], "ndcg", f"NDCG@{k}")):
-        xs = [r["round"] for r in evaluated]
-        ax.plot(xs, [r[f"val-{metric}"] for r in evaluated], marker="o", ms=3, label="federated (validation)")
-        for name, values in (references or {}).items():
-            color, style = styles.get(name, ("tab:purple", "--"))
-            ax.axhline(values[metric], color=color, linestyle=style, label=f"{name} (validation)")
-        if chosen_round:
-            ax.axvline(chosen_round, color="black", alpha=0.25, label=f"chosen round {chosen_round}")
-        ax.set_xlabel("round")
-        ax.set_ylabel(f"validation {label}")
-        ax.set_title(f"{label}, sampled: target + 99 negatives", fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plot_comparison({"federated (validation)": rounds}, path, references=references, chosen_round=chosen_round, title=title, k=k)
 
 
 def plot_comparison(
@@ -64,6 +42,7 @@ def plot_comparison(
     path: Path,
     *,
     references: dict[str, dict[str, float]] | None = None,
+    chosen_round: int | None = None,
     title: str = "",
     k: int = 10,
     x: str = "round",
@@ -78,7 +57,9 @@ def plot_comparison(
             ax.plot([r[x] for r in evaluated], [r[f"val-{metric}"] for r in evaluated], marker="o", ms=3, label=name)
         for name, values in (references or {}).items():
             color, style = styles.get(name, ("tab:purple", "--"))
-            ax.axhline(values[metric], color=color, linestyle=style, label=f"{name}")
+            ax.axhline(values[metric], color=color, linestyle=style, label=f"{name} (validation)")
+        if chosen_round:
+            ax.axvline(chosen_round, color="black", alpha=0.25, label=f"chosen round {chosen_round}")
         ax.set_xlabel("round" if x == "round" else "seconds")
         ax.set_ylabel(f"validation {label}")
         ax.set_title(f"{label}, sampled: target + 99 negatives", fontsize=9)

@@ -1,0 +1,87 @@
+"""fedpref's (epsilon, delta) against dp-accounting computed independently for the same mechanism."""
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import pld, rdp
+
+from fedpref.server.privacy import DpMechanism, PrivacyConfigError, PrivacyLedger, default_delta
+
+
+def independent_rdp_epsilon(z: float, population: int, cohort: int, rounds: int, delta: float) -> float:
+    # The mechanism written out again: noise z*C on a sum whose sensitivity under
+    # replace-one is 2C, so z/2 per unit of sensitivity; a cohort drawn without replacement.
+    event = dp_accounting.GaussianDpEvent(z / 2)
+    if cohort < population:
+        event = dp_accounting.SampledWithoutReplacementDpEvent(population, cohort, event)
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("z, population, cohort, rounds", [(1.0, 671, 67, 100), (2.0, 10_000, 100, 300), (0.8, 200, 20, 10)])
+def test_epsilon_is_dp_accountings_for_the_mechanism_that_ran(z, population, cohort, rounds):
+    delta = default_delta(population)
+    ours = DpMechanism(z, population, cohort).epsilon(rounds, delta)
+    assert ours == pytest.approx(independent_rdp_epsilon(z, population, cohort, rounds, delta), rel=1e-9)
+
+
+def test_full_participation_lies_between_the_tight_pld_bound_and_the_classic_rdp_bound():
+    z, n, rounds, delta = 3.0, 500, 40, 1e-5
+    ours = DpMechanism(z, n, n).epsilon(rounds, delta)
+    sigma = z / 2
+    # Classic RDP conversion of a composed Gaussian: T*a/(2 sigma^2) + log(1/delta)/(a-1).
+    orders = np.linspace(1.01, 200, 20_000)
+    classic = float(np.min(rounds * orders / (2 * sigma**2) + math.log(1 / delta) / (orders - 1)))
+    # The PLD accountant takes the noise in units of C and doubles the sensitivity itself
+    # under REPLACE_ONE; it is tight, so it may only be lower.
+    tight = pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
+    tight.compose(dp_accounting.GaussianDpEvent(z), rounds)
+    assert tight.get_epsilon(delta) <= ours <= classic + 1e-6
+
+
+def test_more_noise_smaller_cohorts_and_fewer_rounds_spend_less():
+    delta = 1e-4
+    base = DpMechanism(1.0, 1000, 100)
+    assert DpMechanism(2.0, 1000, 100).epsilon(50, delta) < base.epsilon(50, delta)
+    assert DpMechanism(1.0, 1000, 10).epsilon(50, delta) < base.epsilon(50, delta)
+    assert base.epsilon(10, delta) < base.epsilon(50, delta)
+    assert base.epsilon(0, delta) == 0.0
+
+
+def test_rounds_within_a_target_is_the_last_round_that_keeps_it():
+    mech, delta = DpMechanism(1.5, 671, 67), default_delta(671)
+    r = mech.rounds_within(8.0, delta)
+    assert r >= 1
+    assert mech.epsilon(r, delta) <= 8.0 < mech.epsilon(r + 1, delta)
+    assert mech.rounds_within(1e-3, delta) == 0
+
+
+def test_the_ledger_refuses_the_round_that_would_pass_the_target():
+    mech, delta = DpMechanism(1.5, 671, 67), default_delta(671)
+    allowed = mech.rounds_within(8.0, delta)
+    ledger = PrivacyLedger(mech, delta, target_epsilon=8.0)
+    while ledger.next_round_allowed():
+        ledger.record_round()
+    assert ledger.rounds == allowed and ledger.epsilon <= 8.0
+
+
+def test_default_delta_is_below_one_over_n():
+    for n in (10, 671, 1_000_000):
+        assert default_delta(n) < 1 / n
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: DpMechanism(0.0, 10, 5), "noise multiplier must be positive"),
+        (lambda: DpMechanism(1.0, 10, 11), "cohort must lie in"),
+        (lambda: DpMechanism(1.0, 10, 5).epsilon(3, 1.0), "delta must lie in"),
+        (lambda: DpMechanism(1.0, 10, 5).rounds_within(0.0, 1e-3), "target epsilon must be positive"),
+    ],
+)
+def test_settings_that_describe_no_mechanism_are_refused(build, message):
+    with pytest.raises(PrivacyConfigError, match=message):
+        build()

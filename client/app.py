@@ -93,19 +93,20 @@ def train(msg: Message, context: Context) -> Message:
     update, private, metrics = local_update(shared, private, data, config.train_config(server_round), rng)
     _store_private(context, private)
     weights, norm, clipped = encode_update(shared, update, config.clip_norm)
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({name: _array(v) for name, v in weights.items()}),
-            "metrics": MetricRecord(
-                {
-                    "num-examples": int(metrics["num_examples"]),
-                    "train-loss": float(metrics["loss"]),
-                    "update-norm": float(norm),
-                    "clipped": float(clipped),
-                }
-            ),
-        }
-    )
+    if config.dp:
+        # Under DP every update carries the same weight and nothing else leaves: the example
+        # count, the loss and the norm before clipping are outside the noise's protection.
+        sent = MetricRecord({"num-examples": 1})
+    else:
+        sent = MetricRecord(
+            {
+                "num-examples": int(metrics["num_examples"]),
+                "train-loss": float(metrics["loss"]),
+                "update-norm": float(norm),
+                "clipped": float(clipped),
+            }
+        )
+    content = RecordDict({"arrays": ArrayRecord({name: _array(v) for name, v in weights.items()}), "metrics": sent})
     return Message(content, reply_to=msg)
 
 

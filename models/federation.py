@@ -42,6 +42,9 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "l2": 0.01,
     "batch-size": 64,
     "clip-norm": 10.0,  # C: the L2 norm bound of every update that leaves a device
+    "dp-noise-multiplier": 0.0,  # z > 0 turns on user-level DP: Gaussian noise z*C on the sum of each round's updates
+    "dp-delta": 0.0,  # delta of the reported (epsilon, delta); 0: 1/(10 N) for a population of N
+    "dp-target-epsilon": 0.0,  # stop before a round would take epsilon past this (0: no target)
     "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
     "k": 10,
     "seed": 0,
@@ -89,6 +92,9 @@ class FederatedConfig:
     l2: float
     batch_size: int
     clip_norm: float
+    dp_noise_multiplier: float
+    dp_delta: float
+    dp_target_epsilon: float
     personalize_epochs: int
     k: int
     seed: int
@@ -150,6 +156,14 @@ class FederatedConfig:
         for key, value in (("server-lr-end", self.server_lr_end), ("lr-end", self.lr_end)):
             if not 0.0 < value <= 1.0:
                 raise bad(key, f"the fraction of the step size left at the last round must lie in (0, 1], got {value}")
+        if self.dp_noise_multiplier < 0:
+            raise bad("dp-noise-multiplier", f"must be 0 (no DP) or positive, got {self.dp_noise_multiplier}")
+        if not 0.0 <= self.dp_delta < 1.0:
+            raise bad("dp-delta", f"must lie in (0, 1), or be 0 for 1/(10 N); got {self.dp_delta}")
+        if self.dp_target_epsilon < 0:
+            raise bad("dp-target-epsilon", f"must be 0 (no target) or positive, got {self.dp_target_epsilon}")
+        if self.dp_target_epsilon > 0 and not self.dp:
+            raise bad("dp-target-epsilon", "needs dp-noise-multiplier > 0: without noise there is no epsilon to stop at")
         if self.personalize_epochs < 0:
             raise bad("personalize-epochs", "must be 0 or more")
         if self.private_epochs < 0:
@@ -175,6 +189,15 @@ class FederatedConfig:
             )
         except ValueError as exc:
             raise RunConfigError(f"run config: {exc}") from None
+
+    @property
+    def dp(self) -> bool:
+        """User-level differential privacy is on."""
+        return self.dp_noise_multiplier > 0
+
+    def cohort_size(self, n_devices: int) -> int:
+        """Devices per training round, as Flower's strategies draw them."""
+        return min(n_devices, max(int(n_devices * self.fraction_train), self.min_train_nodes))
 
     @property
     def model_spec(self) -> ModelSpec:

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedYogi
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
-from fedpref.models.federation import FederatedConfig, cosine_factor
+from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
+from fedpref.server.privacy import DpMechanism, default_delta
 
 app = ServerApp()
 
@@ -138,8 +139,25 @@ def _in_devices_dtype(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecor
     return ArrayRecord(out)
 
 
-def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[int, dict], None]):
-    """The Flower strategy named by ``config.strategy``, evaluating every ``evaluate-every`` rounds."""
+class _NoisedAverage(FedAvg):
+    """FedAvg whose average of the devices' clipped models carries central Gaussian noise,
+    added by Flower's ``DifferentialPrivacyClientSideFixedClipping`` (std z * C / m on the
+    average of m updates). Placed under a server optimiser in the method order (FedAvgM,
+    FedAdam, FedYogi call ``FedAvg.aggregate_train`` for their average), the noise goes on the
+    average *before* the optimiser steps on it: the optimiser is post-processing, and the
+    accounted mechanism is the noised average. (Wrapping FedAdam in the DP wrapper instead
+    would add the noise after Adam's step, whose sensitivity is not C / m.)"""
+
+    dp_wrapper: DifferentialPrivacyClientSideFixedClipping
+
+    def aggregate_train(self, server_round, replies):
+        return self.dp_wrapper.aggregate_train(server_round, replies)
+
+
+def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[int, dict], None], num_rounds: int | None = None):
+    """The Flower strategy named by ``config.strategy``, evaluating every ``evaluate-every``
+    rounds (and after ``num_rounds``, the last round that will run); with DP on, its average
+    is noised before the server optimiser steps."""
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -158,10 +176,13 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
     else:
         base, extra = FedYogi, dict(eta=config.server_lr, tau=config.adaptivity)
 
-    last = config.num_server_rounds
+    last = num_rounds or config.num_server_rounds
     every = config.evaluate_every
+    bases: tuple[type, ...] = (base,)
+    if config.dp:
+        bases = (_NoisedAverage,) if base is FedAvg else (base, _NoisedAverage)
 
-    class Strategy(base):  # type: ignore[valid-type, misc]
+    class Strategy(*bases):  # type: ignore[valid-type, misc]
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
             if server_round % every and server_round != last:
                 return []
@@ -186,7 +207,31 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
             on_round(server_round, {"evaluate": dict(metrics) if metrics else {}})
             return metrics
 
-    return Strategy(**common, **extra)
+    strategy = Strategy(**common, **extra)
+    if config.dp:
+        strategy.dp_wrapper = DifferentialPrivacyClientSideFixedClipping(
+            FedAvg(**common),  # the plain average the wrapper noises; devices send equal weights under DP
+            noise_multiplier=config.dp_noise_multiplier,
+            clipping_norm=config.clip_norm,
+            num_sampled_clients=config.cohort_size(n_devices),
+        )
+    return strategy
+
+
+def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, float, int]:
+    """The DP mechanism of this run, its delta, and how many rounds run: ``num-server-rounds``,
+    or fewer if one more would take epsilon past ``dp-target-epsilon``."""
+    mechanism = DpMechanism(config.dp_noise_multiplier, n_devices, config.cohort_size(n_devices))
+    delta = config.dp_delta or default_delta(n_devices)
+    rounds = config.num_server_rounds
+    if config.dp_target_epsilon > 0:
+        rounds = min(rounds, mechanism.rounds_within(config.dp_target_epsilon, delta, limit=rounds))
+        if rounds == 0:
+            raise RunConfigError(
+                f"one round alone spends epsilon {mechanism.epsilon(1, delta):.3g} at delta {delta:.3g}, past "
+                f"dp-target-epsilon {config.dp_target_epsilon}: raise dp-noise-multiplier, lower fraction-train or raise the target"
+            )
+    return mechanism, delta, rounds
 
 
 @app.main()
@@ -197,6 +242,24 @@ def main(grid: Grid, context: Context) -> None:
     stable = StableGrid(grid, device_keys(grid, n_devices), config.seed)
 
     initial = config.model_spec.build(1, n_items, seed=config.seed).get_shared()
+    num_rounds, privacy = config.num_server_rounds, None
+    if config.dp:
+        mechanism, delta, num_rounds = privacy_plan(config, n_devices)
+        privacy = {
+            "noise-multiplier": config.dp_noise_multiplier,
+            "clip-norm": config.clip_norm,
+            "population": n_devices,
+            "cohort": mechanism.cohort,
+            "delta": delta,
+            "target-epsilon": config.dp_target_epsilon or None,
+            "rounds-planned": config.num_server_rounds,
+            "rounds-run": num_rounds,
+            "stopped-by-target": num_rounds < config.num_server_rounds,
+            "accountant": "dp-accounting RDP; cohorts drawn without replacement; replace-one neighbours (fedpref.server.privacy)",
+        }
+        # Flower's wrapper draws its noise from NumPy's global generator: seeded here so that a
+        # simulation repeats. A deployment must not seed it (the noise would be predictable).
+        np.random.seed(config.seed)
 
     rounds: dict[int, dict] = {}
     latest: dict = {"round": 0, "arrays": None}  # the latest aggregated global arrays
@@ -211,6 +274,8 @@ def main(grid: Grid, context: Context) -> None:
             row.update({f"train-{k}" if not k.startswith("train-") else k: v for k, v in info["train"].items()})
             if config.strategy != "fedavg":
                 row["server-lr"] = info["server-lr"]
+            if privacy is not None and info["arrays"] is not None:
+                row["epsilon"] = mechanism.epsilon(server_round, delta)
             row["seconds"] = round(time.perf_counter() - started, 3)
             for callback in _round_callbacks:
                 callback({"event": "train", **row})
@@ -224,11 +289,11 @@ def main(grid: Grid, context: Context) -> None:
             for callback in _round_callbacks:
                 callback({"event": "evaluate", **row})
 
-    strategy = make_strategy(config, n_devices, on_round)
+    strategy = make_strategy(config, n_devices, on_round, num_rounds)
     strategy.start(
         grid=stable,
         initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
-        num_rounds=config.num_server_rounds,
+        num_rounds=num_rounds,
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
     )
@@ -245,6 +310,10 @@ def main(grid: Grid, context: Context) -> None:
             "rounds": [rounds[r] for r in sorted(rounds)],
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if privacy is not None:
+            released = [r["round"] for r in summary["rounds"] if "epsilon" in r]
+            privacy["epsilon"] = mechanism.epsilon(max(released), delta) if released else 0.0
+            summary["privacy"] = privacy
         (out / "rounds.json").write_text(json.dumps(summary, indent=2) + "\n")
         if best["arrays"] is not None:
             np.savez_compressed(out / "best_model.npz", **{k: best["arrays"][k].numpy() for k in best["arrays"]})

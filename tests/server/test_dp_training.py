@@ -1,0 +1,111 @@
+"""User-level DP in training: noise on the average before the server optimiser, epsilon per
+round from the accountant, a target epsilon that stops training, nothing but the clipped
+update leaving a device."""
+
+import warnings
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.server import app as server_app
+from fedpref.server.privacy import DpMechanism, default_delta
+from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
+from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.population import write_population
+from fedpref.simulations.split import leave_one_out
+
+N_DEVICES = 20
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interactions = generate_synthetic(SyntheticConfig(n_users=N_DEVICES, n_items=150, mean_events=20, seed=2)).interactions
+        split = leave_one_out(interactions, seed=0)
+    return write_population(split, tmp_path_factory.mktemp("pop") / "population")
+
+
+def replies_equal_to(arrays: dict[str, np.ndarray], n: int) -> list[Message]:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # as a ServerApp's run sets them
+    content = lambda: RecordDict({"arrays": ArrayRecord({k: Array(v.copy()) for k, v in arrays.items()}), "metrics": MetricRecord({"num-examples": 1})})
+    return [Message(content(), dst_node_id=i + 1, message_type=MessageType.TRAIN) for i in range(n)]
+
+
+def aggregate_zero_updates(strategy_name: str, z: float = 2.0, c: float = 0.5, m: int = 10):
+    config = FederatedConfig.from_run_config({"strategy": strategy_name, "dp-noise-multiplier": z, "clip-norm": c, "server-lr": 0.05})
+    strategy = server_app.make_strategy(config, m, lambda r, info: None)
+    current = {"w": np.zeros((200, 50), np.float32)}
+    strategy.current_arrays = {k: v.copy() for k, v in current.items()}  # as configure_train leaves it (FedOpt)
+    np.random.seed(0)
+    arrays, _ = strategy.aggregate_train(1, replies_equal_to(current, m))
+    return arrays["w"].numpy() - current["w"]
+
+
+def test_fedavg_under_dp_adds_noise_of_z_c_over_m_to_the_average():
+    moved = aggregate_zero_updates("fedavg", z=2.0, c=0.5, m=10)
+    assert moved.std() == pytest.approx(2.0 * 0.5 / 10, rel=0.03) and abs(moved.mean()) < 0.005
+
+
+def test_fedadam_steps_on_the_noised_average_so_the_noise_is_not_added_after_its_step():
+    # Every device sent the current model back: the only pseudo-gradient is the noise. Adam's
+    # first step moves every coordinate by its full step size; noise added after the step
+    # would instead leave Gaussian-sized moves.
+    moved = aggregate_zero_updates("fedadam")
+    size = np.abs(moved)
+    assert np.quantile(size, 0.01) > 0.97 * size.max()  # (a coordinate whose noise is within tau moves less)
+    assert (moved > 0).mean() == pytest.approx(0.5, abs=0.03)
+
+
+def run(population, tmp_path, **overrides):
+    base = {"history-dir": str(population), "num-server-rounds": 4, "dim": 8, "local-epochs": 1, "evaluate-every": 2,
+            "fraction-train": 0.5, "clip-norm": 0.5, "dp-noise-multiplier": 1.5, "results-dir": str(tmp_path)}
+    base.update(overrides)
+    return run_inprocess(FederatedConfig.from_run_config(base), n_devices=N_DEVICES)
+
+
+def test_epsilon_per_round_is_the_accountants_and_a_target_stops_training_before_passing_it(population, tmp_path):
+    mechanism, delta = DpMechanism(1.5, N_DEVICES, 10), default_delta(N_DEVICES)
+    target = (mechanism.epsilon(2, delta) + mechanism.epsilon(3, delta)) / 2  # room for 2 rounds, not 3
+    result = run(population, tmp_path, **{"dp-target-epsilon": target})
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert [r["epsilon"] for r in result["rounds"]] == pytest.approx([mechanism.epsilon(r, delta) for r in (1, 2)])
+    privacy = result["privacy"]
+    assert privacy["stopped-by-target"] and privacy["rounds-run"] == 2 and privacy["epsilon"] <= target
+    assert privacy["delta"] == delta < 1 / N_DEVICES and privacy["cohort"] == 10
+    assert "val-hr" in result["rounds"][-1]  # the last round that ran is evaluated
+
+
+def test_under_dp_a_device_sends_its_clipped_update_and_an_equal_weight_only(population, tmp_path):
+    exchanges = []
+    server_app.add_exchange_observer(lambda sent, replies: exchanges.append(replies))
+    try:
+        run(population, tmp_path, **{"num-server-rounds": 1, "evaluate-every": 1})
+    finally:
+        server_app.clear_exchange_observers()
+    train = [r for replies in exchanges for r in replies if r.metadata.message_type == MessageType.TRAIN]
+    assert len(train) == 10
+    for reply in train:
+        assert dict(reply.content["metrics"]) == {"num-examples": 1}
+
+
+def test_a_target_that_one_round_passes_is_refused_with_the_fix(population, tmp_path):
+    with pytest.raises(RunConfigError, match="one round alone spends epsilon .* raise dp-noise-multiplier"):
+        run(population, tmp_path, **{"dp-target-epsilon": 0.01})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"dp-noise-multiplier": -1}, "must be 0 \\(no DP\\) or positive"),
+        ({"dp-target-epsilon": 3.0}, "needs dp-noise-multiplier > 0"),
+        ({"dp-noise-multiplier": 1.0, "dp-delta": 1.5}, "dp-delta"),
+    ],
+)
+def test_bad_dp_settings_name_the_key(override, message):
+    with pytest.raises(RunConfigError, match=message):
+        FederatedConfig.from_run_config(override)

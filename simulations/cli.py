@@ -409,6 +409,8 @@ def simulate(
     server_lr_end: Annotated[float, typer.Option(help="Cosine-decay the server step to this fraction of --server-lr by the last round (1: constant).")] = _RC["server-lr-end"],
     lr_end: Annotated[float, typer.Option(help="Cosine-decay the device step to this fraction of --lr by the last round (1: constant).")] = _RC["lr-end"],
     evaluate_every: Annotated[int, typer.Option(help="Federated evaluation every this many rounds (and after the last).")] = _RC["evaluate-every"],
+    dp_noise_multiplier: Annotated[float, typer.Option(help="User-level DP: Gaussian noise z*C on each round's sum of clipped updates (0: off).")] = _RC["dp-noise-multiplier"],
+    dp_target_epsilon: Annotated[float, typer.Option(help="With DP: stop before a round would take epsilon past this (0: no target).")] = _RC["dp-target-epsilon"],
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
     seed: Seed = 0,
     engine: Annotated[str, typer.Option(help="flower: Flower's Simulation Engine (Ray); inprocess: the same apps and messages, devices called one by one in this process (faster for sweeps).")] = "flower",
@@ -447,7 +449,7 @@ def simulate(
     values = {
         "history-dir": str(folder.resolve()), "num-server-rounds": rounds, "fraction-train": fraction_train,
         "local-epochs": local_epochs, "model": model, "dim": dim, "lr": lr, "l2": l2, "clip-norm": clip_norm,
-        "strategy": strategy, "server-lr": server_lr, "server-lr-end": server_lr_end, "lr-end": lr_end, "evaluate-every": evaluate_every, "seed": seed,
+        "strategy": strategy, "server-lr": server_lr, "server-lr-end": server_lr_end, "lr-end": lr_end, "dp-noise-multiplier": dp_noise_multiplier, "dp-target-epsilon": dp_target_epsilon, "evaluate-every": evaluate_every, "seed": seed,
         "results-dir": str(out.resolve()),
     }
     values.update(overrides)
@@ -467,6 +469,8 @@ def simulate(
                 advance(last_status["text"])
             elif "val-hr" in row:
                 last_status["text"] = f"round {row['round']}: val HR@10 {row.get('val-hr', float('nan')):.4f} NDCG@10 {row.get('val-ndcg', float('nan')):.4f}"
+                if "epsilon" in row:
+                    last_status["text"] += f" epsilon {row['epsilon']:.3g}"
                 if not progress or not console.is_terminal:  # logs get a line per evaluation
                     console.print(last_status["text"])
 
@@ -485,12 +489,19 @@ def simulate(
     (out / "rounds.json").write_text(json.dumps(result, indent=2) + "\n")
     write_rounds_csv(result["rounds"], out / "rounds.csv")
     title = f"{dataset}: federated {model}, {strategy}, {config.fraction_train:.0%} of {split.n_users} devices per round, C={config.clip_norm}"
+    if config.dp:
+        title += f", DP noise multiplier {config.dp_noise_multiplier}"
     plot_rounds(result["rounds"], out / "curves.png", references={k: v for k, v in refs.items()}, chosen_round=result["chosen_round"], title=title)
     chosen = result["chosen"]
-    table = Table(title=f"round {result['chosen_round']} of {rounds}, chosen on validation NDCG@10")
+    ran = result.get("privacy", {}).get("rounds-run", rounds)
+    table = Table(title=f"round {result['chosen_round']} of {ran}, chosen on validation NDCG@10")
     for col in ("", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10"):
         table.add_column(col, justify="right" if col else "left")
     for which in ("val", "test"):
         table.add_row(which, *(f"{chosen.get(f'{which}-{m}', float('nan')):.4f}" for m in ("hr", "ndcg", "full-hr", "full-ndcg")))
     console.print(table)
+    if "privacy" in result:
+        p = result["privacy"]
+        stop = f", stopped before round {p['rounds-run'] + 1} of {p['rounds-planned']} by the target epsilon {p['target-epsilon']}" if p["stopped-by-target"] else ""
+        console.print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after {p['rounds-run']} rounds (noise multiplier {p['noise-multiplier']}, C {p['clip-norm']}, {p['cohort']} of {p['population']} devices a round){stop}")
     console.print(f"{seconds:.1f} s in all; wrote {out}/config.json, rounds.json, rounds.csv, curves.png")

@@ -49,8 +49,20 @@ def plot_comparison(
 ) -> Path:
     """Validation HR@k and NDCG@k per round of several runs (label -> rounds), one line each,
     with the references as horizontal lines. ``x`` is ``round`` or ``seconds``."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    private = {name: [r for r in rounds if "epsilon" in r] for name, rounds in runs.items()}
+    private = {name: rows for name, rows in private.items() if rows}
+    fig, axes = plt.subplots(1, 3 if private else 2, figsize=(16 if private else 11, 4.2))
     styles = {"centralised": ("tab:green", "--"), "local-only": ("tab:red", ":"), "popularity": ("tab:gray", "-.")}
+    if private:  # user-level DP: epsilon spent after each round
+        ax = axes[2]
+        for name, rows in private.items():
+            ax.plot([r[x] for r in rows], [r["epsilon"] for r in rows], label=name)
+        ax.set_xlabel("round" if x == "round" else "seconds")
+        ax.set_ylabel("epsilon spent")
+        ax.set_title("user-level DP: epsilon after each round (dp-accounting)", fontsize=9)
+        if x == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     for ax, metric, label in ((axes[0], "hr", f"HR@{k}"), (axes[1], "ndcg", f"NDCG@{k}")):
         for name, rounds in runs.items():
             evaluated = [r for r in rounds if "val-hr" in r]

@@ -44,3 +44,23 @@ def test_population_writes_device_histories(tmp_path):
     meta = json.loads((tmp_path / "pop" / "meta.json").read_text())
     assert meta["n_users"] == 30 and meta["n_items"] <= 300
     assert "history-dir=" in result.output
+
+
+def test_simulate_with_dp_reports_epsilon_per_round_and_stops_at_the_target(tmp_path):
+    out = tmp_path / "dp"
+    result = runner.invoke(
+        app,
+        ["simulate", "--dataset", "synthetic:30x300", "--rounds", "5", "--dim", "8", "--devices-per-round", "10", "--engine", "inprocess",
+         "--references", "none", "--out", str(out), "--no-progress", "--clip-norm", "0.5", "--dp-noise-multiplier", "2",
+         "--dp-target-epsilon", "4.5", "--evaluate-every", "1"],
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == 0, result.output
+    rounds = json.loads((out / "rounds.json").read_text())
+    privacy = rounds["privacy"]
+    assert privacy["stopped-by-target"] and privacy["rounds-run"] == 3 and privacy["epsilon"] <= 4.5
+    epsilons = [r["epsilon"] for r in rounds["rounds"]]
+    assert len(epsilons) == privacy["rounds-run"] and epsilons == sorted(epsilons)
+    assert "user-level DP: epsilon" in result.output and "stopped before round" in result.output
+    with (out / "rounds.csv").open() as f:
+        assert "epsilon" in next(csv.DictReader(f))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedpref.models.contract import Params
 from fedpref.models.federation import FederatedConfig
@@ -92,11 +93,22 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 1))
     update, private, metrics = local_update(shared, private, data, config.train_config(server_round), rng)
     _store_private(context, private)
-    weights, norm, clipped = encode_update(shared, update, config.clip_norm)
+    bound = config.clip_norm
+    if config.dp and config.dp_clipping == "adaptive":  # this round's C, set by the server's wrapper
+        bound = float(msg.content["config"][KEY_CLIPPING_NORM])
+    weights, norm, clipped = encode_update(shared, update, bound)
     if config.dp:
         # Under DP every update carries the same weight and nothing else leaves: the example
         # count, the loss and the norm before clipping are outside the noise's protection.
+        # Adaptive clipping adds one bit, whether this update fitted within C; the server
+        # noises the count of those bits and the accountant covers it. The bit is Andrew et
+        # al.'s (2021): 1 when *not* clipped. Flower's server moves C by
+        # exp(-lr * (share of bits - target)), which with that bit makes C follow the target
+        # quantile of the norms; Flower's own adaptiveclipping_mod (1.41) sends 1 when the
+        # update *was* clipped, which drives C the wrong way (docs/privacy.md).
         sent = MetricRecord({"num-examples": 1})
+        if config.dp_clipping == "adaptive":
+            sent[KEY_NORM_BIT] = int(not clipped)
     else:
         sent = MetricRecord(
             {

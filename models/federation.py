@@ -44,6 +44,9 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "clip-norm": 10.0,  # C: the L2 norm bound of every update that leaves a device
     "dp-noise-multiplier": 0.0,  # z > 0 turns on user-level DP: Gaussian noise z*C on the sum of each round's updates
     "dp-delta": 0.0,  # delta of the reported (epsilon, delta); 0: 1/(10 N) for a population of N
+    "dp-clipping": "fixed",  # with DP: fixed (C = clip-norm) or adaptive (C starts at clip-norm and follows dp-target-quantile)
+    "dp-target-quantile": 0.5,  # adaptive clipping: C tracks this quantile of the update norms (the share left unclipped)
+    "dp-clip-lr": 0.2,  # adaptive clipping: geometric step of C each round (Andrew et al. 2021)
     "dp-target-epsilon": 0.0,  # stop before a round would take epsilon past this (0: no target)
     "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
     "k": 10,
@@ -94,6 +97,9 @@ class FederatedConfig:
     clip_norm: float
     dp_noise_multiplier: float
     dp_delta: float
+    dp_clipping: str
+    dp_target_quantile: float
+    dp_clip_lr: float
     dp_target_epsilon: float
     personalize_epochs: int
     k: int
@@ -160,6 +166,12 @@ class FederatedConfig:
             raise bad("dp-noise-multiplier", f"must be 0 (no DP) or positive, got {self.dp_noise_multiplier}")
         if not 0.0 <= self.dp_delta < 1.0:
             raise bad("dp-delta", f"must lie in (0, 1), or be 0 for 1/(10 N); got {self.dp_delta}")
+        if self.dp_clipping not in ("fixed", "adaptive"):
+            raise bad("dp-clipping", f"choose fixed or adaptive, got {self.dp_clipping!r}")
+        if not 0.0 <= self.dp_target_quantile <= 1.0:
+            raise bad("dp-target-quantile", f"must lie in [0, 1], got {self.dp_target_quantile}")
+        if not self.dp_clip_lr > 0:
+            raise bad("dp-clip-lr", f"must be positive, got {self.dp_clip_lr}")
         if self.dp_target_epsilon < 0:
             raise bad("dp-target-epsilon", f"must be 0 (no target) or positive, got {self.dp_target_epsilon}")
         if self.dp_target_epsilon > 0 and not self.dp:

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedYogi,
+)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
 from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
@@ -183,6 +191,11 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
         bases = (_NoisedAverage,) if base is FedAvg else (base, _NoisedAverage)
 
     class Strategy(*bases):  # type: ignore[valid-type, misc]
+        def configure_train(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
+            if config.dp:  # this round's clipping bound (adaptive clipping moves it)
+                cfg[KEY_CLIPPING_NORM] = float(self.dp_wrapper.clipping_norm)
+            return super().configure_train(server_round, arrays, cfg, grid)
+
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
             if server_round % every and server_round != last:
                 return []
@@ -190,6 +203,8 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
 
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
+            if config.dp:
+                self._round_clip = float(self.dp_wrapper.clipping_norm)  # the bound this round's devices clipped to
             # The server step of this round (lr-end schedules it across rounds).
             step = config.server_lr * cosine_factor(server_round, last, config.server_lr_end)
             if hasattr(self, "eta"):  # FedAdam, FedYogi
@@ -199,7 +214,10 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
             arrays, metrics = super().aggregate_train(server_round, replies)
             if arrays is not None:
                 arrays = _in_devices_dtype(arrays, replies)
-            on_round(server_round, {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step})
+            info = {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step}
+            if config.dp:
+                info["clip-norm"] = self._round_clip
+            on_round(server_round, info)
             return arrays, metrics
 
         def aggregate_evaluate(self, server_round, replies):
@@ -209,13 +227,37 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
 
     strategy = Strategy(**common, **extra)
     if config.dp:
-        strategy.dp_wrapper = DifferentialPrivacyClientSideFixedClipping(
-            FedAvg(**common),  # the plain average the wrapper noises; devices send equal weights under DP
-            noise_multiplier=config.dp_noise_multiplier,
-            clipping_norm=config.clip_norm,
-            num_sampled_clients=config.cohort_size(n_devices),
-        )
+        average = FedAvg(**common)  # the plain average the wrapper noises; devices send equal weights under DP
+        cohort = config.cohort_size(n_devices)
+        if config.dp_clipping == "fixed":
+            strategy.dp_wrapper = DifferentialPrivacyClientSideFixedClipping(
+                average, noise_multiplier=config.dp_noise_multiplier, clipping_norm=config.clip_norm, num_sampled_clients=cohort
+            )
+        else:
+            check_adaptive(config.dp_noise_multiplier, cohort)
+            # dp-noise-multiplier is the effective z of the pair (update sum, clipped count):
+            # the wrapper splits it into a larger z for the updates and a count noise of
+            # cohort / 20 (Andrew et al. 2021), and the pair is accounted as one Gaussian with z.
+            strategy.dp_wrapper = DifferentialPrivacyClientSideAdaptiveClipping(
+                average,
+                noise_multiplier=config.dp_noise_multiplier,
+                num_sampled_clients=cohort,
+                initial_clipping_norm=config.clip_norm,
+                target_clipped_quantile=config.dp_target_quantile,
+                clip_norm_lr=config.dp_clip_lr,
+            )
     return strategy
+
+
+def check_adaptive(noise_multiplier: float, cohort: int) -> None:
+    """Adaptive clipping spends part of the privacy budget on the clipped count, whose noise is
+    cohort / 20: the effective noise multiplier must stay below twice that."""
+    if noise_multiplier >= cohort / 10:
+        raise RunConfigError(
+            f"adaptive clipping with {cohort} devices a round allows dp-noise-multiplier below {cohort / 10:g} "
+            f"(the clipped count's noise is cohort / 20), got {noise_multiplier}: take more devices per round, "
+            "a smaller noise multiplier, or dp-clipping=fixed"
+        )
 
 
 def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, float, int]:
@@ -247,7 +289,8 @@ def main(grid: Grid, context: Context) -> None:
         mechanism, delta, num_rounds = privacy_plan(config, n_devices)
         privacy = {
             "noise-multiplier": config.dp_noise_multiplier,
-            "clip-norm": config.clip_norm,
+            "clipping": config.dp_clipping,
+            "clip-norm": config.clip_norm,  # adaptive: the first round's; each round's is in its row
             "population": n_devices,
             "cohort": mechanism.cohort,
             "delta": delta,
@@ -276,6 +319,8 @@ def main(grid: Grid, context: Context) -> None:
                 row["server-lr"] = info["server-lr"]
             if privacy is not None and info["arrays"] is not None:
                 row["epsilon"] = mechanism.epsilon(server_round, delta)
+            if "clip-norm" in info:
+                row["clip-norm"] = info["clip-norm"]
             row["seconds"] = round(time.perf_counter() - started, 3)
             for callback in _round_callbacks:
                 callback({"event": "train", **row})

@@ -109,3 +109,25 @@ def test_a_target_that_one_round_passes_is_refused_with_the_fix(population, tmp_
 def test_bad_dp_settings_name_the_key(override, message):
     with pytest.raises(RunConfigError, match=message):
         FederatedConfig.from_run_config(override)
+
+
+def test_adaptive_clipping_moves_c_to_the_target_quantile_of_the_norms(population, tmp_path):
+    # Without DP, how large the updates are (the mean norm of a round's updates).
+    plain = run(population, tmp_path / "plain", **{"dp-noise-multiplier": 0.0, "clip-norm": 1e6, "num-server-rounds": 1,
+                                                   "evaluate-every": 1, "fraction-train": 1.0})
+    typical = plain["rounds"][0]["train-update-norm"]
+    # Adaptive clipping from a bound 20 times too small: C must grow towards the median norm
+    # (a bit that said "clipped" instead of "fitted" would shrink it every round).
+    result = run(population, tmp_path / "adaptive", **{"dp-clipping": "adaptive", "dp-noise-multiplier": 1.0, "clip-norm": typical / 20,
+                                                       "dp-clip-lr": 0.5, "num-server-rounds": 12, "evaluate-every": 12, "fraction-train": 1.0})
+    bounds = [r["clip-norm"] for r in result["rounds"]]
+    assert bounds[0] == pytest.approx(typical / 20)
+    assert typical / 2 < bounds[-1] < typical * 2
+    assert result["privacy"]["clipping"] == "adaptive"
+    mechanism, delta = DpMechanism(1.0, N_DEVICES, N_DEVICES), default_delta(N_DEVICES)
+    assert result["rounds"][-1]["epsilon"] == pytest.approx(mechanism.epsilon(12, delta))
+
+
+def test_adaptive_clipping_refuses_more_noise_than_its_count_can_carry(population, tmp_path):
+    with pytest.raises(RunConfigError, match="allows dp-noise-multiplier below 1"):
+        run(population, tmp_path, **{"dp-clipping": "adaptive", "dp-noise-multiplier": 1.5})

@@ -64,3 +64,15 @@ def test_simulate_with_dp_reports_epsilon_per_round_and_stops_at_the_target(tmp_
     assert "user-level DP: epsilon" in result.output and "stopped before round" in result.output
     with (out / "rounds.csv").open() as f:
         assert "epsilon" in next(csv.DictReader(f))
+
+
+def test_simulate_refuses_a_target_epsilon_that_one_round_passes_before_training(tmp_path):
+    result = runner.invoke(
+        app,
+        ["simulate", "--dataset", "synthetic:30x300", "--engine", "inprocess", "--references", "none", "--out", str(tmp_path / "x"),
+         "--no-progress", "--dp-noise-multiplier", "1", "--dp-target-epsilon", "0.1"],
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == 2
+    assert "one round alone spends epsilon" in result.output and "raise dp-noise-multiplier" in result.output
+    assert not (tmp_path / "x" / "rounds.json").exists()

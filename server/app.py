@@ -214,7 +214,8 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
             arrays, metrics = super().aggregate_train(server_round, replies)
             if arrays is not None:
                 arrays = _in_devices_dtype(arrays, replies)
-            info = {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step}
+            info = {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step,
+                    "replies": sum(1 for r in replies if not r.has_error())}
             if config.dp:
                 info["clip-norm"] = self._round_clip
             on_round(server_round, info)
@@ -305,6 +306,7 @@ def main(grid: Grid, context: Context) -> None:
         np.random.seed(config.seed)
 
     rounds: dict[int, dict] = {}
+    released: list[int] = []  # under DP: how many devices replied in each released round
     latest: dict = {"round": 0, "arrays": None}  # the latest aggregated global arrays
     best: dict = {"round": 0, "arrays": None}  # the round chosen on validation NDCG@k, and its arrays
     started = time.perf_counter()
@@ -318,7 +320,9 @@ def main(grid: Grid, context: Context) -> None:
             if config.strategy != "fedavg":
                 row["server-lr"] = info["server-lr"]
             if privacy is not None and info["arrays"] is not None:
-                row["epsilon"] = mechanism.epsilon(server_round, delta)
+                released.append(info["replies"])
+                row["epsilon"] = mechanism.epsilon_of_rounds(released, delta)
+                row["replies"] = info["replies"]
             if "clip-norm" in info:
                 row["clip-norm"] = info["clip-norm"]
             row["seconds"] = round(time.perf_counter() - started, 3)
@@ -356,8 +360,7 @@ def main(grid: Grid, context: Context) -> None:
             "seconds": round(time.perf_counter() - started, 3),
         }
         if privacy is not None:
-            released = [r["round"] for r in summary["rounds"] if "epsilon" in r]
-            privacy["epsilon"] = mechanism.epsilon(max(released), delta) if released else 0.0
+            privacy["epsilon"] = mechanism.epsilon_of_rounds(released, delta)
             summary["privacy"] = privacy
         (out / "rounds.json").write_text(json.dumps(summary, indent=2) + "\n")
         if best["arrays"] is not None:

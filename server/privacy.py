@@ -12,16 +12,18 @@ Each round is one ``SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2
 is the whole population; rounds compose, and the RDP accountant turns them into epsilon for
 the chosen delta.
 
-A round in which only ``m' < m`` devices reply carries the noise meant for m over a sum of m'
-updates: the noise is the same and the sensitivity is the same (2C), so the round's event is
-unchanged. fedpref still accounts a sampling rate of m / N (the cohort that was drawn).
+A round in which only ``m' < m`` devices reply is noisier for the privacy account: Flower's
+wrapper adds z * C / m to the average of the m' updates, which is z * C * m' / m on their sum,
+while the sum's sensitivity stays 2C. Such a round is accounted with the noise multiplier
+``z * m' / m`` (:meth:`DpMechanism.epsilon_of_rounds`), at the sampling rate of the cohort that
+was drawn.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dp_accounting
 from dp_accounting import rdp
@@ -79,6 +81,20 @@ class DpMechanism:
         accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
         accountant.compose(self.round_event(), rounds)
         return float(accountant.get_epsilon(delta))
+
+    def epsilon_of_rounds(self, replies: list[int], delta: float) -> float:
+        """Epsilon after rounds in which ``replies[i]`` devices of the cohort replied (a round
+        with fewer replies than the cohort carries less noise on its sum; see the module)."""
+        if not 0.0 < delta < 1.0:
+            raise PrivacyConfigError(f"delta must lie in (0, 1), got {delta}")
+        full = sum(1 for r in replies if r >= self.cohort)
+        accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        if full:
+            accountant.compose(self.round_event(), full)
+        for r in replies:
+            if 0 < r < self.cohort:
+                accountant.compose(replace(self, noise_multiplier=self.noise_multiplier * r / self.cohort).round_event())
+        return float(accountant.get_epsilon(delta)) if any(r > 0 for r in replies) else 0.0
 
     def rounds_within(self, target_epsilon: float, delta: float, limit: int = 100_000) -> int:
         """The most rounds whose epsilon stays at or below ``target_epsilon`` (at most ``limit``)."""

@@ -85,3 +85,15 @@ def test_default_delta_is_below_one_over_n():
 def test_settings_that_describe_no_mechanism_are_refused(build, message):
     with pytest.raises(PrivacyConfigError, match=message):
         build()
+
+
+def test_a_round_with_dropouts_is_accounted_with_the_smaller_noise_on_its_sum():
+    mech, delta = DpMechanism(2.0, 500, 50), 1e-4
+    assert mech.epsilon_of_rounds([50] * 10, delta) == pytest.approx(mech.epsilon(10, delta))
+    with_dropouts = mech.epsilon_of_rounds([50] * 9 + [25], delta)
+    assert with_dropouts > mech.epsilon(10, delta)
+    # The same, written out: nine full rounds and one whose noise on the sum is halved.
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(500, 50, dp_accounting.GaussianDpEvent(1.0)), 9)
+    accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(500, 50, dp_accounting.GaussianDpEvent(0.5)))
+    assert with_dropouts == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)

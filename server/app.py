@@ -33,7 +33,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
 from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
-from fedpref.server.privacy import DpMechanism, default_delta
+from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
 
 app = ServerApp()
 
@@ -235,7 +235,6 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
                 average, noise_multiplier=config.dp_noise_multiplier, clipping_norm=config.clip_norm, num_sampled_clients=cohort
             )
         else:
-            check_adaptive(config.dp_noise_multiplier, cohort)
             # dp-noise-multiplier is the effective z of the pair (update sum, clipped count):
             # the wrapper splits it into a larger z for the updates and a count noise of
             # cohort / 20 (Andrew et al. 2021), and the pair is accounted as one Gaussian with z.
@@ -263,8 +262,11 @@ def check_adaptive(noise_multiplier: float, cohort: int) -> None:
 
 def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, float, int]:
     """The DP mechanism of this run, its delta, and how many rounds run: ``num-server-rounds``,
-    or fewer if one more would take epsilon past ``dp-target-epsilon``."""
+    or fewer if one more would take epsilon past ``dp-target-epsilon``. Refuses settings the
+    run could not honour (a target one round passes; too much noise for adaptive clipping)."""
     mechanism = DpMechanism(config.dp_noise_multiplier, n_devices, config.cohort_size(n_devices))
+    if config.dp_clipping == "adaptive":
+        check_adaptive(config.dp_noise_multiplier, mechanism.cohort)
     delta = config.dp_delta or default_delta(n_devices)
     rounds = config.num_server_rounds
     if config.dp_target_epsilon > 0:
@@ -288,6 +290,7 @@ def main(grid: Grid, context: Context) -> None:
     num_rounds, privacy = config.num_server_rounds, None
     if config.dp:
         mechanism, delta, num_rounds = privacy_plan(config, n_devices)
+        ledger = PrivacyLedger(mechanism, delta)
         privacy = {
             "noise-multiplier": config.dp_noise_multiplier,
             "clipping": config.dp_clipping,
@@ -306,7 +309,6 @@ def main(grid: Grid, context: Context) -> None:
         np.random.seed(config.seed)
 
     rounds: dict[int, dict] = {}
-    released: list[int] = []  # under DP: how many devices replied in each released round
     latest: dict = {"round": 0, "arrays": None}  # the latest aggregated global arrays
     best: dict = {"round": 0, "arrays": None}  # the round chosen on validation NDCG@k, and its arrays
     started = time.perf_counter()
@@ -320,8 +322,7 @@ def main(grid: Grid, context: Context) -> None:
             if config.strategy != "fedavg":
                 row["server-lr"] = info["server-lr"]
             if privacy is not None and info["arrays"] is not None:
-                released.append(info["replies"])
-                row["epsilon"] = mechanism.epsilon_of_rounds(released, delta)
+                row["epsilon"] = ledger.record_round(info["replies"])
                 row["replies"] = info["replies"]
             if "clip-norm" in info:
                 row["clip-norm"] = info["clip-norm"]
@@ -360,7 +361,7 @@ def main(grid: Grid, context: Context) -> None:
             "seconds": round(time.perf_counter() - started, 3),
         }
         if privacy is not None:
-            privacy["epsilon"] = mechanism.epsilon_of_rounds(released, delta)
+            privacy["epsilon"] = ledger.epsilon
             summary["privacy"] = privacy
         (out / "rounds.json").write_text(json.dumps(summary, indent=2) + "\n")
         if best["arrays"] is not None:

@@ -15,14 +15,13 @@ the chosen delta.
 A round in which only ``m' < m`` devices reply is noisier for the privacy account: Flower's
 wrapper adds z * C / m to the average of the m' updates, which is z * C * m' / m on their sum,
 while the sum's sensitivity stays 2C. Such a round is accounted with the noise multiplier
-``z * m' / m`` (:meth:`DpMechanism.epsilon_of_rounds`), at the sampling rate of the cohort that
+``z * m' / m`` (:class:`PrivacyLedger`), at the sampling rate of the cohort that
 was drawn.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 
 import dp_accounting
@@ -82,20 +81,6 @@ class DpMechanism:
         accountant.compose(self.round_event(), rounds)
         return float(accountant.get_epsilon(delta))
 
-    def epsilon_of_rounds(self, replies: list[int], delta: float) -> float:
-        """Epsilon after rounds in which ``replies[i]`` devices of the cohort replied (a round
-        with fewer replies than the cohort carries less noise on its sum; see the module)."""
-        if not 0.0 < delta < 1.0:
-            raise PrivacyConfigError(f"delta must lie in (0, 1), got {delta}")
-        full = sum(1 for r in replies if r >= self.cohort)
-        accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        if full:
-            accountant.compose(self.round_event(), full)
-        for r in replies:
-            if 0 < r < self.cohort:
-                accountant.compose(replace(self, noise_multiplier=self.noise_multiplier * r / self.cohort).round_event())
-        return float(accountant.get_epsilon(delta)) if any(r > 0 for r in replies) else 0.0
-
     def rounds_within(self, target_epsilon: float, delta: float, limit: int = 100_000) -> int:
         """The most rounds whose epsilon stays at or below ``target_epsilon`` (at most ``limit``)."""
         if not target_epsilon > 0:
@@ -117,26 +102,28 @@ class DpMechanism:
 
 
 class PrivacyLedger:
-    """The server's running account of one training run: rounds released and epsilon so far,
-    and whether one more round would pass a target epsilon."""
+    """The server's running account of one training run: each released round composed into an
+    RDP accountant as it happens, at the noise its replies actually carried (a round in which
+    only ``m' < m`` devices replied is accounted with ``z * m' / m``; see the module)."""
 
-    def __init__(self, mechanism: DpMechanism, delta: float, target_epsilon: float = math.inf) -> None:
+    def __init__(self, mechanism: DpMechanism, delta: float) -> None:
         if not 0.0 < delta < 1.0:
             raise PrivacyConfigError(f"delta must lie in (0, 1), got {delta}")
         self.mechanism = mechanism
         self.delta = delta
-        self.target_epsilon = target_epsilon
         self.rounds = 0
+        self._accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
 
     @property
     def epsilon(self) -> float:
-        return self.mechanism.epsilon(self.rounds, self.delta)
+        return float(self._accountant.get_epsilon(self.delta)) if self.rounds else 0.0
 
-    def next_round_allowed(self) -> bool:
-        """Whether releasing one more round keeps epsilon within the target."""
-        return math.isinf(self.target_epsilon) or self.mechanism.epsilon(self.rounds + 1, self.delta) <= self.target_epsilon
-
-    def record_round(self) -> float:
-        """Account one released round; returns epsilon after it."""
+    def record_round(self, replies: int | None = None) -> float:
+        """Account one released round in which ``replies`` devices of the cohort replied
+        (default: all of them); returns epsilon after it."""
+        mechanism = self.mechanism
+        if replies is not None and 0 < replies < mechanism.cohort:
+            mechanism = replace(mechanism, noise_multiplier=mechanism.noise_multiplier * replies / mechanism.cohort)
+        self._accountant.compose(mechanism.round_event())
         self.rounds += 1
         return self.epsilon

@@ -457,8 +457,6 @@ def simulate(
         config = FederatedConfig.from_run_config(values)
         if config.dp:  # refuse a target that one round passes, or too much noise for adaptive clipping, before any work
             server_app.privacy_plan(config, split.n_users)
-            if config.dp_clipping == "adaptive":
-                server_app.check_adaptive(config.dp_noise_multiplier, config.cohort_size(split.n_users))
     except RunConfigError as exc:
         _fail(str(exc))
     refs = _references(split, dataset, model, seed, references, progress)

@@ -1,26 +1,17 @@
 """What a device does in a training round, run through the in-process engine (the same
 ClientApp and ServerApp as on the Simulation Engine, without Ray)."""
 
-import warnings
-
 import pytest
 
 from fedpref.models.federation import FederatedConfig
-from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
 from fedpref.simulations.inprocess import run_inprocess
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
 
 N_DEVICES = 12
 
 
 @pytest.fixture(scope="module")
-def population(tmp_path_factory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        interactions = generate_synthetic(SyntheticConfig(n_users=N_DEVICES, n_items=200, mean_events=25, seed=1)).interactions
-        split = leave_one_out(interactions, seed=0)
-    return write_population(split, tmp_path_factory.mktemp("pop") / "population")
+def population(tmp_path_factory, synthetic_population):
+    return synthetic_population(tmp_path_factory.mktemp("pop"), N_DEVICES, n_items=200, mean_events=25, seed=1)
 
 
 def first_round(population, tmp_path, **overrides):

@@ -2,8 +2,6 @@
 round from the accountant, a target epsilon that stops training, nothing but the clipped
 update leaving a device."""
 
-import warnings
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
@@ -13,21 +11,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.server import app as server_app
 from fedpref.server.privacy import DpMechanism, default_delta
-from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
 from fedpref.simulations.inprocess import run_inprocess
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
 
 N_DEVICES = 20
 
 
 @pytest.fixture(scope="module")
-def population(tmp_path_factory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        interactions = generate_synthetic(SyntheticConfig(n_users=N_DEVICES, n_items=150, mean_events=20, seed=2)).interactions
-        split = leave_one_out(interactions, seed=0)
-    return write_population(split, tmp_path_factory.mktemp("pop") / "population")
+def population(tmp_path_factory, synthetic_population):
+    return synthetic_population(tmp_path_factory.mktemp("pop"), N_DEVICES, n_items=150, mean_events=20, seed=2)
 
 
 def replies_equal_to(arrays: dict[str, np.ndarray], n: int) -> list[Message]:

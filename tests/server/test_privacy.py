@@ -59,13 +59,15 @@ def test_rounds_within_a_target_is_the_last_round_that_keeps_it():
     assert mech.rounds_within(1e-3, delta) == 0
 
 
-def test_the_ledger_refuses_the_round_that_would_pass_the_target():
+def test_the_ledger_composes_round_by_round_what_the_mechanism_plans():
     mech, delta = DpMechanism(1.5, 671, 67), default_delta(671)
     allowed = mech.rounds_within(8.0, delta)
-    ledger = PrivacyLedger(mech, delta, target_epsilon=8.0)
-    while ledger.next_round_allowed():
+    ledger = PrivacyLedger(mech, delta)
+    assert ledger.epsilon == 0.0
+    for _ in range(allowed):
         ledger.record_round()
     assert ledger.rounds == allowed and ledger.epsilon <= 8.0
+    assert ledger.epsilon == pytest.approx(mech.epsilon(allowed, delta), rel=1e-9)
 
 
 def test_default_delta_is_below_one_over_n():
@@ -89,8 +91,14 @@ def test_settings_that_describe_no_mechanism_are_refused(build, message):
 
 def test_a_round_with_dropouts_is_accounted_with_the_smaller_noise_on_its_sum():
     mech, delta = DpMechanism(2.0, 500, 50), 1e-4
-    assert mech.epsilon_of_rounds([50] * 10, delta) == pytest.approx(mech.epsilon(10, delta))
-    with_dropouts = mech.epsilon_of_rounds([50] * 9 + [25], delta)
+    def spent(replies):
+        ledger = PrivacyLedger(mech, delta)
+        for r in replies:
+            ledger.record_round(r)
+        return ledger.epsilon
+
+    assert spent([50] * 10) == pytest.approx(mech.epsilon(10, delta))
+    with_dropouts = spent([50] * 9 + [25])
     assert with_dropouts > mech.epsilon(10, delta)
     # The same, written out: nine full rounds and one whose noise on the sum is halved.
     accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)

@@ -21,14 +21,18 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedpref.models.contract import Params
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.federation import SECAGG_ARRAY_NAMES, SECAGG_COHORT, FederatedConfig
 from fedpref.models.metrics import ndcg, rank_of_target
 from fedpref.models.train import LocalData, local_update
 
-from .guard import encode_update
+from .guard import clip_update, encode_update
 from .history import DeviceHistory, load_history
 
 app = ClientApp()
@@ -44,17 +48,36 @@ def device_index(context: Context) -> int:
     raise KeyError("node config names no device: set 'device-index' (or run in the Simulation Engine)")
 
 
+class DroppedOut(RuntimeError):
+    """A simulated device that leaves mid-round (run-config ``dropout``)."""
+
+
 def _setup(msg: Message, context: Context, stream: int) -> tuple[FederatedConfig, DeviceHistory, Params, Params, np.random.Generator]:
     """What every message needs: config, this device's history, the global shared arrays,
     its private arrays and a generator seeded by (seed, device, round, ``stream``)."""
+    arrays = msg.content["arrays"]
+    return _setup_from(context, {name: arrays[name].numpy() for name in arrays}, msg.content["config"], stream)
+
+
+def _setup_from(context: Context, arrays: dict[str, np.ndarray], task: dict, stream: int):
     torch.set_num_threads(1)  # one device per CPU slot; Ray gives each actor its own
     config = FederatedConfig.from_run_config(context.run_config)
     history = load_history(config.history_dir, device_index(context))
-    arrays = msg.content["arrays"]
-    shared = {name: arrays[name].numpy() for name in config.model_spec.build(1, 2, init=False).shared_names}
-    server_round = int(msg.content["config"].get("server-round", 0))
+    shared = {name: arrays[name] for name in config.model_spec.build(1, 2, init=False).shared_names}
+    server_round = int(task.get("server-round", 0))
     rng = np.random.default_rng([config.seed, history.user, server_round, stream])
     return config, history, shared, _private(context, config, history.user), rng
+
+
+def drops_out(config: FederatedConfig, user: int, server_round: int) -> bool:
+    """Whether, in a simulation with ``dropout`` > 0, this device leaves this round (a coin
+    seeded by seed, device and round, so that a run repeats)."""
+    return config.dropout > 0 and np.random.default_rng([config.seed, user, server_round, 3]).random() < config.dropout
+
+
+def _maybe_drop_out(config: FederatedConfig, user: int, server_round: int) -> None:
+    if drops_out(config, user, server_round):
+        raise DroppedOut(f"device {user} dropped out of round {server_round} (simulated, run-config dropout={config.dropout})")
 
 
 def _private(context: Context, config: FederatedConfig, user: int) -> Params:
@@ -83,16 +106,54 @@ def _refit_private(config: FederatedConfig, shared: Params, private: Params, dat
     return local_update(shared, private, data, refit, rng)[1]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    config, history, shared, private, rng = _setup(msg, context, stream=1)
+def _secure_aggregation(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a secure round (they carry SecAgg+'s
+    stage); a plain training message passes straight through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _local_round(context: Context, config, history, shared, private, rng, server_round: int) -> tuple[Params, dict]:
+    """This round's training on the device: the update of the shared arrays (unclipped)."""
+    _maybe_drop_out(config, history.user, server_round)
     data = LocalData.for_device(history.train_items, history.n_items)
     # Fit the private vector to the current global items first, so that the item update is
     # computed against a user vector that already fits (not a random or stale one).
     private = _refit_private(config, shared, private, data, config.private_epochs, rng)
-    server_round = int(msg.content["config"].get("server-round", 1))
     update, private, metrics = local_update(shared, private, data, config.train_config(server_round), rng)
     _store_private(context, private)
+    return update, metrics
+
+
+def _train_secure(msg: Message, context: Context) -> Message:
+    """A secure round's training task (in SecAgg+'s legacy format): send the clipped update
+    itself, with equal weight and nothing else; with distributed noise, plus this device's
+    share of it. ``secaggplus_mod`` masks it before it leaves."""
+    task = recorddict_to_fitins(msg.content, keep_input=True)
+    names = str(task.config[SECAGG_ARRAY_NAMES]).split(",")
+    arrays = dict(zip(names, parameters_to_ndarrays(task.parameters), strict=True))
+    config, history, shared, private, rng = _setup_from(context, arrays, task.config, stream=1)
+    server_round = int(task.config.get("server-round", 1))
+    update, _ = _local_round(context, config, history, shared, private, rng, server_round)
+    clipped, _, _ = clip_update(update, config.clip_norm)
+    if config.dp and config.dp_noise_placement == "distributed":
+        # This device's share of the noise: the sum over the cohort carries N(0, (z C)^2).
+        std = config.dp_noise_multiplier * config.clip_norm / np.sqrt(int(task.config[SECAGG_COHORT]))
+        noise = np.random.default_rng()  # fresh entropy: a seeded share would be predictable
+        clipped = {k: v.astype(np.float64) + noise.normal(0.0, std, size=v.shape) for k, v in clipped.items()}
+    parameters = ndarrays_to_parameters([np.asarray(clipped[name], dtype=np.float64) for name in names])
+    reply = FitRes(Status(Code.OK, ""), parameters, num_examples=1, metrics={})
+    return Message(fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
+
+
+@app.train(mods=[_secure_aggregation])
+def train(msg: Message, context: Context) -> Message:
+    if "fitins.parameters" in msg.content:
+        return _train_secure(msg, context)
+    config, history, shared, private, rng = _setup(msg, context, stream=1)
+    server_round = int(msg.content["config"].get("server-round", 1))
+    update, metrics = _local_round(context, config, history, shared, private, rng, server_round)
     bound = config.clip_norm
     if config.dp and config.dp_clipping == "adaptive":  # this round's C, set by the server's wrapper
         bound = float(msg.content["config"][KEY_CLIPPING_NORM])

@@ -17,6 +17,10 @@ from .train import LOSSES, TrainConfig, default_config
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
+# Keys of a secure round's training task (server.secure writes them, client.app reads them):
+SECAGG_ARRAY_NAMES = "secagg-array-names"  # the order of the shared arrays in the legacy task
+SECAGG_COHORT = "secagg-cohort"  # m, for each device's share of distributed noise
+
 # key -> default. The order is the order of `--help`.
 RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "history-dir": "",  # the device histories (written by `fedpref simulate` / `fedpref population`)
@@ -48,6 +52,13 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "dp-target-quantile": 0.5,  # adaptive clipping: C tracks this quantile of the update norms (the share left unclipped)
     "dp-clip-lr": 0.2,  # adaptive clipping: geometric step of C each round (Andrew et al. 2021)
     "dp-target-epsilon": 0.0,  # stop before a round would take epsilon past this (0: no target)
+    "dp-noise-placement": "central",  # central: the server noises the average; distributed: each device adds its share (needs secagg)
+    "secagg": False,  # secure aggregation (Flower's SecAgg+): the server learns only each round's sum of updates
+    "secagg-min-cohort": 10,  # secagg: refuse a cohort, and skip a round whose sum would cover, fewer devices than this
+    "secagg-reconstruction-threshold": 0.6,  # secagg: share of a device's key shares needed to remove its masks
+    "secagg-dropout-tolerance": 0.3,  # secagg: a round survives this share of its cohort dropping out; beyond it, it is skipped
+    "secagg-timeout": 0.0,  # secagg: seconds to wait for each protocol stage's replies (0: wait for all)
+    "dropout": 0.0,  # simulation: share of each round's sampled devices that drop out mid-round (after sharing keys)
     "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
     "k": 10,
     "seed": 0,
@@ -101,6 +112,13 @@ class FederatedConfig:
     dp_target_quantile: float
     dp_clip_lr: float
     dp_target_epsilon: float
+    dp_noise_placement: str
+    secagg: bool
+    secagg_min_cohort: int
+    secagg_reconstruction_threshold: float
+    secagg_dropout_tolerance: float
+    secagg_timeout: float
+    dropout: float
     personalize_epochs: int
     k: int
     seed: int
@@ -176,6 +194,36 @@ class FederatedConfig:
             raise bad("dp-target-epsilon", f"must be 0 (no target) or positive, got {self.dp_target_epsilon}")
         if self.dp_target_epsilon > 0 and not self.dp:
             raise bad("dp-target-epsilon", "needs dp-noise-multiplier > 0: without noise there is no epsilon to stop at")
+        if self.dp_noise_placement not in ("central", "distributed"):
+            raise bad("dp-noise-placement", f"choose central or distributed, got {self.dp_noise_placement!r}")
+        if self.dp_noise_placement == "distributed" and not self.secagg:
+            raise bad(
+                "dp-noise-placement",
+                "distributed noise needs secagg=true: each device's share of the noise is too small to protect "
+                "its update unless the server only sees the sum",
+            )
+        if self.secagg and self.dp and self.dp_clipping == "adaptive":
+            raise bad(
+                "dp-clipping",
+                "adaptive clipping sends each device's clipped-or-not bit outside the secure sum; use dp-clipping=fixed with secagg",
+            )
+        if self.secagg_min_cohort < 2:
+            raise bad("secagg-min-cohort", f"a sum needs at least 2 devices, got {self.secagg_min_cohort}")
+        if not 0.5 <= self.secagg_reconstruction_threshold < 1.0:
+            raise bad(
+                "secagg-reconstruction-threshold",
+                f"must lie in [0.5, 1): below half, colluding neighbours could rebuild a device's masks; got {self.secagg_reconstruction_threshold}",
+            )
+        if not 0.0 <= self.secagg_dropout_tolerance <= 1.0 - self.secagg_reconstruction_threshold + 1e-12:
+            raise bad(
+                "secagg-dropout-tolerance",
+                f"must lie in [0, 1 - secagg-reconstruction-threshold] = [0, {1 - self.secagg_reconstruction_threshold:g}]: "
+                f"with more dropouts too few key shares remain to remove their masks; got {self.secagg_dropout_tolerance}",
+            )
+        if self.secagg_timeout < 0:
+            raise bad("secagg-timeout", f"must be 0 (wait for all) or positive seconds, got {self.secagg_timeout}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", f"the share of devices that drop out must lie in [0, 1), got {self.dropout}")
         if self.personalize_epochs < 0:
             raise bad("personalize-epochs", "must be 0 or more")
         if self.private_epochs < 0:

@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import fedavg as _fedavg_module
 
 from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
 from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
+from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors
 
 app = ServerApp()
 
@@ -72,7 +73,7 @@ class StableGrid:
         self._order = order
         self.rng = random.Random(seed)
 
-    def sample(self, min_available_nodes: int, sample_size: int) -> tuple[list[int], list[int]]:
+    def sample_cohort(self, min_available_nodes: int, sample_size: int) -> tuple[list[int], list[int]]:
         ids = self.get_node_ids()
         while len(ids) < max(min_available_nodes, sample_size):
             time.sleep(1)
@@ -95,8 +96,8 @@ class StableGrid:
 
 
 def _seeded_sample_nodes(grid, min_available_nodes: int, sample_size: int) -> tuple[list[int], list[int]]:
-    if isinstance(grid, StableGrid):
-        return grid.sample(min_available_nodes, sample_size)
+    if hasattr(grid, "sample_cohort"):  # a StableGrid, or a grid that wraps one
+        return grid.sample_cohort(min_available_nodes, sample_size)
     return _flower_sample_nodes(grid, min_available_nodes, sample_size)
 
 
@@ -187,12 +188,13 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
     last = num_rounds or config.num_server_rounds
     every = config.evaluate_every
     bases: tuple[type, ...] = (base,)
-    if config.dp:
+    central_noise = config.dp and config.dp_noise_placement == "central"
+    if central_noise:
         bases = (_NoisedAverage,) if base is FedAvg else (base, _NoisedAverage)
 
     class Strategy(*bases):  # type: ignore[valid-type, misc]
         def configure_train(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
-            if config.dp:  # this round's clipping bound (adaptive clipping moves it)
+            if central_noise:  # this round's clipping bound (adaptive clipping moves it)
                 cfg[KEY_CLIPPING_NORM] = float(self.dp_wrapper.clipping_norm)
             return super().configure_train(server_round, arrays, cfg, grid)
 
@@ -202,8 +204,12 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
             return super().configure_evaluate(server_round, arrays, cfg, grid)
 
         def aggregate_train(self, server_round, replies):
+            # A device that dropped out (an error reply) is left out: the round goes on with
+            # the devices that answered. (Flower's DP wrappers would skip the whole round.)
             replies = list(replies)
-            if config.dp:
+            dropped = sum(1 for r in replies if r.has_error())
+            replies = [r for r in replies if not r.has_error()]
+            if central_noise:
                 self._round_clip = float(self.dp_wrapper.clipping_norm)  # the bound this round's devices clipped to
             # The server step of this round (lr-end schedules it across rounds).
             step = config.server_lr * cosine_factor(server_round, last, config.server_lr_end)
@@ -215,8 +221,8 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
             if arrays is not None:
                 arrays = _in_devices_dtype(arrays, replies)
             info = {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step,
-                    "replies": sum(1 for r in replies if not r.has_error())}
-            if config.dp:
+                    "replies": len(replies), "dropped": dropped}
+            if central_noise:
                 info["clip-norm"] = self._round_clip
             on_round(server_round, info)
             return arrays, metrics
@@ -227,7 +233,7 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
             return metrics
 
     strategy = Strategy(**common, **extra)
-    if config.dp:
+    if central_noise:
         average = FedAvg(**common)  # the plain average the wrapper noises; devices send equal weights under DP
         cohort = config.cohort_size(n_devices)
         if config.dp_clipping == "fixed":
@@ -264,6 +270,8 @@ def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, 
     """The DP mechanism of this run, its delta, and how many rounds run: ``num-server-rounds``,
     or fewer if one more would take epsilon past ``dp-target-epsilon``. Refuses settings the
     run could not honour (a target one round passes; too much noise for adaptive clipping)."""
+    if config.secagg:
+        check_secagg(config, config.cohort_size(n_devices))
     mechanism = DpMechanism(config.dp_noise_multiplier, n_devices, config.cohort_size(n_devices))
     if config.dp_clipping == "adaptive":
         check_adaptive(config.dp_noise_multiplier, mechanism.cohort)
@@ -288,11 +296,17 @@ def main(grid: Grid, context: Context) -> None:
 
     initial = config.model_spec.build(1, n_items, seed=config.seed).get_shared()
     num_rounds, privacy = config.num_server_rounds, None
+    cohort = config.cohort_size(n_devices)
+    secure = None
+    if config.secagg:
+        check_secagg(config, cohort)
+        secure = SecureAggregationGrid(stable, config, cohort)
     if config.dp:
         mechanism, delta, num_rounds = privacy_plan(config, n_devices)
-        ledger = PrivacyLedger(mechanism, delta)
+        ledger = PrivacyLedger(mechanism, delta, config.dp_noise_placement)
         privacy = {
             "noise-multiplier": config.dp_noise_multiplier,
+            "noise-placement": config.dp_noise_placement,
             "clipping": config.dp_clipping,
             "clip-norm": config.clip_norm,  # adaptive: the first round's; each round's is in its row
             "population": n_devices,
@@ -323,7 +337,14 @@ def main(grid: Grid, context: Context) -> None:
                 row["server-lr"] = info["server-lr"]
             if privacy is not None and info["arrays"] is not None:
                 row["epsilon"] = ledger.record_round(info["replies"])
+            if info["arrays"] is not None:
                 row["replies"] = info["replies"]
+            if secure is not None and server_round in secure.rounds:
+                done = secure.rounds[server_round]
+                row["dropped"] = done["sampled"] - done["contributed"]
+                row["secagg-skipped"] = done["skipped"]
+            elif info["dropped"]:
+                row["dropped"] = info["dropped"]
             if "clip-norm" in info:
                 row["clip-norm"] = info["clip-norm"]
             row["seconds"] = round(time.perf_counter() - started, 3)
@@ -341,7 +362,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = make_strategy(config, n_devices, on_round, num_rounds)
     strategy.start(
-        grid=stable,
+        grid=secure or stable,
         initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
         num_rounds=num_rounds,
         train_config=ConfigRecord({}),
@@ -363,6 +384,16 @@ def main(grid: Grid, context: Context) -> None:
         if privacy is not None:
             privacy["epsilon"] = ledger.epsilon
             summary["privacy"] = privacy
+        if secure is not None:
+            summary["secure-aggregation"] = {
+                "protocol": "SecAgg+ (Flower SecAggPlusWorkflow), every device holding shares of every other's keys",
+                "cohort": cohort,
+                "min-cohort": config.secagg_min_cohort,
+                "reconstruction-threshold": config.secagg_reconstruction_threshold,
+                "dropout-tolerance": config.secagg_dropout_tolerance,
+                "required-per-round": required_contributors(config, cohort),
+                "rounds-skipped": sum(1 for r in secure.rounds.values() if r["skipped"]),
+            }
         (out / "rounds.json").write_text(json.dumps(summary, indent=2) + "\n")
         if best["arrays"] is not None:
             np.savez_compressed(out / "best_model.npz", **{k: best["arrays"][k].numpy() for k in best["arrays"]})

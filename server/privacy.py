@@ -17,6 +17,12 @@ wrapper adds z * C / m to the average of the m' updates, which is z * C * m' / m
 while the sum's sensitivity stays 2C. Such a round is accounted with the noise multiplier
 ``z * m' / m`` (:class:`PrivacyLedger`), at the sampling rate of the cohort that
 was drawn.
+
+With secure aggregation and *distributed* noise (``dp-noise-placement = distributed``) each
+device adds Gaussian noise of standard deviation ``z * C / sqrt(m)`` to its own clipped update,
+so that a full cohort's sum carries ``z * C``; when only m' devices contribute, the sum carries
+``z * C * sqrt(m' / m)`` and the round is accounted with ``z * sqrt(m' / m)``: conservatively,
+as if every dropped device were the one whose data the server wants.
 """
 
 from __future__ import annotations
@@ -104,11 +110,15 @@ class DpMechanism:
 class PrivacyLedger:
     """The server's running account of one training run: each released round composed into an
     RDP accountant as it happens, at the noise its replies actually carried (a round in which
-    only ``m' < m`` devices replied is accounted with ``z * m' / m``; see the module)."""
+    only ``m' < m`` devices replied is accounted with ``z * m' / m`` when the server adds the
+    noise, ``z * sqrt(m' / m)`` when the devices add their shares of it; see the module)."""
 
-    def __init__(self, mechanism: DpMechanism, delta: float) -> None:
+    def __init__(self, mechanism: DpMechanism, delta: float, placement: str = "central") -> None:
         if not 0.0 < delta < 1.0:
             raise PrivacyConfigError(f"delta must lie in (0, 1), got {delta}")
+        if placement not in ("central", "distributed"):
+            raise PrivacyConfigError(f"the noise is added centrally or distributed across devices, got {placement!r}")
+        self.placement = placement
         self.mechanism = mechanism
         self.delta = delta
         self.rounds = 0
@@ -123,7 +133,9 @@ class PrivacyLedger:
         (default: all of them); returns epsilon after it."""
         mechanism = self.mechanism
         if replies is not None and 0 < replies < mechanism.cohort:
-            mechanism = replace(mechanism, noise_multiplier=mechanism.noise_multiplier * replies / mechanism.cohort)
+            share = replies / mechanism.cohort
+            scale = share if self.placement == "central" else share**0.5
+            mechanism = replace(mechanism, noise_multiplier=mechanism.noise_multiplier * scale)
         self._accountant.compose(mechanism.round_event())
         self.rounds += 1
         return self.epsilon

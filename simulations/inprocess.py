@@ -12,6 +12,7 @@ Engine for sweeps; a test checks that both give the same metrics for the same se
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -67,6 +68,10 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = message_id
             msg.metadata.__dict__["_run_id"] = self._run_id
             node = msg.metadata.dst_node_id
+            # Each device gets its own copy, as after transport: a ClientApp (or a mod such as
+            # SecAgg+'s) may change the content, and a server may send one content to many.
+            # (Array data are immutable bytes: the copy does not copy them.)
+            msg = copy.deepcopy(msg)
             try:
                 reply = self._client_app(msg, self._contexts[node])
             except Exception as exc:  # a failing device is an error reply, not a crash of the run

@@ -1,0 +1,178 @@
+"""Secure aggregation (Flower's SecAgg+ under fedpref's strategies): the server gets the sum
+and nothing per device; it works with central and distributed DP; rounds survive dropouts up
+to the tolerance and are skipped beyond it; and the whole thing runs on the Simulation Engine."""
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from fedpref.client.app import drops_out
+from fedpref.client.history import load_history
+from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.server import app as server_app
+from fedpref.server.privacy import DpMechanism, PrivacyLedger
+from fedpref.server.secure import quantization_levels, quantization_range, required_contributors
+from fedpref.simulations.federated import run_flower_simulation
+from fedpref.simulations.inprocess import run_inprocess
+
+N_DEVICES = 20
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory, synthetic_population):
+    return synthetic_population(tmp_path_factory.mktemp("pop"), N_DEVICES, n_items=150, mean_events=20, seed=2)
+
+
+def config_for(population, tmp_path, **overrides) -> FederatedConfig:
+    base = {"history-dir": str(population), "num-server-rounds": 2, "dim": 8, "local-epochs": 1, "evaluate-every": 2,
+            "fraction-train": 0.5, "clip-norm": 0.5, "secagg": True, "secagg-min-cohort": 5, "strategy": "fedavg",
+            "results-dir": str(tmp_path)}
+    base.update(overrides)
+    return FederatedConfig.from_run_config(base)
+
+
+def run(population, tmp_path, n=N_DEVICES, **overrides):
+    exchanges = []
+    server_app.add_exchange_observer(lambda sent, replies: exchanges.append((sent, replies)))
+    try:
+        return run_inprocess(config_for(population, tmp_path, **overrides), n_devices=n), exchanges
+    finally:
+        server_app.clear_exchange_observers()
+
+
+def test_the_secure_sum_gives_the_same_model_as_the_plain_equal_weight_average(population, tmp_path):
+    # Plain DP with a negligible noise sends equal weights too: the two models must agree to
+    # SecAgg+'s quantisation step (2C / 2**22 per device).
+    common = {"num-server-rounds": 1, "evaluate-every": 1, "dp-noise-multiplier": 1e-9}
+    run(population, tmp_path / "secure", **common)
+    run(population, tmp_path / "plain", secagg=False, **common)
+    secure, plain = np.load(tmp_path / "secure" / "best_model.npz"), np.load(tmp_path / "plain" / "best_model.npz")
+    assert set(secure) == set(plain)
+    for name in secure:
+        assert np.abs(secure[name] - plain[name]).max() < 1e-5
+    assert max(np.abs(plain[name]).max() for name in plain) > 0.01  # the model did move
+
+
+def test_the_server_receives_masked_vectors_and_no_device_arrays(population, tmp_path):
+    result, exchanges = run(population, tmp_path)
+    trains = [(s, r) for s, r in exchanges if s and s[0].metadata.message_type == "train"]
+    assert len(trains) == 4 * 2  # SecAgg+'s four stages per round
+    masked = 0
+    for sent, replies in trains:
+        for reply in replies:
+            assert not reply.has_error()
+            assert all(len(record) == 0 for record in reply.content.array_records.values())  # no arrays in clear
+            stage = reply.content.config_records[RECORD_KEY_CONFIGS]
+            if Key.MASKED_PARAMETERS in stage:
+                vector = np.concatenate([bytes_to_ndarray(b).ravel() for b in stage[Key.MASKED_PARAMETERS]]) / 2**32
+                # A masked vector looks uniform on [0, 1) (modulo 2**32): it says nothing of the update.
+                assert np.quantile(vector, [0.1, 0.5, 0.9]) == pytest.approx([0.1, 0.5, 0.9], abs=0.07)  # (unmasked, all would lie below 0.001)
+                masked += 1
+    assert masked == 2 * 10
+    assert [row["replies"] for row in result["rounds"]] == [10, 10]
+    assert result["secure-aggregation"]["rounds-skipped"] == 0
+
+
+def test_rounds_go_on_without_devices_that_drop_out_and_epsilon_counts_the_rest(population, tmp_path):
+    result, _ = run(population, tmp_path, dropout=0.2, **{"num-server-rounds": 3, "dp-noise-multiplier": 1.0, "secagg-dropout-tolerance": 0.4})
+    rows = result["rounds"]
+    assert any(row["dropped"] > 0 for row in rows)
+    mechanism = DpMechanism(1.0, N_DEVICES, 10)
+    ledger = PrivacyLedger(mechanism, result["privacy"]["delta"])
+    for row in rows:
+        assert not row["secagg-skipped"] and row["replies"] + row["dropped"] == 10
+        assert row["epsilon"] == pytest.approx(ledger.record_round(row["replies"]))
+
+
+def test_distributed_noise_is_accounted_by_the_square_root_of_the_share_that_contributed():
+    mechanism = DpMechanism(2.0, 1000, 100)
+    central, distributed = PrivacyLedger(mechanism, 1e-5), PrivacyLedger(mechanism, 1e-5, "distributed")
+    central.record_round(64)
+    distributed.record_round(64)
+    assert distributed.epsilon == pytest.approx(PrivacyLedger(DpMechanism(2.0 * 0.8, 1000, 100), 1e-5).record_round())
+    assert central.epsilon == pytest.approx(PrivacyLedger(DpMechanism(2.0 * 0.64, 1000, 100), 1e-5).record_round())
+
+
+def test_with_distributed_noise_the_server_adds_none_and_the_model_carries_the_devices_noise(population, tmp_path):
+    quiet, _ = run(population, tmp_path / "quiet", **{"num-server-rounds": 1, "evaluate-every": 1})
+    noisy, _ = run(population, tmp_path / "noisy", **{"num-server-rounds": 1, "evaluate-every": 1,
+                                                     "dp-noise-multiplier": 2.0, "dp-noise-placement": "distributed"})
+    assert noisy["privacy"]["noise-placement"] == "distributed" and noisy["rounds"][0]["epsilon"] > 0
+    before = np.load(tmp_path / "quiet" / "best_model.npz")
+    after = np.load(tmp_path / "noisy" / "best_model.npz")
+    moved = after["item_embedding.weight"] - before["item_embedding.weight"]  # the noise on the average: z C / m = 0.1
+    assert moved.std() == pytest.approx(2.0 * 0.5 / 10, rel=0.1)
+
+
+def test_a_round_with_more_dropouts_than_tolerated_is_skipped_before_anything_is_unmasked(population, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fedpref.secagg"):
+        result, exchanges = run(population, tmp_path, dropout=0.5, **{"num-server-rounds": 1, "evaluate-every": 1,
+                                                                     "dp-noise-multiplier": 1.0, "secagg-dropout-tolerance": 0.1})
+    row = result["rounds"][0]
+    assert row["secagg-skipped"] and "epsilon" not in row and result["privacy"]["epsilon"] == 0.0
+    assert "skipped" in caplog.text and "nothing was unmasked" in caplog.text
+    stages = [s[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] for s, _ in exchanges if s and s[0].metadata.message_type == "train"]
+    assert stages == ["setup", "share_keys", "collect_masked_vectors"]  # no unmask stage
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"dp-noise-multiplier": 1.0, "dp-noise-placement": "distributed", "secagg": False}, "secagg=true"),
+        ({"dp-noise-multiplier": 1.0, "dp-clipping": "adaptive"}, "dp-clipping=fixed"),
+        ({"secagg-reconstruction-threshold": 0.8, "secagg-dropout-tolerance": 0.3}, "1 - secagg-reconstruction-threshold"),
+        ({"secagg-reconstruction-threshold": 0.4}, "colluding"),
+        ({"secagg-min-cohort": 1}, "at least 2"),
+    ],
+)
+def test_settings_secure_aggregation_cannot_honour_are_refused(population, tmp_path, overrides, words):
+    with pytest.raises(RunConfigError, match=words):
+        config_for(population, tmp_path, **overrides)
+
+
+def test_a_cohort_below_the_minimum_is_refused_before_training(population, tmp_path):
+    with pytest.raises(RunConfigError, match="secagg-min-cohort"):
+        run(population, tmp_path, **{"secagg-min-cohort": 11})
+    assert not (tmp_path / "rounds.json").exists()
+
+
+def test_quantisation_never_clips_an_update_and_the_masked_sum_cannot_overflow(population, tmp_path):
+    config = config_for(population, tmp_path)
+    assert quantization_range(config, 10) == config.clip_norm  # |coordinate| <= ||update|| <= C
+    noisy = config_for(population, tmp_path, **{"dp-noise-multiplier": 1.0, "dp-noise-placement": "distributed"})
+    assert quantization_range(noisy, 100) == pytest.approx(0.5 * (1 + 8 * 1.0 / 10))
+    for cohort in (2, 1000, 5000, 100_000):
+        assert (cohort + 1) * quantization_levels(cohort) < 2**32
+    assert quantization_levels(10) == 2**22
+    assert required_contributors(config, 10) == 7 and required_contributors(config, 100) == 70
+
+
+def test_secagg_with_dp_on_the_simulation_engine_survives_a_device_dropping_out_mid_round(tmp_path, synthetic_population):
+    n = 8
+    population = synthetic_population(tmp_path, n, n_items=200, mean_events=15, seed=4)
+    users = [load_history(str(population), i).user for i in range(n)]
+    base = {"history-dir": str(population), "num-server-rounds": 2, "evaluate-every": 2, "dim": 8, "local-epochs": 1,
+            "clip-norm": 0.5, "secagg": True, "secagg-min-cohort": 5, "dp-noise-multiplier": 1.0, "dropout": 0.15}
+    # A seed with which exactly one device leaves round 1 (after sharing its keys) and at most one round 2.
+    seed = next(s for s in range(200) if [sum(drops_out(FederatedConfig.from_run_config({**base, "seed": s}), u, r) for u in users) for r in (1, 2)] in ([1, 0], [1, 1]))
+    config = FederatedConfig.from_run_config({**base, "seed": seed, "results-dir": str(tmp_path / "out")})
+    result = run_flower_simulation(config, n_devices=n)
+    first = result["rounds"][0]
+    assert first["dropped"] == 1 and first["replies"] == n - 1 and not first["secagg-skipped"]
+    assert result["rounds"][1]["secagg-skipped"] is False
+    assert 0 < result["privacy"]["epsilon"] and 0.0 <= result["rounds"][1]["val-hr"] <= 1.0
+
+
+def test_without_secure_aggregation_a_round_also_goes_on_without_the_devices_that_dropped(population, tmp_path):
+    # Flower's DP wrappers skip a round with any failed reply; fedpref leaves the failures out
+    # and accounts the round with the devices that answered.
+    result, _ = run(population, tmp_path, secagg=False, dropout=0.3, **{"num-server-rounds": 3, "dp-noise-multiplier": 1.0})
+    rows = result["rounds"]
+    assert any(row.get("dropped", 0) > 0 for row in rows)
+    ledger = PrivacyLedger(DpMechanism(1.0, N_DEVICES, 10), result["privacy"]["delta"])
+    for row in rows:
+        assert row["replies"] + row.get("dropped", 0) == 10
+        assert row["epsilon"] == pytest.approx(ledger.record_round(row["replies"]))

@@ -55,6 +55,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "dp-noise-placement": "central",  # central: the server noises the average; distributed: each device adds its share (needs secagg)
     "secagg": False,  # secure aggregation (Flower's SecAgg+): the server learns only each round's sum of updates
     "secagg-min-cohort": 10,  # secagg: refuse a cohort, and skip a round whose sum would cover, fewer devices than this
+    "secagg-num-shares": 0,  # secagg: neighbours holding shares of each device's keys (0: 2*ceil(log2 m)+1, at most the cohort)
     "secagg-reconstruction-threshold": 0.6,  # secagg: share of a device's key shares needed to remove its masks
     "secagg-dropout-tolerance": 0.3,  # secagg: a round survives this share of its cohort dropping out; beyond it, it is skipped
     "secagg-timeout": 0.0,  # secagg: seconds to wait for each protocol stage's replies (0: wait for all)
@@ -115,6 +116,7 @@ class FederatedConfig:
     dp_noise_placement: str
     secagg: bool
     secagg_min_cohort: int
+    secagg_num_shares: int
     secagg_reconstruction_threshold: float
     secagg_dropout_tolerance: float
     secagg_timeout: float
@@ -209,6 +211,8 @@ class FederatedConfig:
             )
         if self.secagg_min_cohort < 2:
             raise bad("secagg-min-cohort", f"a sum needs at least 2 devices, got {self.secagg_min_cohort}")
+        if self.secagg_num_shares != 0 and self.secagg_num_shares < 3:
+            raise bad("secagg-num-shares", f"must be 0 (automatic) or at least 3, got {self.secagg_num_shares}")
         if not 0.5 <= self.secagg_reconstruction_threshold < 1.0:
             raise bad(
                 "secagg-reconstruction-threshold",

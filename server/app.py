@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import fedavg as _fedavg_module
 
 from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
 from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
-from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors
+from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors, shares_per_device
 
 app = ServerApp()
 
@@ -386,7 +386,8 @@ def main(grid: Grid, context: Context) -> None:
             summary["privacy"] = privacy
         if secure is not None:
             summary["secure-aggregation"] = {
-                "protocol": "SecAgg+ (Flower SecAggPlusWorkflow), every device holding shares of every other's keys",
+                "protocol": "SecAgg+ (Flower SecAggPlusWorkflow)",
+                "shares-per-device": shares_per_device(config, cohort),
                 "cohort": cohort,
                 "min-cohort": config.secagg_min_cohort,
                 "reconstruction-threshold": config.secagg_reconstruction_threshold,

@@ -25,7 +25,9 @@ shares needed to remove its masks: more protects against colluding neighbours, l
 more dropouts), ``secagg-dropout-tolerance`` (a round survives this share of its cohort
 dropping out after the keys are shared; beyond it the round is skipped before anything is
 unmasked, with a log line), ``secagg-timeout`` (seconds to wait for each stage).
-Every device holds a share of every other's keys (SecAgg+'s ``num_shares`` = the cohort).
+``secagg-num-shares`` sets how many neighbours hold shares of each device's keys (SecAgg+'s
+sparse graph, :func:`shares_per_device`); a round also fails, and is skipped, when the
+dropouts leave some device with fewer live neighbours than the reconstruction threshold.
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ def quantization_range(config: FederatedConfig, cohort: int) -> float:
     if config.dp and config.dp_noise_placement == "distributed":
         return config.clip_norm * (1.0 + 8.0 * config.dp_noise_multiplier / math.sqrt(cohort))
     return config.clip_norm
+
+
+def shares_per_device(config: FederatedConfig, cohort: int) -> int:
+    """How many devices (itself included) hold shares of each device's keys: SecAgg+'s sparse
+    neighbourhoods, ``2 * ceil(log2 m) + 1`` by default (Bell et al. 2020 take O(log m)), or
+    ``secagg-num-shares``; never more than the cohort. Sharing among all m devices would cost
+    O(m^3) Shamir work in Flower's pure-Python arithmetic: minutes a round at m = 150."""
+    wanted = config.secagg_num_shares or 2 * math.ceil(math.log2(max(cohort, 2))) + 1
+    return min(cohort, wanted)
 
 
 def required_contributors(config: FederatedConfig, cohort: int) -> int:
@@ -136,6 +147,20 @@ class _Workflow(SecAggPlusWorkflow):
         return ok
 
 
+# Observers of every unmasked average (the only thing about the updates the server learns
+# under secure aggregation): the leakage audit attacks exactly that. Called with
+# (server_round, {name: average update}, contributing node ids).
+_sum_observers: list = []
+
+
+def add_sum_observer(observer) -> None:
+    _sum_observers.append(observer)
+
+
+def clear_sum_observers() -> None:
+    _sum_observers.clear()
+
+
 class SecureAggregationGrid:
     """A grid that runs each training round through SecAgg+ (see the module's docstring);
     everything else (evaluation, queries) passes through to ``grid``."""
@@ -175,8 +200,9 @@ class SecureAggregationGrid:
         context.state[MAIN_PARAMS_RECORD] = ArrayRecord({str(i): Array(a) for i, a in enumerate(current)})
         context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         required = required_contributors(config, cohort)
+        shares = shares_per_device(config, cohort)
         workflow = _Workflow(
-            1.0,  # every device holds a share of every other's keys
+            1.0 if shares >= cohort else shares,
             config.secagg_reconstruction_threshold,
             max_weight=1.0,  # equal weights: each device sends num-examples = 1
             clipping_range=quantization_range(config, self._cohort),
@@ -203,6 +229,8 @@ class SecureAggregationGrid:
                 config.secagg_min_cohort,
             )
             return []
+        for observer in _sum_observers:
+            observer(server_round, dict(zip(names, holder.average, strict=True)), list(holder.contributors))
         # The strategy averages models: give it, for each device whose update the sum holds,
         # the global model plus the average update (one shared copy), so that its average is
         # that model and it counts the devices that contributed.

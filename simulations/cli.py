@@ -390,6 +390,17 @@ def compare(
     console.print(f"wrote {out}")
 
 
+def _run_config_overrides(text: str) -> dict[str, object]:
+    """``--run-config "key=value key=value"``, Flower style."""
+    overrides: dict[str, object] = {}
+    for item in text.split():
+        if "=" not in item:
+            _fail(f"--run-config takes key=value pairs separated by spaces, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = value.strip("'\"")
+    return overrides
+
+
 @app.command()
 def simulate(
     dataset: Dataset = "movielens-small",
@@ -411,6 +422,7 @@ def simulate(
     evaluate_every: Annotated[int, typer.Option(help="Federated evaluation every this many rounds (and after the last).")] = _RC["evaluate-every"],
     dp_noise_multiplier: Annotated[float, typer.Option(help="User-level DP: Gaussian noise z*C on each round's sum of clipped updates (0: off).")] = _RC["dp-noise-multiplier"],
     dp_target_epsilon: Annotated[float, typer.Option(help="With DP: stop before a round would take epsilon past this (0: no target).")] = _RC["dp-target-epsilon"],
+    secagg: Annotated[bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation (SecAgg+): the server learns only each round's sum (options: secagg-* run-config keys).")] = _RC["secagg"],
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
     seed: Seed = 0,
     engine: Annotated[str, typer.Option(help="flower: Flower's Simulation Engine (Ray); inprocess: the same apps and messages, devices called one by one in this process (faster for sweeps).")] = "flower",
@@ -423,6 +435,7 @@ def simulate(
     """Federated training on Flower's Simulation Engine: one virtual device per user."""
     from fedpref.models.federation import FederatedConfig, RunConfigError
     from fedpref.server import app as server_app
+    from fedpref.server.secure import check_secagg
 
     from .federated import backend_config, run_flower_simulation
     from .inprocess import run_inprocess
@@ -435,12 +448,7 @@ def simulate(
     out = out or Path("results") / f"sim-{_slug(dataset)}-{model}-{strategy}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     folder = write_population(split, out / "population")
-    overrides: dict[str, object] = {}
-    for item in run_config.split():
-        if "=" not in item:
-            _fail(f"--run-config takes key=value pairs separated by spaces, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = value.strip("'\"")
+    overrides = _run_config_overrides(run_config)
     if devices_per_round is not None:
         if not 1 <= devices_per_round <= split.n_users:
             _fail(f"--devices-per-round must lie in [1, {split.n_users}], got {devices_per_round}")
@@ -449,7 +457,7 @@ def simulate(
     values = {
         "history-dir": str(folder.resolve()), "num-server-rounds": rounds, "fraction-train": fraction_train,
         "local-epochs": local_epochs, "model": model, "dim": dim, "lr": lr, "l2": l2, "clip-norm": clip_norm,
-        "strategy": strategy, "server-lr": server_lr, "server-lr-end": server_lr_end, "lr-end": lr_end, "dp-noise-multiplier": dp_noise_multiplier, "dp-target-epsilon": dp_target_epsilon, "evaluate-every": evaluate_every, "seed": seed,
+        "strategy": strategy, "server-lr": server_lr, "server-lr-end": server_lr_end, "lr-end": lr_end, "dp-noise-multiplier": dp_noise_multiplier, "dp-target-epsilon": dp_target_epsilon, "secagg": secagg, "evaluate-every": evaluate_every, "seed": seed,
         "results-dir": str(out.resolve()),
     }
     values.update(overrides)
@@ -457,6 +465,8 @@ def simulate(
         config = FederatedConfig.from_run_config(values)
         if config.dp:  # refuse a target that one round passes, or too much noise for adaptive clipping, before any work
             server_app.privacy_plan(config, split.n_users)
+        if config.secagg:  # refuse a cohort below secagg-min-cohort before any work
+            check_secagg(config, config.cohort_size(split.n_users))
     except RunConfigError as exc:
         _fail(str(exc))
     refs = _references(split, dataset, model, seed, references, progress)
@@ -506,4 +516,68 @@ def simulate(
         p = result["privacy"]
         stop = f", stopped before round {p['rounds-run'] + 1} of {p['rounds-planned']} by the target epsilon {p['target-epsilon']}" if p["stopped-by-target"] else ""
         console.print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after {p['rounds-run']} rounds (noise multiplier {p['noise-multiplier']}, C {p['clip-norm']}, {p['cohort']} of {p['population']} devices a round){stop}")
+    if "secure-aggregation" in result:
+        sa = result["secure-aggregation"]
+        dropped = sum(row.get("dropped", 0) for row in result["rounds"])
+        console.print(f"secure aggregation: the server held only sums over {sa['cohort']} devices a round ({dropped} dropouts in all, {sa['rounds-skipped']} rounds skipped)")
     console.print(f"{seconds:.1f} s in all; wrote {out}/config.json, rounds.json, rounds.csv, curves.png")
+
+
+@app.command()
+def audit(
+    dataset: Dataset = "movielens-small",
+    format: Format = None,
+    rating_threshold: Threshold = None,
+    rounds: Annotated[int, typer.Option(help="Training rounds per mode; the server's view of every round is attacked.")] = 3,
+    fraction_train: Annotated[float, typer.Option(help="Share of devices per round (the size of each secure sum).")] = 0.1,
+    modes: Annotated[str, typer.Option(help="Comma-separated modes: plain, dp, secagg, secagg-dp.")] = "plain,dp,secagg,secagg-dp",
+    noise_multiplier: Annotated[float, typer.Option(help="z of the DP modes.")] = 1.0,
+    clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update.")] = 0.5,
+    run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"dim=32 secagg-min-cohort=50\".")] = "",
+    seed: Seed = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/audit-<dataset>).")] = None,
+    progress: Progress = True,
+) -> None:
+    """Leakage audit: how well a curious server infers each person's items from what it holds."""
+    from fedpref.models.federation import FederatedConfig, RunConfigError
+    from fedpref.server.secure import check_secagg
+
+    from .audit import MODES, mode_overrides, plot_audit, run_audit
+    from .population import write_population
+
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown or not chosen:
+        _fail(f"unknown audit mode(s) {unknown}; choose from {', '.join(MODES)}")
+    split = _load_split(dataset, format, rating_threshold, seed)
+    out = out or Path("results") / f"audit-{_slug(dataset)}"
+    out.mkdir(parents=True, exist_ok=True)
+    folder = write_population(split, out / "population")
+    base = {"history-dir": str(folder.resolve()), "num-server-rounds": rounds, "evaluate-every": rounds, "fraction-train": fraction_train,
+            "clip-norm": clip_norm, "seed": seed, **_run_config_overrides(run_config)}
+    try:
+        for mode in chosen:
+            config = FederatedConfig.from_run_config({**base, **mode_overrides(mode, noise_multiplier)})
+            if config.secagg:
+                check_secagg(config, config.cohort_size(split.n_users))
+    except RunConfigError as exc:
+        _fail(str(exc))
+    with progress_bar(len(chosen), f"audit ({split.n_users} devices, {rounds} rounds per mode)", progress) as advance:
+        def on_mode(result) -> None:
+            line = f"{result.mode}: AUC {result.auc:.3f}"
+            advance(line)
+            if not progress or not console.is_terminal:
+                console.print(line)
+
+        start = time.perf_counter()
+        report = run_audit(base, split.n_users, modes=chosen, noise_multiplier=noise_multiplier, out=out, on_mode=on_mode)
+        seconds = time.perf_counter() - start
+    plot_audit(report, out / "audit.png", title=f"{dataset}: what a curious server infers ({split.n_users} devices, {config.cohort_size(split.n_users)} a round, {rounds} rounds, C={clip_norm})")
+    table = Table(title=f"attack AUC over (person, round); popularity prior {report['popularity-prior-auc']:.3f}, chance 0.5")
+    for col in ("mode", "what the server holds", "AUC", "± se", "devices per view", "epsilon"):
+        table.add_column(col, justify="left" if col in ("mode", "what the server holds") else "right")
+    for m in report["modes"]:
+        eps = "" if m["epsilon"] is None else f"{m['epsilon']:.3g} (delta {m['delta']:.2g})"
+        table.add_row(m["mode"], m["description"], f"{m['auc']:.3f}", f"{m['auc_se']:.3f}", f"{m['devices_per_observation']:.0f}", eps)
+    console.print(table)
+    console.print(f"{seconds:.1f} s; wrote {out}/audit.json, audit.csv, audit.png")

@@ -28,6 +28,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedpref.models.federation import FederatedConfig
 
 
+NODE_ID_BASE = 1000  # device i (partition i) is node NODE_ID_BASE + i
+
+
 class InProcessGrid(Grid):
     """Deliver messages to ``n_devices`` virtual devices by calling ``client_app`` in-process."""
 
@@ -36,9 +39,9 @@ class InProcessGrid(Grid):
         self._run_id = run_id
         # Node ids like the SuperLink's (any ints); partition ids 0..n-1 like the Simulation Engine's.
         self._contexts = {
-            1000 + i: Context(
+            NODE_ID_BASE + i: Context(
                 run_id=run_id,
-                node_id=1000 + i,
+                node_id=NODE_ID_BASE + i,
                 node_config={"partition-id": i, "num-partitions": n_devices},
                 state=RecordDict(),
                 run_config=dict(run_config),

@@ -14,7 +14,7 @@ from fedpref.client.history import load_history
 from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.server import app as server_app
 from fedpref.server.privacy import DpMechanism, PrivacyLedger
-from fedpref.server.secure import quantization_levels, quantization_range, required_contributors
+from fedpref.server.secure import quantization_levels, quantization_range, required_contributors, shares_per_device
 from fedpref.simulations.federated import run_flower_simulation
 from fedpref.simulations.inprocess import run_inprocess
 
@@ -176,3 +176,11 @@ def test_without_secure_aggregation_a_round_also_goes_on_without_the_devices_tha
     for row in rows:
         assert row["replies"] + row.get("dropped", 0) == 10
         assert row["epsilon"] == pytest.approx(ledger.record_round(row["replies"]))
+
+
+def test_keys_are_shared_in_sparse_neighbourhoods_of_about_twice_log2_of_the_cohort(population, tmp_path):
+    config = config_for(population, tmp_path)
+    assert [shares_per_device(config, m) for m in (5, 10, 67, 150, 10_000)] == [5, 9, 15, 17, 29]
+    assert shares_per_device(config_for(population, tmp_path, **{"secagg-num-shares": 5}), 100) == 5
+    with pytest.raises(RunConfigError, match="secagg-num-shares"):
+        config_for(population, tmp_path, **{"secagg-num-shares": 2})

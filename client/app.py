@@ -28,7 +28,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedpref.models.contract import Params
-from fedpref.models.federation import SECAGG_ARRAY_NAMES, SECAGG_COHORT, FederatedConfig
+from fedpref.models.federation import POPULARITY_TASK, SECAGG_ARRAY_NAMES, SECAGG_COHORT, TASK, FederatedConfig
 from fedpref.models.metrics import ndcg, rank_of_target
 from fedpref.models.train import LocalData, local_update
 
@@ -127,24 +127,44 @@ def _local_round(context: Context, config, history, shared, private, rng, server
 
 
 def _train_secure(msg: Message, context: Context) -> Message:
-    """A secure round's training task (in SecAgg+'s legacy format): send the clipped update
-    itself, with equal weight and nothing else; with distributed noise, plus this device's
-    share of it. ``secaggplus_mod`` masks it before it leaves."""
+    """A secure round's task (in SecAgg+'s legacy format). Training: send the clipped update
+    itself, with equal weight and nothing else. Popularity histogram: send an indicator of at
+    most ``popularity-max-items`` of this device's items. With distributed noise, plus this
+    device's share of the noise. ``secaggplus_mod`` masks it before it leaves."""
     task = recorddict_to_fitins(msg.content, keep_input=True)
     names = str(task.config[SECAGG_ARRAY_NAMES]).split(",")
     arrays = dict(zip(names, parameters_to_ndarrays(task.parameters), strict=True))
-    config, history, shared, private, rng = _setup_from(context, arrays, task.config, stream=1)
-    server_round = int(task.config.get("server-round", 1))
-    update, _ = _local_round(context, config, history, shared, private, rng, server_round)
-    clipped, _, _ = clip_update(update, config.clip_norm)
-    if config.dp and config.dp_noise_placement == "distributed":
+    cohort = int(task.config[SECAGG_COHORT])
+    config = FederatedConfig.from_run_config(context.run_config)
+    if task.config.get(TASK) == POPULARITY_TASK:
+        history = load_history(config.history_dir, device_index(context))
+        _maybe_drop_out(config, history.user, 0)
+        sent = {names[0]: _popularity_vector(config, history)}
+        z, bound = config.popularity_noise_multiplier, np.sqrt(config.popularity_max_items)
+    else:
+        config, history, shared, private, rng = _setup_from(context, arrays, task.config, stream=1)
+        server_round = int(task.config.get("server-round", 1))
+        update, _ = _local_round(context, config, history, shared, private, rng, server_round)
+        sent, _, _ = clip_update(update, config.clip_norm)
+        z, bound = config.dp_noise_multiplier, config.clip_norm
+    if z > 0 and config.dp_noise_placement == "distributed":
         # This device's share of the noise: the sum over the cohort carries N(0, (z C)^2).
-        std = config.dp_noise_multiplier * config.clip_norm / np.sqrt(int(task.config[SECAGG_COHORT]))
         noise = np.random.default_rng()  # fresh entropy: a seeded share would be predictable
-        clipped = {k: v.astype(np.float64) + noise.normal(0.0, std, size=v.shape) for k, v in clipped.items()}
-    parameters = ndarrays_to_parameters([np.asarray(clipped[name], dtype=np.float64) for name in names])
+        sent = {k: v.astype(np.float64) + noise.normal(0.0, z * bound / np.sqrt(cohort), size=v.shape) for k, v in sent.items()}
+    parameters = ndarrays_to_parameters([np.asarray(sent[name], dtype=np.float64) for name in names])
     reply = FitRes(Status(Code.OK, ""), parameters, num_examples=1, metrics={})
     return Message(fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
+
+
+def _popularity_vector(config: FederatedConfig, history: DeviceHistory) -> np.ndarray:
+    """1 for each of at most ``popularity-max-items`` of the device's items (a random subset)."""
+    items = history.train_items
+    if len(items) > config.popularity_max_items:
+        rng = np.random.default_rng([config.seed, history.user, 0, 5])
+        items = rng.choice(items, size=config.popularity_max_items, replace=False)
+    vector = np.zeros(history.n_items, dtype=np.float64)
+    vector[items] = 1.0
+    return vector
 
 
 @app.train(mods=[_secure_aggregation])

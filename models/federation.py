@@ -20,6 +20,8 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 # Keys of a secure round's training task (server.secure writes them, client.app reads them):
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # the order of the shared arrays in the legacy task
 SECAGG_COHORT = "secagg-cohort"  # m, for each device's share of distributed noise
+TASK = "task"  # a secure round's task: absent for training, POPULARITY_TASK for the histogram
+POPULARITY_TASK = "popularity"
 
 # key -> default. The order is the order of `--help`.
 RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
@@ -59,6 +61,10 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "secagg-reconstruction-threshold": 0.6,  # secagg: share of a device's key shares needed to remove its masks
     "secagg-dropout-tolerance": 0.3,  # secagg: a round survives this share of its cohort dropping out; beyond it, it is skipped
     "secagg-timeout": 0.0,  # secagg: seconds to wait for each protocol stage's replies (0: wait for all)
+    "popularity-histogram": False,  # before training: a DP histogram of item popularity through secure aggregation, published with the model
+    "popularity-noise-multiplier": 1.0,  # the histogram's z: Gaussian noise z*sqrt(max-items) on each item's count
+    "popularity-max-items": 32,  # a device counts at most this many of its items (a random subset)
+    "popularity-fraction": 1.0,  # share of devices asked for the histogram
     "dropout": 0.0,  # simulation: share of each round's sampled devices that drop out mid-round (after sharing keys)
     "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
     "k": 10,
@@ -120,6 +126,10 @@ class FederatedConfig:
     secagg_reconstruction_threshold: float
     secagg_dropout_tolerance: float
     secagg_timeout: float
+    popularity_histogram: bool
+    popularity_noise_multiplier: float
+    popularity_max_items: int
+    popularity_fraction: float
     dropout: float
     personalize_epochs: int
     k: int
@@ -226,6 +236,17 @@ class FederatedConfig:
             )
         if self.secagg_timeout < 0:
             raise bad("secagg-timeout", f"must be 0 (wait for all) or positive seconds, got {self.secagg_timeout}")
+        if self.popularity_histogram and not self.secagg:
+            raise bad(
+                "popularity-histogram",
+                "needs secagg=true: without secure aggregation the server would see each device's items",
+            )
+        if not self.popularity_noise_multiplier > 0:
+            raise bad("popularity-noise-multiplier", f"must be positive (the histogram is always noised), got {self.popularity_noise_multiplier}")
+        if self.popularity_max_items < 1:
+            raise bad("popularity-max-items", f"must be at least 1, got {self.popularity_max_items}")
+        if not 0.0 < self.popularity_fraction <= 1.0:
+            raise bad("popularity-fraction", f"must lie in (0, 1], got {self.popularity_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"the share of devices that drop out must lie in [0, 1), got {self.dropout}")
         if self.personalize_epochs < 0:

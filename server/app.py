@@ -33,6 +33,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
 from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
+from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
 from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors, shares_per_device
 
@@ -277,14 +278,41 @@ def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, 
         check_adaptive(config.dp_noise_multiplier, mechanism.cohort)
     delta = config.dp_delta or default_delta(n_devices)
     rounds = config.num_server_rounds
+    prior = (popularity_mechanism(config, n_devices),) if config.popularity_histogram else ()
     if config.dp_target_epsilon > 0:
-        rounds = min(rounds, mechanism.rounds_within(config.dp_target_epsilon, delta, limit=rounds))
+        rounds = min(rounds, mechanism.rounds_within(config.dp_target_epsilon, delta, limit=rounds, prior=prior))
         if rounds == 0:
+            histogram = " after the popularity histogram" if prior else ""
             raise RunConfigError(
-                f"one round alone spends epsilon {mechanism.epsilon(1, delta):.3g} at delta {delta:.3g}, past "
-                f"dp-target-epsilon {config.dp_target_epsilon}: raise dp-noise-multiplier, lower fraction-train or raise the target"
+                f"one round{histogram} spends epsilon {mechanism.epsilon(1, delta, prior):.3g} at delta {delta:.3g}, past "
+                f"dp-target-epsilon {config.dp_target_epsilon}: raise dp-noise-multiplier (or popularity-noise-multiplier), "
+                "lower fraction-train or raise the target"
             )
     return mechanism, delta, rounds
+
+
+def _popularity_round(config: FederatedConfig, secure: SecureAggregationGrid, grid: StableGrid, n_devices: int, n_items: int):
+    """The DP popularity histogram (fedpref.server.analytics), accounted on its own:
+    (its record for rounds.json, the noised counts), or (None, None) if it was skipped."""
+    mechanism = popularity_mechanism(config, n_devices)
+    nodes, _ = grid.sample_cohort(n_devices, mechanism.cohort)
+    released = dp_popularity(secure, nodes, config, n_items)
+    if released is None:
+        return None, None
+    counts, contributors = released
+    delta = config.dp_delta or default_delta(n_devices)
+    alone = PrivacyLedger(mechanism, delta, config.dp_noise_placement)
+    record = {
+        "devices": len(contributors),
+        "asked": len(nodes),
+        "noise-multiplier": config.popularity_noise_multiplier,
+        "noise-placement": config.dp_noise_placement,
+        "max-items": config.popularity_max_items,
+        "epsilon": alone.record_round(len(contributors)),
+        "delta": delta,
+        "file": "popularity.json",
+    }
+    return record, counts
 
 
 @app.main()
@@ -318,9 +346,17 @@ def main(grid: Grid, context: Context) -> None:
             "stopped-by-target": num_rounds < config.num_server_rounds,
             "accountant": "dp-accounting RDP; cohorts drawn without replacement; replace-one neighbours (fedpref.server.privacy)",
         }
-        # Flower's wrapper draws its noise from NumPy's global generator: seeded here so that a
-        # simulation repeats. A deployment must not seed it (the noise would be predictable).
+    if config.dp or config.popularity_histogram:
+        # Flower's wrapper (and the histogram's central noise) draw from NumPy's global generator:
+        # seeded here so that a simulation repeats. A deployment must not seed it (the noise
+        # would be predictable).
         np.random.seed(config.seed)
+
+    popularity = None
+    if config.popularity_histogram:
+        popularity, counts = _popularity_round(config, secure, stable, n_devices, n_items)
+        if popularity is not None and config.dp:  # the same people: one account for both releases
+            ledger.record_round(popularity["devices"], mechanism=popularity_mechanism(config, n_devices))
 
     rounds: dict[int, dict] = {}
     latest: dict = {"round": 0, "arrays": None}  # the latest aggregated global arrays
@@ -383,7 +419,11 @@ def main(grid: Grid, context: Context) -> None:
         }
         if privacy is not None:
             privacy["epsilon"] = ledger.epsilon
+            privacy["includes-popularity-histogram"] = popularity is not None
             summary["privacy"] = privacy
+        if popularity is not None:
+            summary["popularity"] = popularity
+            (out / "popularity.json").write_text(json.dumps({**popularity, "counts": [round(float(c), 3) for c in counts]}) + "\n")
         if secure is not None:
             summary["secure-aggregation"] = {
                 "protocol": "SecAgg+ (Flower SecAggPlusWorkflow)",

@@ -75,32 +75,37 @@ class DpMechanism:
             return gaussian
         return dp_accounting.SampledWithoutReplacementDpEvent(self.population, self.cohort, gaussian)
 
-    def epsilon(self, rounds: int, delta: float) -> float:
-        """Epsilon after ``rounds`` rounds at ``delta`` (0 for no rounds)."""
+    def epsilon(self, rounds: int, delta: float, prior: tuple[DpMechanism, ...] = ()) -> float:
+        """Epsilon after ``rounds`` rounds at ``delta`` (0 for none), composed after one
+        release of each ``prior`` mechanism (such as the popularity histogram)."""
         if rounds < 0:
             raise ValueError(f"rounds must be 0 or more, got {rounds}")
         if not 0.0 < delta < 1.0:
             raise PrivacyConfigError(f"delta must lie in (0, 1), got {delta}")
-        if rounds == 0:
+        if rounds == 0 and not prior:
             return 0.0
         accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        accountant.compose(self.round_event(), rounds)
+        for mechanism in prior:
+            accountant.compose(mechanism.round_event())
+        if rounds:
+            accountant.compose(self.round_event(), rounds)
         return float(accountant.get_epsilon(delta))
 
-    def rounds_within(self, target_epsilon: float, delta: float, limit: int = 100_000) -> int:
-        """The most rounds whose epsilon stays at or below ``target_epsilon`` (at most ``limit``)."""
+    def rounds_within(self, target_epsilon: float, delta: float, limit: int = 100_000, prior: tuple[DpMechanism, ...] = ()) -> int:
+        """The most rounds whose epsilon (after ``prior``) stays at or below ``target_epsilon``
+        (at most ``limit``)."""
         if not target_epsilon > 0:
             raise PrivacyConfigError(f"the target epsilon must be positive, got {target_epsilon}")
-        if self.epsilon(1, delta) > target_epsilon:
+        if self.epsilon(1, delta, prior) > target_epsilon:
             return 0
         low, high = 1, 1
-        while high < limit and self.epsilon(high, delta) <= target_epsilon:
+        while high < limit and self.epsilon(high, delta, prior) <= target_epsilon:
             low, high = high, min(high * 2, limit)
-        if self.epsilon(high, delta) <= target_epsilon:
+        if self.epsilon(high, delta, prior) <= target_epsilon:
             return high
         while high - low > 1:  # epsilon(low) <= target < epsilon(high)
             mid = (low + high) // 2
-            if self.epsilon(mid, delta) <= target_epsilon:
+            if self.epsilon(mid, delta, prior) <= target_epsilon:
                 low = mid
             else:
                 high = mid
@@ -128,10 +133,11 @@ class PrivacyLedger:
     def epsilon(self) -> float:
         return float(self._accountant.get_epsilon(self.delta)) if self.rounds else 0.0
 
-    def record_round(self, replies: int | None = None) -> float:
+    def record_round(self, replies: int | None = None, mechanism: DpMechanism | None = None) -> float:
         """Account one released round in which ``replies`` devices of the cohort replied
-        (default: all of them); returns epsilon after it."""
-        mechanism = self.mechanism
+        (default: all of them) of this ledger's mechanism, or of ``mechanism`` (another
+        release on the same people, such as the popularity histogram); returns epsilon after it."""
+        mechanism = mechanism or self.mechanism
         if replies is not None and 0 < replies < mechanism.cohort:
             share = replies / mechanism.cohort
             scale = share if self.placement == "central" else share**0.5

@@ -60,11 +60,15 @@ def quantization_levels(cohort: int) -> int:
     return min(QUANTIZATION_LEVELS, (MODULUS - 1) // (cohort + 1))
 
 
-def quantization_range(config: FederatedConfig, cohort: int) -> float:
-    """The bound R with every coordinate a device sends in [-R, R]."""
-    if config.dp and config.dp_noise_placement == "distributed":
-        return config.clip_norm * (1.0 + 8.0 * config.dp_noise_multiplier / math.sqrt(cohort))
-    return config.clip_norm
+def quantization_range(config: FederatedConfig, cohort: int, *, bound: float | None = None, noise_multiplier: float | None = None) -> float:
+    """The bound R with every coordinate a device sends in [-R, R]: the clipping bound (a
+    coordinate of an update is at most its L2 norm), widened by 8 standard deviations of the
+    device's share of the noise when the noise is distributed. Defaults: the training's C and z."""
+    bound = config.clip_norm if bound is None else bound
+    z = config.dp_noise_multiplier if noise_multiplier is None else noise_multiplier
+    if z > 0 and config.dp_noise_placement == "distributed":
+        return bound * (1.0 + 8.0 * z / math.sqrt(cohort))
+    return bound
 
 
 def shares_per_device(config: FederatedConfig, cohort: int) -> int:
@@ -184,11 +188,45 @@ class SecureAggregationGrid:
         arrays = first.content["arrays"]
         names = list(arrays.keys())
         current = [arrays[name].numpy() for name in names]
+        server_round = int(first.content["config"].get("server-round", 0))
+        result = self.secure_sum(messages, bound=quantization_range(config, self._cohort), label=f"round {server_round}")
+        self.rounds[server_round] = self.last
+        if result is None:
+            return []
+        average, contributors = result
+        for observer in _sum_observers:
+            observer(server_round, average, list(contributors))
+        # The strategy averages models: give it, for each device whose update the sum holds,
+        # the global model plus the average update (one shared copy), so that its average is
+        # that model and it counts the devices that contributed.
+        model = ArrayRecord(
+            {name: Array((c.astype(np.float64) + average[name]).astype(c.dtype)) for name, c in zip(names, current, strict=True)}
+        )
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        return [
+            Message(RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": 1})}), reply_to=by_node[node])
+            for node in contributors
+        ]
+
+    def secure_sum(
+        self, messages: list[Message], *, bound: float, label: str, planned: int | None = None
+    ) -> tuple[dict[str, np.ndarray], list[int]] | None:
+        """Run SecAgg+ over the devices ``messages`` go to (each message: the task's arrays
+        and config); every coordinate a device sends lies in [-bound, bound]. Returns the
+        average of what the devices sent and the node ids it holds, or None when the round
+        is skipped (too many dropouts: nothing is unmasked). ``planned`` is the cohort the
+        devices' shares of distributed noise are for (default: the training cohort).
+        ``self.last`` records the round."""
+        config = self._config
+        first = messages[0]
+        arrays = first.content["arrays"]
+        names = list(arrays.keys())
+        current = [arrays[name].numpy() for name in names]
         task_config = dict(first.content["config"])
         server_round = int(task_config.get("server-round", 0))
         cohort = len(messages)
         task_config[SECAGG_ARRAY_NAMES] = ",".join(names)  # a legacy config holds scalars only
-        task_config[SECAGG_COHORT] = self._cohort
+        task_config[SECAGG_COHORT] = planned or self._cohort
         parameters = ndarrays_to_parameters(current)
         holder = _SumHolder()
         holder.fit_tasks = [(_Proxy(m.metadata.dst_node_id), FitIns(parameters, dict(task_config))) for m in messages]
@@ -205,7 +243,7 @@ class SecureAggregationGrid:
             1.0 if shares >= cohort else shares,
             config.secagg_reconstruction_threshold,
             max_weight=1.0,  # equal weights: each device sends num-examples = 1
-            clipping_range=quantization_range(config, self._cohort),
+            clipping_range=bound,
             quantization_range=quantization_levels(cohort),
             modulus_range=MODULUS,
             timeout=config.secagg_timeout or None,
@@ -214,34 +252,21 @@ class SecureAggregationGrid:
         workflow(self._grid, context)
         skipped = holder.average is None
         contributed = (workflow.skipped_with or 0) if skipped else len(holder.contributors)
-        record = {"sampled": cohort, "contributed": contributed, "skipped": skipped}
-        self.rounds[server_round] = record
-        if holder.average is None:
+        self.last = {"sampled": cohort, "contributed": contributed, "skipped": skipped}
+        if skipped:
             got = workflow.skipped_with
             log.warning(
-                "round %d skipped: %s of %d devices sent their masked update, fewer than the %d that "
+                "%s skipped: %s of %d devices sent their masked update, fewer than the %d that "
                 "secagg-dropout-tolerance %.2f and secagg-min-cohort %d require; nothing was unmasked or released",
-                server_round,
+                label,
                 got if got is not None else "too few",
                 cohort,
                 required,
                 config.secagg_dropout_tolerance,
                 config.secagg_min_cohort,
             )
-            return []
-        for observer in _sum_observers:
-            observer(server_round, dict(zip(names, holder.average, strict=True)), list(holder.contributors))
-        # The strategy averages models: give it, for each device whose update the sum holds,
-        # the global model plus the average update (one shared copy), so that its average is
-        # that model and it counts the devices that contributed.
-        model = ArrayRecord(
-            {name: Array((c.astype(np.float64) + avg).astype(c.dtype)) for name, c, avg in zip(names, current, holder.average, strict=True)}
-        )
-        by_node = {m.metadata.dst_node_id: m for m in messages}
-        return [
-            Message(RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": 1})}), reply_to=by_node[node])
-            for node in holder.contributors
-        ]
+            return None
+        return dict(zip(names, holder.average, strict=True)), list(holder.contributors)
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)

@@ -109,10 +109,15 @@ def model_scorer(spec: ModelSpec, shared: Params, private: Params, n_items: int)
 
 def popularity_scorer(split: LeaveOneOutSplit) -> ScoreFn:
     """Everyone gets the items most often seen in training."""
-    pop = split.item_popularity().astype(np.float64)
+    return counts_scorer(split.item_popularity())
+
+
+def counts_scorer(counts: np.ndarray) -> ScoreFn:
+    """Everyone gets the items with the highest ``counts`` (such as a published DP histogram)."""
+    pop = np.asarray(counts, dtype=np.float64)
 
     def score(users: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(pop, (len(users), split.n_items))
+        return np.broadcast_to(pop, (len(users), len(pop)))
 
     return score
 

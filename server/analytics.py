@@ -1,0 +1,74 @@
+"""Federated analytics for cold start: a differentially private histogram of item popularity.
+
+The server never sees interactions, so it cannot count which items are popular, and a device
+with no history has nothing to personalise from. Before training, the server asks a cohort of
+devices (``popularity-fraction`` of them) for their items through the same secure aggregation
+as training (``secagg`` must be on):
+
+- each device sends an indicator vector over the catalogue with a 1 for each of at most
+  ``popularity-max-items`` of its training items (a random subset when it has more), so its
+  L2 norm is at most ``sqrt(max-items)``;
+- SecAgg+ gives the server only the sum: each item's count over the cohort;
+- Gaussian noise of standard deviation ``z * sqrt(max-items)`` goes on every count, added by
+  the server after the sum (``dp-noise-placement = central``) or shared among the devices
+  before it (``distributed``), with ``z = popularity-noise-multiplier``;
+- the release is accounted as one :class:`~fedpref.server.privacy.DpMechanism` round (cohort
+  drawn without replacement, replace-one neighbours: sensitivity ``2 sqrt(max-items)``, which
+  bounds the ``sqrt(2 max-items)`` two indicator vectors can differ by). With DP training
+  it is composed with the training rounds into the run's epsilon.
+
+The noised counts are published with the model (``popularity.json`` in the results folder);
+a device with no history can recommend the items with the highest counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from fedpref.models.federation import POPULARITY_TASK, TASK, FederatedConfig
+
+from .privacy import DpMechanism
+from .secure import SecureAggregationGrid, quantization_range
+
+NAME = "popularity"  # the one array of the task
+
+
+def popularity_cohort(config: FederatedConfig, n_devices: int) -> int:
+    return min(n_devices, max(2, int(round(config.popularity_fraction * n_devices))))
+
+
+def popularity_mechanism(config: FederatedConfig, n_devices: int) -> DpMechanism:
+    """The histogram's release, in the units of its clipping bound sqrt(max-items)."""
+    return DpMechanism(config.popularity_noise_multiplier, n_devices, popularity_cohort(config, n_devices))
+
+
+def dp_popularity(secure: SecureAggregationGrid, nodes: list[int], config: FederatedConfig, n_items: int) -> tuple[np.ndarray, list[int]] | None:
+    """Run the histogram over the devices ``nodes``: the noised count of every item and the
+    nodes whose vectors the sum holds, or None if the secure round was skipped."""
+    bound = math.sqrt(config.popularity_max_items)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({NAME: Array(np.zeros(n_items, dtype=np.float32))}),
+            "config": ConfigRecord({TASK: POPULARITY_TASK, "server-round": 0}),
+        }
+    )
+    messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
+    z = config.popularity_noise_multiplier
+    result = secure.secure_sum(
+        messages,
+        bound=quantization_range(config, len(nodes), bound=bound, noise_multiplier=z),
+        label="the popularity histogram",
+        planned=len(nodes),
+    )
+    if result is None:
+        return None
+    average, contributors = result
+    counts = average[NAME] * len(contributors)
+    if config.dp_noise_placement == "central":
+        # NumPy's global generator: seeded by the ServerApp in a simulation, as for training.
+        counts = counts + np.random.normal(0.0, z * bound, size=counts.shape)
+    return counts, contributors
+

@@ -172,6 +172,8 @@ def train(msg: Message, context: Context) -> Message:
     if "fitins.parameters" in msg.content:
         return _train_secure(msg, context)
     config, history, shared, private, rng = _setup(msg, context, stream=1)
+    if config.secagg:
+        raise PermissionError("this run uses secure aggregation: the device sends no update outside the SecAgg+ protocol")
     server_round = int(msg.content["config"].get("server-round", 1))
     update, metrics = _local_round(context, config, history, shared, private, rng, server_round)
     bound = config.clip_norm

@@ -63,7 +63,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "secagg-timeout": 0.0,  # secagg: seconds to wait for each protocol stage's replies (0: wait for all)
     "popularity-histogram": False,  # before training: a DP histogram of item popularity through secure aggregation, published with the model
     "popularity-noise-multiplier": 1.0,  # the histogram's z: Gaussian noise z*sqrt(max-items) on each item's count
-    "popularity-max-items": 32,  # a device counts at most this many of its items (a random subset)
+    "popularity-max-items": 128,  # a device counts at most this many of its items (a random subset; docs/privacy.md)
     "popularity-fraction": 1.0,  # share of devices asked for the histogram
     "dropout": 0.0,  # simulation: share of each round's sampled devices that drop out mid-round (after sharing keys)
     "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally

@@ -184,3 +184,19 @@ def test_keys_are_shared_in_sparse_neighbourhoods_of_about_twice_log2_of_the_coh
     assert shares_per_device(config_for(population, tmp_path, **{"secagg-num-shares": 5}), 100) == 5
     with pytest.raises(RunConfigError, match="secagg-num-shares"):
         config_for(population, tmp_path, **{"secagg-num-shares": 2})
+
+
+def test_in_a_secure_run_a_device_refuses_to_send_an_update_in_the_clear(population, tmp_path):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpref.client.app import app as client_app
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    config = config_for(population, tmp_path)
+    model = config.model_spec.build(1, 150, seed=0)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in model.get_shared().items()}), "config": ConfigRecord({"server-round": 1})})
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config=config.to_run_config())
+    with pytest.raises(PermissionError, match="secure aggregation"):
+        client_app(Message(content, dst_node_id=5, message_type=MessageType.TRAIN), context)

@@ -608,6 +608,7 @@ def privacy_sweep(
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"strategy=fedavgm server-lr=1\".")] = "",
     seed: Seed = 0,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/privacy-sweep-<dataset>).")] = None,
+    rerun: Annotated[bool, typer.Option("--rerun/--reuse", help="Run again the points whose results the folder already holds (default: reuse them).")] = False,
     progress: Progress = True,
 ) -> None:
     """Privacy-utility sweep: epsilon against test HR@10 for several noise multipliers and cohort sizes."""
@@ -645,7 +646,7 @@ def privacy_sweep(
             if not progress or not console.is_terminal:
                 console.print(line)
 
-        rows = run_sweep(base, split.n_users, runs, out, on_run=on_run)
+        rows = run_sweep(base, split.n_users, runs, out, on_run=on_run, rerun=rerun)
     pop_hr = evaluate(popularity_scorer(split), split, target="test", seed=seed).hr
     plot_sweep(rows, out / "sweep.png", popularity_hr=pop_hr,
                title=f"{dataset}: {split.n_users:,} devices, {rounds} rounds, C={clip_norm}: what epsilon costs")

@@ -10,6 +10,7 @@ Simulation Engine, one process).
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -32,14 +33,23 @@ def run_sweep(
     runs: list[tuple[int, float]],
     out: Path,
     on_run: Callable[[dict], None] | None = None,
+    rerun: bool = False,
 ) -> list[dict]:
-    """Run each (cohort, z) with ``base``'s settings; writes ``out``/sweep.csv as it goes."""
+    """Run each (cohort, z) with ``base``'s settings; writes ``out``/sweep.csv as it goes. A
+    run whose folder already holds the results of the same run config is read, not run again
+    (so that points can be added to a sweep), unless ``rerun``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for cohort, z in runs:
         values = {**base, "fraction-train": cohort / n_devices, "min-train-nodes": cohort, "dp-noise-multiplier": z,
                   "results-dir": str(out / f"m{cohort}-z{z:g}")}
-        result = run_inprocess(FederatedConfig.from_run_config(values), n_devices=n_devices)
+        config = FederatedConfig.from_run_config(values)
+        done = Path(config.results_dir) / "rounds.json"
+        previous = json.loads(done.read_text()) if done.exists() and not rerun else None
+        if previous is not None and previous.get("config") == config.to_run_config():
+            result = {**previous, "engine_seconds": previous["seconds"]}
+        else:
+            result = run_inprocess(config, n_devices=n_devices)
         chosen, privacy = result["chosen"], result.get("privacy") or {}
         row = {
             "cohort": cohort,

@@ -40,3 +40,18 @@ def test_the_sweep_explains_bad_cohorts_and_noise(tmp_path):
     assert result.exit_code != 0 and "cohorts must lie in [2, 60]" in result.output
     result = CliRunner().invoke(app, ["privacy-sweep", "--dataset", "synthetic:60x300", "--noise", "one", "--out", str(tmp_path), "--no-progress"])
     assert result.exit_code != 0 and "--noise takes numbers" in result.output
+
+
+def test_a_sweep_reuses_the_points_it_already_ran_and_adds_new_ones(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["privacy-sweep", "--dataset", "synthetic:60x300", "--cohorts", "10", "--rounds", "2", "--evaluate-every", "2",
+            "--run-config", "dim=8 local-epochs=1", "--out", str(out), "--no-progress"]
+    assert CliRunner().invoke(app, [*args, "--noise", "1"]).exit_code == 0
+    first = (out / "m10-z1" / "rounds.json").stat().st_mtime_ns
+    result = CliRunner().invoke(app, [*args, "--noise", "1,2"])
+    assert result.exit_code == 0, result.output
+    assert (out / "m10-z1" / "rounds.json").stat().st_mtime_ns == first  # read, not run again
+    with (out / "sweep.csv").open() as f:
+        assert [float(r["noise_multiplier"]) for r in csv.DictReader(f)] == [0, 1, 2]
+    CliRunner().invoke(app, [*args, "--noise", "1", "--rerun"])
+    assert (out / "m10-z1" / "rounds.json").stat().st_mtime_ns != first

@@ -282,7 +282,7 @@ def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, 
     if config.dp_target_epsilon > 0:
         rounds = min(rounds, mechanism.rounds_within(config.dp_target_epsilon, delta, limit=rounds, prior=prior))
         if rounds == 0:
-            histogram = " after the popularity histogram" if prior else ""
+            histogram = " after the popularity histogram" if prior else " alone"
             raise RunConfigError(
                 f"one round{histogram} spends epsilon {mechanism.epsilon(1, delta, prior):.3g} at delta {delta:.3g}, past "
                 f"dp-target-epsilon {config.dp_target_epsilon}: raise dp-noise-multiplier (or popularity-noise-multiplier), "

@@ -105,7 +105,7 @@ def plot_sweep(rows: list[dict], path: Path, *, title: str, popularity_hr: float
     ax.set_xlabel("epsilon (whole run; delta in the CSV)")
     ax.set_ylabel("test HR@10 (sampled, 99 negatives)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

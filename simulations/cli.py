@@ -516,7 +516,8 @@ def simulate(
     if "privacy" in result:
         p = result["privacy"]
         stop = f", stopped before round {p['rounds-run'] + 1} of {p['rounds-planned']} by the target epsilon {p['target-epsilon']}" if p["stopped-by-target"] else ""
-        console.print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after {p['rounds-run']} rounds (noise multiplier {p['noise-multiplier']}, C {p['clip-norm']}, {p['cohort']} of {p['population']} devices a round){stop}")
+        histogram = " and the popularity histogram" if p.get("includes-popularity-histogram") else ""
+        console.print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after {p['rounds-run']} rounds{histogram} (noise multiplier {p['noise-multiplier']}, C {p['clip-norm']}, {p['cohort']} of {p['population']} devices a round){stop}")
     if "popularity" in result:
         from .evaluate import counts_scorer
 
@@ -600,10 +601,10 @@ def privacy_sweep(
     dataset: Dataset = "movielens-small",
     format: Format = None,
     rating_threshold: Threshold = None,
-    noise: Annotated[str, typer.Option(help="Comma-separated DP noise multipliers z (a run without DP is added for each cohort).")] = "0.5,1,2",
+    noise: Annotated[str, typer.Option(help="Comma-separated DP noise multipliers z (a run without DP is added for each cohort).")] = "0.5,1,2,4",
     cohorts: Annotated[str, typer.Option(help="Comma-separated devices per round.")] = "67,335",
-    rounds: Annotated[int, typer.Option(help="Rounds per run; epsilon counts them all.")] = 100,
-    evaluate_every: Annotated[int, typer.Option(help="Evaluation every this many rounds; the test figure is the round chosen on validation.")] = 20,
+    rounds: Annotated[int, typer.Option(help="Rounds per run; epsilon counts them all.")] = 40,
+    evaluate_every: Annotated[int, typer.Option(help="Evaluation every this many rounds; the test figure is the round chosen on validation.")] = 10,
     clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update.")] = 0.5,
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"strategy=fedavgm server-lr=1\".")] = "",
     seed: Seed = 0,

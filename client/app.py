@@ -59,9 +59,9 @@ def _setup(msg: Message, context: Context, stream: int) -> tuple[FederatedConfig
     return _setup_from(context, {name: arrays[name].numpy() for name in arrays}, msg.content["config"], stream)
 
 
-def _setup_from(context: Context, arrays: dict[str, np.ndarray], task: dict, stream: int):
+def _setup_from(context: Context, arrays: dict[str, np.ndarray], task: dict, stream: int, config: FederatedConfig | None = None):
     torch.set_num_threads(1)  # one device per CPU slot; Ray gives each actor its own
-    config = FederatedConfig.from_run_config(context.run_config)
+    config = config or FederatedConfig.from_run_config(context.run_config)
     history = load_history(config.history_dir, device_index(context))
     shared = {name: arrays[name] for name in config.model_spec.build(1, 2, init=False).shared_names}
     server_round = int(task.get("server-round", 0))
@@ -142,7 +142,7 @@ def _train_secure(msg: Message, context: Context) -> Message:
         sent = {names[0]: _popularity_vector(config, history)}
         z, bound = config.popularity_noise_multiplier, np.sqrt(config.popularity_max_items)
     else:
-        config, history, shared, private, rng = _setup_from(context, arrays, task.config, stream=1)
+        config, history, shared, private, rng = _setup_from(context, arrays, task.config, stream=1, config=config)
         server_round = int(task.config.get("server-round", 1))
         update, _ = _local_round(context, config, history, shared, private, rng, server_round)
         sent, _, _ = clip_update(update, config.clip_norm)

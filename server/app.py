@@ -271,8 +271,6 @@ def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, 
     """The DP mechanism of this run, its delta, and how many rounds run: ``num-server-rounds``,
     or fewer if one more would take epsilon past ``dp-target-epsilon``. Refuses settings the
     run could not honour (a target one round passes; too much noise for adaptive clipping)."""
-    if config.secagg:
-        check_secagg(config, config.cohort_size(n_devices))
     mechanism = DpMechanism(config.dp_noise_multiplier, n_devices, config.cohort_size(n_devices))
     if config.dp_clipping == "adaptive":
         check_adaptive(config.dp_noise_multiplier, mechanism.cohort)

@@ -183,13 +183,9 @@ class SecureAggregationGrid:
         return self._secure_round(messages)
 
     def _secure_round(self, messages: list[Message]) -> list[Message]:
-        config = self._config
         first = messages[0]
-        arrays = first.content["arrays"]
-        names = list(arrays.keys())
-        current = [arrays[name].numpy() for name in names]
         server_round = int(first.content["config"].get("server-round", 0))
-        result = self.secure_sum(messages, bound=quantization_range(config, self._cohort), label=f"round {server_round}")
+        result = self.secure_sum(messages, bound=quantization_range(self._config, self._cohort), label=f"round {server_round}")
         self.rounds[server_round] = self.last
         if result is None:
             return []
@@ -199,9 +195,8 @@ class SecureAggregationGrid:
         # The strategy averages models: give it, for each device whose update the sum holds,
         # the global model plus the average update (one shared copy), so that its average is
         # that model and it counts the devices that contributed.
-        model = ArrayRecord(
-            {name: Array((c.astype(np.float64) + average[name]).astype(c.dtype)) for name, c in zip(names, current, strict=True)}
-        )
+        current = {name: array.numpy() for name, array in first.content["arrays"].items()}
+        model = ArrayRecord({name: Array((c.astype(np.float64) + average[name]).astype(c.dtype)) for name, c in current.items()})
         by_node = {m.metadata.dst_node_id: m for m in messages}
         return [
             Message(RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": 1})}), reply_to=by_node[node])

@@ -1,1 +1,22 @@
-"""The device SDK: event store, consent, local training, update guard, privacy ledger and the Flower ClientApp (see DESIGN.md)."""
+"""fedpref.client: the device SDK (:class:`Device`) and the Flower ClientApp."""
+
+from .consent import Consent, Level
+from .device import Device, NoModelError
+from .eligibility import ALWAYS, AvailabilityPattern, Conditions, EligibilityPolicy
+from .ledger import PrivacyReport
+from .store import EventStore, Retention, StoreError
+
+__all__ = [
+    "ALWAYS",
+    "AvailabilityPattern",
+    "Conditions",
+    "Consent",
+    "Device",
+    "EligibilityPolicy",
+    "EventStore",
+    "Level",
+    "NoModelError",
+    "PrivacyReport",
+    "Retention",
+    "StoreError",
+]

@@ -15,11 +15,12 @@ Engine, or ``device-index``), the folder from the run config's ``history-dir``.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -29,13 +30,14 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedpref.models.contract import Params
 from fedpref.models.federation import POPULARITY_TASK, SECAGG_ARRAY_NAMES, SECAGG_COHORT, TASK, FederatedConfig
+from fedpref.models.availability import AvailabilityPattern
 from fedpref.models.metrics import ndcg, rank_of_target
-from fedpref.models.train import LocalData, local_update
+from fedpref.models.train import LocalData
 
+from .device import Device, initial_private, local_round, refit_private
 from .guard import clip_update, encode_update
-from .history import DeviceHistory, load_history
-
-app = ClientApp()
+from .history import DeviceHistory, HistoryError, load_history
+from .ledger import describe_message
 
 PRIVATE_KEY = "private"  # context.state key of the private arrays
 
@@ -52,21 +54,124 @@ class DroppedOut(RuntimeError):
     """A simulated device that leaves mid-round (run-config ``dropout``)."""
 
 
+DECLINED = 403  # the error code of a device's "no": consent or eligibility does not allow the task
+
+_DEVICES: dict[str, Device] = {}  # open stores, by path (one per process)
+_PENDING: dict[int, dict] = {}  # what a handler tells the record of what left about its reply, by context
+
+
+def store_path(context: Context, config: FederatedConfig) -> str | None:
+    """This device's store: node config ``store`` (a real device), or ``device-<i>.sqlite`` in
+    run-config ``store-dir`` (a simulation with stores); None for a plain simulated device."""
+    if "store" in context.node_config:
+        return str(context.node_config["store"])
+    if config.store_dir:
+        return str(Path(config.store_dir) / f"device-{device_index(context)}.sqlite")
+    return None
+
+
+def device_of(context: Context, config: FederatedConfig) -> Device | None:
+    """The :class:`Device` behind this SuperNode, when it has a store."""
+    path = store_path(context, config)
+    if path is None:
+        return None
+    if path not in _DEVICES:
+        if not Path(path).exists():
+            raise HistoryError(
+                f"no device store at {path}: create it with fedpref.client.Device.open({path!r}) "
+                "(or `fedpref population --stores DIR` for a simulation)"
+            )
+        _DEVICES[path] = Device.open(path, seed=config.seed, user=device_index(context))
+    return _DEVICES[path]
+
+
+def _round_of(msg: Message) -> int:
+    """The server round a message belongs to (Flower's workflows put it in the group id)."""
+    config = msg.content.config_records.get("config")
+    if config is not None and "server-round" in config:
+        return int(config["server-round"])
+    try:
+        return int(msg.metadata.group_id)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _server_of(context: Context) -> str:
+    return str(context.node_config.get("superlink", "simulation"))
+
+
+def _record_what_left(msg: Message, context: Context, call_next) -> Message:
+    """Every reply of a device with a store goes into its record of what left: built from the
+    outgoing message itself (names, shapes and sizes, never values), plus what the handler
+    knows about an update (its norm, the clipping bound, the noise)."""
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:
+        _log_reply(msg, context, None, f"{type(exc).__name__}")
+        raise
+    _log_reply(msg, context, reply, None)
+    return reply
+
+
+def _log_reply(msg: Message, context: Context, reply: Message | None, failure: str | None) -> None:
+    details = _PENDING.pop(id(context), None)
+    try:
+        device = device_of(context, FederatedConfig.from_run_config(context.run_config))
+    except Exception:  # no store (or a bad run config, which the handler reports itself)
+        return
+    if device is None:
+        return
+    if reply is None:  # the handler failed: Flower sends an error reply with the exception's type
+        reply = Message(Error(code=0, reason=failure or ""), reply_to=msg)
+    entry = describe_message(reply, time=time.time(), server=_server_of(context), details=details)
+    entry["round"] = _round_of(msg)
+    if failure is not None:
+        entry["message"] = "error"
+    device.log_sent(entry)
+
+
+def _tell_record(context: Context, **details) -> None:
+    _PENDING[id(context)] = details
+
+
+def _gate(msg: Message, context: Context, call_next) -> Message:
+    """Consent and eligibility, checked afresh for every training message (every stage of a
+    secure round too): a device that does not consent to federated training, or may not train
+    now, declines with an error reply that carries nothing but the reason."""
+    config = FederatedConfig.from_run_config(context.run_config)
+    device = device_of(context, config)
+    reason = None
+    if device is not None and not device.consent.federated:
+        reason = f"consent is '{device.consent.level.value}', which does not include federated training"
+    elif device is not None and "store" in context.node_config:
+        ok, why = device.eligible()
+        if not ok:
+            reason = "not eligible now: " + "; ".join(why)
+    elif not AvailabilityPattern.parse(config.availability).available(config.seed, device_index(context), _round_of(msg)):
+        reason = f"not available in round {_round_of(msg)} (simulated availability '{config.availability}')"
+    if reason is not None:
+        return Message(Error(code=DECLINED, reason=f"declined: {reason}"), reply_to=msg)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_record_what_left])
+
+
 def _setup(msg: Message, context: Context, stream: int) -> tuple[FederatedConfig, DeviceHistory, Params, Params, np.random.Generator]:
-    """What every message needs: config, this device's history, the global shared arrays,
-    its private arrays and a generator seeded by (seed, device, round, ``stream``)."""
-    arrays = msg.content["arrays"]
-    return _setup_from(context, {name: arrays[name].numpy() for name in arrays}, msg.content["config"], stream)
-
-
-def _setup_from(context: Context, arrays: dict[str, np.ndarray], task: dict, stream: int, config: FederatedConfig | None = None):
+    """What a simulated device's evaluation needs: config, its history, the global shared
+    arrays, its private arrays and a generator seeded by (seed, device, round, ``stream``)."""
     torch.set_num_threads(1)  # one device per CPU slot; Ray gives each actor its own
-    config = config or FederatedConfig.from_run_config(context.run_config)
+    arrays = msg.content["arrays"]
+    config = FederatedConfig.from_run_config(context.run_config)
     history = load_history(config.history_dir, device_index(context))
-    shared = {name: arrays[name] for name in config.model_spec.build(1, 2, init=False).shared_names}
-    server_round = int(task.get("server-round", 0))
+    shared = _shared_of(config, {name: arrays[name].numpy() for name in arrays})
+    server_round = int(msg.content["config"].get("server-round", 0))
     rng = np.random.default_rng([config.seed, history.user, server_round, stream])
     return config, history, shared, _private(context, config, history.user), rng
+
+
+def _shared_of(config: FederatedConfig, arrays: dict[str, np.ndarray]) -> Params:
+    return {name: arrays[name] for name in config.model_spec.build(1, 2, init=False).shared_names}
 
 
 def drops_out(config: FederatedConfig, user: int, server_round: int) -> bool:
@@ -81,13 +186,11 @@ def _maybe_drop_out(config: FederatedConfig, user: int, server_round: int) -> No
 
 
 def _private(context: Context, config: FederatedConfig, user: int) -> Params:
-    """This device's private arrays, created (seeded by device) the first time."""
+    """This simulated device's private arrays, created (seeded by device) the first time."""
     if PRIVATE_KEY in context.state:
         record = context.state[PRIVATE_KEY]
         return {name: record[name].numpy() for name in record}
-    seed = int(np.random.SeedSequence([config.seed, user]).generate_state(1)[0] % (2**31))
-    model = config.model_spec.build(1, 2, seed=seed)
-    return model.get_private()
+    return initial_private(config.model_spec, config.seed, user)
 
 
 def _store_private(context: Context, private: Params) -> None:
@@ -98,14 +201,6 @@ def _array(value: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(value))
 
 
-def _refit_private(config: FederatedConfig, shared: Params, private: Params, data: LocalData, epochs: int, rng: np.random.Generator) -> Params:
-    """``epochs`` passes that train only the private arrays, the shared ones frozen."""
-    if epochs < 1 or len(data) == 0:
-        return private
-    refit = replace(config.train_config(), epochs=epochs, freeze_shared=True)
-    return local_update(shared, private, data, refit, rng)[1]
-
-
 def _secure_aggregation(msg: Message, context: Context, call_next) -> Message:
     """Flower's ``secaggplus_mod`` for the messages of a secure round (they carry SecAgg+'s
     stage); a plain training message passes straight through."""
@@ -114,14 +209,22 @@ def _secure_aggregation(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-def _local_round(context: Context, config, history, shared, private, rng, server_round: int) -> tuple[Params, dict]:
-    """This round's training on the device: the update of the shared arrays (unclipped)."""
-    _maybe_drop_out(config, history.user, server_round)
-    data = LocalData.for_device(history.train_items, history.n_items)
-    # Fit the private vector to the current global items first, so that the item update is
-    # computed against a user vector that already fits (not a random or stale one).
-    private = _refit_private(config, shared, private, data, config.private_epochs, rng)
-    update, private, metrics = local_update(shared, private, data, config.train_config(server_round), rng)
+def _local_round(context: Context, config: FederatedConfig, shared: Params, server_round: int) -> tuple[Params, dict]:
+    """This round's training on the device: the update of the shared arrays (unclipped).
+    A device with a store trains on its consented events and keeps its private vector (and
+    the global model, for recommendations) in the store; a simulated one reads its history
+    from the population folder and keeps its private vector in the node's state."""
+    user = device_index(context)
+    _maybe_drop_out(config, user, server_round)
+    torch.set_num_threads(1)  # one device per CPU slot; Ray gives each actor its own
+    rng = np.random.default_rng([config.seed, user, server_round, 1])
+    device = device_of(context, config)
+    if device is not None:
+        device.join_run(config, shared, version=f"run {context.run_id}, round {server_round}")
+        return device.train_federated(shared, config, server_round, rng)
+    history = load_history(config.history_dir, user)
+    private = _private(context, config, history.user)
+    update, private, metrics = local_round(config, shared, private, history.train_items, history.n_items, rng, server_round)
     _store_private(context, private)
     return update, metrics
 
@@ -137,45 +240,83 @@ def _train_secure(msg: Message, context: Context) -> Message:
     cohort = int(task.config[SECAGG_COHORT])
     config = FederatedConfig.from_run_config(context.run_config)
     if task.config.get(TASK) == POPULARITY_TASK:
-        history = load_history(config.history_dir, device_index(context))
-        _maybe_drop_out(config, history.user, 0)
-        sent = {names[0]: _popularity_vector(config, history)}
+        user = device_index(context)
+        _maybe_drop_out(config, user, 0)
+        items, n_items = _items_of(context, config, n_items=len(arrays[names[0]]))
+        sent = {names[0]: _popularity_vector(config, items, n_items, user)}
         z, bound = config.popularity_noise_multiplier, np.sqrt(config.popularity_max_items)
+        norm, clipped = float(np.sqrt(sent[names[0]].sum())), False
     else:
-        config, history, shared, private, rng = _setup_from(context, arrays, task.config, stream=1, config=config)
         server_round = int(task.config.get("server-round", 1))
-        update, _ = _local_round(context, config, history, shared, private, rng, server_round)
-        sent, _, _ = clip_update(update, config.clip_norm)
+        update, _ = _local_round(context, config, _shared_of(config, arrays), server_round)
+        sent, norm, clipped = clip_update(update, config.clip_norm)
         z, bound = config.dp_noise_multiplier, config.clip_norm
+    noise_std = 0.0
     if z > 0 and config.dp_noise_placement == "distributed":
         # This device's share of the noise: the sum over the cohort carries N(0, (z C)^2).
         noise = np.random.default_rng()  # fresh entropy: a seeded share would be predictable
-        sent = {k: v.astype(np.float64) + noise.normal(0.0, z * bound / np.sqrt(cohort), size=v.shape) for k, v in sent.items()}
+        noise_std = z * bound / np.sqrt(cohort)
+        sent = {k: v.astype(np.float64) + noise.normal(0.0, noise_std, size=v.shape) for k, v in sent.items()}
+    _tell_record(
+        context,
+        update=True,
+        task=str(task.config.get(TASK, "training")),
+        update_norm=float(min(norm, bound)),
+        clipped=bool(clipped),
+        clip_bound=float(bound),
+        secure_aggregation=True,
+        cohort=cohort,
+        noise=_noise_details(config, z, noise_std),
+    )
     parameters = ndarrays_to_parameters([np.asarray(sent[name], dtype=np.float64) for name in names])
     reply = FitRes(Status(Code.OK, ""), parameters, num_examples=1, metrics={})
     return Message(fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
 
 
-def _popularity_vector(config: FederatedConfig, history: DeviceHistory) -> np.ndarray:
+def _items_of(context: Context, config: FederatedConfig, n_items: int) -> tuple[np.ndarray, int]:
+    """The items this device may count: its consented events (a device with a store) or its
+    training history (a simulated one)."""
+    device = device_of(context, config)
+    if device is not None:
+        items = device.history_items()
+        return items[items < n_items], n_items
+    history = load_history(config.history_dir, device_index(context))
+    return history.train_items, history.n_items
+
+
+def _popularity_vector(config: FederatedConfig, items: np.ndarray, n_items: int, user: int) -> np.ndarray:
     """1 for each of at most ``popularity-max-items`` of the device's items (a random subset)."""
-    items = history.train_items
     if len(items) > config.popularity_max_items:
-        rng = np.random.default_rng([config.seed, history.user, 0, 5])
+        rng = np.random.default_rng([config.seed, user, 0, 5])
         items = rng.choice(items, size=config.popularity_max_items, replace=False)
-    vector = np.zeros(history.n_items, dtype=np.float64)
+    vector = np.zeros(n_items, dtype=np.float64)
     vector[items] = 1.0
     return vector
 
 
-@app.train(mods=[_secure_aggregation])
+def _noise_details(config: FederatedConfig, z: float, device_std: float) -> dict:
+    """The noise and DP parameters in force for an update (for the record of what left)."""
+    if z <= 0:
+        return {"placement": "none"}
+    return {
+        "placement": config.dp_noise_placement,
+        "noise_multiplier": z,
+        "delta": config.dp_delta or "1/(10 N), set by the server",
+        "device_noise_std": device_std,
+    }
+
+
+@app.train(mods=[_gate, _secure_aggregation])
 def train(msg: Message, context: Context) -> Message:
     if "fitins.parameters" in msg.content:
         return _train_secure(msg, context)
-    config, history, shared, private, rng = _setup(msg, context, stream=1)
+    config = FederatedConfig.from_run_config(context.run_config)
     if config.secagg:
         raise PermissionError("this run uses secure aggregation: the device sends no update outside the SecAgg+ protocol")
+    arrays = msg.content["arrays"]
+    shared = _shared_of(config, {name: arrays[name].numpy() for name in arrays})
     server_round = int(msg.content["config"].get("server-round", 1))
-    update, metrics = _local_round(context, config, history, shared, private, rng, server_round)
+    update, metrics = _local_round(context, config, shared, server_round)
     bound = config.clip_norm
     if config.dp and config.dp_clipping == "adaptive":  # this round's C, set by the server's wrapper
         bound = float(msg.content["config"][KEY_CLIPPING_NORM])
@@ -201,6 +342,16 @@ def train(msg: Message, context: Context) -> Message:
                 "clipped": float(clipped),
             }
         )
+    _tell_record(
+        context,
+        update=True,
+        task="training",
+        update_norm=float(min(norm, bound)),
+        clipped=bool(clipped),
+        clip_bound=float(bound),
+        secure_aggregation=False,
+        noise=_noise_details(config, config.dp_noise_multiplier, 0.0),
+    )
     content = RecordDict({"arrays": ArrayRecord({name: _array(v) for name, v in weights.items()}), "metrics": sent})
     return Message(content, reply_to=msg)
 
@@ -218,10 +369,14 @@ def rank_locally(scores: np.ndarray, history: DeviceHistory, which: str, rng: np
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if device_of(context, FederatedConfig.from_run_config(context.run_config)) is not None:
+        # Federated evaluation ranks held-out items: a simulation's measure. A person's device
+        # holds nothing out, and its hit or miss would tell the server about its history.
+        return Message(Error(code=DECLINED, reason="declined: a device with a store does not take part in federated evaluation"), reply_to=msg)
     config, history, shared, private, rng = _setup(msg, context, stream=2)
     if config.personalize_epochs > 0 and len(history.train_items):
         data = LocalData.for_device(history.train_items, history.n_items)
-        private = _refit_private(config, shared, private, data, config.personalize_epochs, rng)
+        private = refit_private(config, shared, private, data, config.personalize_epochs, rng)
         _store_private(context, private)
     model = config.model_spec.build(1, history.n_items, init=False)
     model.set_shared(shared)

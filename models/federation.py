@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
+from .availability import AvailabilityPattern
 from .preference import ModelSpec
 from .train import LOSSES, TrainConfig, default_config
 
@@ -66,6 +67,8 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "popularity-max-items": 128,  # a device counts at most this many of its items (a random subset; docs/privacy.md)
     "popularity-fraction": 1.0,  # share of devices asked for the histogram
     "dropout": 0.0,  # simulation: share of each round's sampled devices that drop out mid-round (after sharing keys)
+    "availability": "always",  # simulation: when virtual devices may train: always, diurnal or random:P (fedpref.client.eligibility)
+    "store-dir": "",  # simulation: a folder of device stores (device-<i>.sqlite); each device then keeps consent and a record of what left
     "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
     "k": 10,
     "seed": 0,
@@ -131,6 +134,8 @@ class FederatedConfig:
     popularity_max_items: int
     popularity_fraction: float
     dropout: float
+    availability: str
+    store_dir: str
     personalize_epochs: int
     k: int
     seed: int
@@ -247,6 +252,10 @@ class FederatedConfig:
             raise bad("popularity-max-items", f"must be at least 1, got {self.popularity_max_items}")
         if not 0.0 < self.popularity_fraction <= 1.0:
             raise bad("popularity-fraction", f"must lie in (0, 1], got {self.popularity_fraction}")
+        try:
+            AvailabilityPattern.parse(self.availability)
+        except ValueError as exc:
+            raise bad("availability", str(exc)) from None
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"the share of devices that drop out must lie in [0, 1), got {self.dropout}")
         if self.personalize_epochs < 0:

@@ -1,0 +1,133 @@
+"""The record of what left the device, and the plain-language report built from it.
+
+Every message the device sends is described here, never its content: when, to which server,
+which run and round, what kind of message, which arrays (names, shapes, dtypes, bytes),
+which metric names, and for a model update its L2 norm after clipping, the clipping bound and
+the noise and DP parameters in force. :func:`describe_message` builds the entry from the
+outgoing Flower message itself, so the record cannot drift from what was actually sent.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """``text``: a short summary for the person; ``data``: the same, structured."""
+
+    text: str
+    data: dict
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def describe_arrays(arrays) -> list[dict]:
+    """Names, shapes, dtypes and byte sizes of a Flower ``ArrayRecord`` (or a dict of arrays)."""
+    out = []
+    for name in arrays:
+        a = arrays[name]
+        if hasattr(a, "data") and isinstance(a.data, bytes | bytearray | memoryview):
+            out.append({"name": name, "shape": list(a.shape), "dtype": str(a.dtype), "bytes": len(a.data)})
+        else:
+            v = np.asarray(a)
+            out.append({"name": name, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": int(v.nbytes)})
+    return out
+
+
+def describe_message(reply, *, time: float, server: str, details: dict | None) -> dict:
+    """The record of one outgoing Flower message (a reply the device sends)."""
+    meta = reply.metadata
+    entry: dict = {
+        "time": time,
+        "server": server,
+        "run": int(meta.run_id),
+        "message": str(meta.message_type),
+        "arrays": [],
+        "metrics": [],
+        "configs": [],
+        "bytes": 0,
+    }
+    if reply.has_error():
+        entry["message"] = "declined"
+        entry["reason"] = reply.error.reason
+    else:
+        for key, record in reply.content.array_records.items():
+            for a in describe_arrays(record):
+                a["record"] = key
+                entry["arrays"].append(a)
+        for record in reply.content.metric_records.values():
+            entry["metrics"].extend(sorted(record))
+        for record in reply.content.config_records.values():
+            entry["configs"].extend(sorted(record))
+        entry["bytes"] = sum(a["bytes"] for a in entry["arrays"]) + 8 * len(entry["metrics"])
+    entry.update(details or {})
+    return entry
+
+
+def host_of(server: str) -> str:
+    return urlsplit(f"//{server}").hostname or server
+
+
+def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str, n_events: int) -> PrivacyReport:
+    """The summary: how much local training, how many updates to whom and how protected."""
+    federated = [t for t in trainings if t["purpose"] == "federated"]
+    personalised = [t for t in trainings if t["purpose"] == "personalize"]
+    updates = [e for e in sent if e.get("update")]
+    evaluations = [e for e in sent if e["message"].startswith("evaluate") and not e.get("update")]
+    declined = [e for e in sent if e["message"] == "declined"]
+    others = [e for e in sent if e not in updates and e not in evaluations and e not in declined]
+    servers = sorted({host_of(e["server"]) for e in sent})
+    bounds = sorted({e["clip_bound"] for e in updates if e.get("clip_bound") is not None})
+    secure = sum(1 for e in updates if e.get("secure_aggregation"))
+    device_noise = sum(1 for e in updates if e.get("noise", {}).get("placement") == "distributed")
+    server_noise = sum(1 for e in updates if e.get("noise", {}).get("placement") == "central")
+    trained_on = max((t["events"] for t in trainings), default=0)
+
+    lines = []
+    if trainings:
+        lines.append(f"Trained on {trained_on} events on this device ({len(federated)} federated rounds, {len(personalised)} local personalisations).")
+    else:
+        lines.append(f"Has not trained on your events yet ({n_events} stored on this device).")
+    if updates:
+        how = [f"each limited in size (norm at most {bounds[-1]:g})" if bounds else "each limited in size"]
+        if device_noise:
+            how.append("with noise added on this device")
+        elif server_noise:
+            how.append("with noise added by the server before use")
+        if secure:
+            how.append("masked so the server could only read the sum over many devices")
+        lines.append(f"Sent {len(updates)} model updates to {', '.join(servers)}, {', '.join(how)}.")
+    if evaluations:
+        lines.append(f"Sent {len(evaluations)} evaluation results (a few numbers each).")
+    if declined:
+        lines.append(f"Declined {len(declined)} requests (consent or conditions did not allow them).")
+    if not sent:
+        lines.append("Nothing has left this device.")
+    lines.append("Your events never left this device.")
+    lines.append(consent_text)
+    kinds = Counter(e["message"] for e in sent)
+    data = {
+        "events_stored": n_events,
+        "trained_on_events": trained_on,
+        "trainings": {"federated": len(federated), "personalize": len(personalised)},
+        "messages_sent": len(sent),
+        "messages_by_kind": dict(sorted(kinds.items())),
+        "updates_sent": len(updates),
+        "evaluations_sent": len(evaluations),
+        "declined": len(declined),
+        "other_messages": len(others),
+        "servers": servers,
+        "clip_bounds": bounds,
+        "bytes_sent": int(sum(e.get("bytes", 0) for e in sent)),
+        "secure_aggregation_updates": secure,
+        "noised_on_device_updates": device_noise,
+        "noised_by_server_updates": server_noise,
+        "events_left_device": False,
+    }
+    return PrivacyReport(" ".join(lines), data)

@@ -34,8 +34,9 @@ NODE_ID_BASE = 1000  # device i (partition i) is node NODE_ID_BASE + i
 class InProcessGrid(Grid):
     """Deliver messages to ``n_devices`` virtual devices by calling ``client_app`` in-process."""
 
-    def __init__(self, client_app, n_devices: int, run_config: dict, *, run_id: int = 1) -> None:
+    def __init__(self, client_app, n_devices: int, run_config: dict, *, run_id: int = 1, before_delivery=None) -> None:
         self._client_app = client_app
+        self._before_delivery = before_delivery  # called with each message before its device gets it (tests use it to act between rounds)
         self._run_id = run_id
         # Node ids like the SuperLink's (any ints); partition ids 0..n-1 like the Simulation Engine's.
         self._contexts = {
@@ -75,6 +76,8 @@ class InProcessGrid(Grid):
             # SecAgg+'s) may change the content, and a server may send one content to many.
             # (Array data are immutable bytes: the copy does not copy them.)
             msg = copy.deepcopy(msg)
+            if self._before_delivery is not None:
+                self._before_delivery(msg, node - NODE_ID_BASE)
             try:
                 reply = self._client_app(msg, self._contexts[node])
             except Exception as exc:  # a failing device is an error reply, not a crash of the run
@@ -93,8 +96,9 @@ class InProcessGrid(Grid):
         return list(self.pull_messages(self.push_messages(messages)))
 
 
-def run_inprocess(config: FederatedConfig, *, n_devices: int) -> dict:
-    """Run ``config`` on ``n_devices`` in-process devices; returns the server's rounds.json."""
+def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=None) -> dict:
+    """Run ``config`` on ``n_devices`` in-process devices; returns the server's rounds.json.
+    ``before_delivery(message, device_index)`` is called before each message is delivered."""
     from fedpref.client.app import app as client_app
     from fedpref.server.app import main as server_main
 
@@ -106,7 +110,7 @@ def run_inprocess(config: FederatedConfig, *, n_devices: int) -> dict:
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    grid = InProcessGrid(client_app, n_devices, run_config)
+    grid = InProcessGrid(client_app, n_devices, run_config, before_delivery=before_delivery)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     start = time.perf_counter()
     server_main(grid, context)

@@ -29,3 +29,30 @@ def write_population(split: LeaveOneOutSplit, folder: str | Path) -> Path:
     meta = {"name": split.name, "n_users": split.n_users, "n_items": split.n_items, "seed": split.seed}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def write_device_stores(population: str | Path, out: str | Path, *, consent: str = "federated", kinds=None, devices=None, progress: bool = False) -> Path:
+    """One device store per device of a population folder (``out``/device-<i>.sqlite), holding
+    its training history as ``view`` events and the given consent, as if each person had
+    opted in. A simulation with run-config ``store-dir=OUT`` then trains from the stores, so
+    each virtual device keeps its consent and its record of what left (docs/device.md)."""
+    import time
+
+    from fedpref.client.device import Device
+    from fedpref.client.history import load_history, population_size
+
+    from .progress import progress_bar
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    indices = range(population_size(str(population))) if devices is None else devices
+    now = time.time()
+    with progress_bar(len(indices), "device stores", enabled=progress) as advance:
+        for i in indices:
+            history = load_history(str(population), int(i))
+            n = len(history.train_items)
+            with Device.open(out / f"device-{i}.sqlite", user=int(i)) as device:
+                device.set_consent(consent, kinds, source="simulation")
+                device.record_many((int(item), "view", None, now - (n - j)) for j, item in enumerate(history.train_items))
+            advance()
+    return out

@@ -364,6 +364,13 @@ class Device:
             n_events=self.store.count_events(),
         )
 
+    def serve_privacy_page(self, *, port: int = 0):
+        """Serve the person's privacy page on 127.0.0.1 (see :mod:`fedpref.client.page`);
+        returns a handle with ``url`` and ``stop()``."""
+        from .page import serve
+
+        return serve(self, port=port)
+
     def export(self) -> dict:
         """Everything stored about the person, as one JSON-ready document."""
         conditions = self.conditions

@@ -27,6 +27,8 @@ from fedpref.models.preference import MODELS
 from fedpref.models.train import LOSSES, TrainConfig, default_config
 
 from .data.interactions import DataFormatError, DataWarning
+from fedpref.client.cli import device_app
+
 from .data.registry import describe_sources, load_dataset
 from .evaluate import evaluate, popularity_scorer, random_scorer
 from .reference import ReferenceResult, train_centralised, train_local_only
@@ -34,6 +36,7 @@ from .progress import progress_bar
 from .split import LeaveOneOutSplit, SplitError, leave_one_out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="fedpref: on-device federated personalisation.")
+app.add_typer(device_app, name="device")
 console = Console()
 err = Console(stderr=True)
 
@@ -317,14 +320,21 @@ def population(
     format: Format = None,
     rating_threshold: Threshold = None,
     seed: Seed = 0,
+    stores: Annotated[Optional[Path], typer.Option(help="Also write one device store per device here (history as view events, consent federated), for run-config store-dir.")] = None,
+    progress: Progress = True,
 ) -> None:
     """Write one history per device (for `flwr run .` with --run-config history-dir=OUT)."""
-    from .population import write_population
+    from .population import write_device_stores, write_population
 
     split = _load_split(dataset, format, rating_threshold, seed)
     folder = write_population(split, out)
     console.print(f"wrote {split.n_users:,} device histories to {folder}")
-    console.print(f"run them with: flwr run . --run-config \"history-dir='{folder.resolve()}'\"")
+    run_config = f"history-dir='{folder.resolve()}'"
+    if stores is not None:
+        write_device_stores(folder, stores, progress=progress)
+        console.print(f"wrote {split.n_users:,} device stores to {stores}")
+        run_config += f" store-dir='{stores.resolve()}' fraction-evaluate=0.0"
+    console.print(f"run them with: flwr run . --run-config \"{run_config}\"")
 
 
 def _references(split: LeaveOneOutSplit, dataset: str, model: str, seed: int, mode: str, progress: bool) -> dict[str, dict[str, float]]:

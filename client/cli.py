@@ -1,0 +1,206 @@
+"""``fedpref device ...``: one device's store from the command line, its privacy page, and
+joining a real federation as a Flower SuperNode."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .consent import Level
+from .device import Device, NoModelError
+from .eligibility import ALWAYS, EligibilityPolicy
+from .store import StoreError
+
+device_app = typer.Typer(no_args_is_help=True, help="One device: its store, consent, privacy page, and joining a federation.")
+console = Console()
+
+StoreOption = Annotated[Path, typer.Option("--store", help="The device's store (an SQLite file; created if missing).")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _open(store: Path) -> Device:
+    try:
+        return Device.open(store)
+    except StoreError as exc:
+        _fail(str(exc))
+
+
+@device_app.command()
+def record(store: StoreOption, item: int, kind: str = "view", value: float | None = None) -> None:
+    """Record one event (what an app does when the person views, clicks or buys an item)."""
+    with _open(store) as device:
+        try:
+            kept = device.record(item, kind, value)
+        except ValueError as exc:
+            _fail(str(exc))
+        console.print("recorded" if kept else f"not recorded: consent excludes events of kind {kind!r}")
+
+
+@device_app.command()
+def consent(
+    store: StoreOption,
+    level: Annotated[str, typer.Argument(help="none, on-device or federated")],
+    kinds: Annotated[str, typer.Option(help="Comma-separated event kinds that may be used (default: every kind).")] = "",
+) -> None:
+    """Set the person's consent (it is in force at once, also for a running SuperNode)."""
+    with _open(store) as device:
+        try:
+            now = device.set_consent(Level.parse(level), [k.strip() for k in kinds.split(",") if k.strip()] or None, source="command line")
+        except ValueError as exc:
+            _fail(str(exc))
+        console.print(now.describe())
+
+
+@device_app.command()
+def conditions(
+    store: StoreOption,
+    charging: Annotated[bool, typer.Option("--charging/--on-battery")] = False,
+    unmetered: Annotated[bool, typer.Option("--unmetered/--metered")] = False,
+    idle: Annotated[bool, typer.Option("--idle/--busy")] = False,
+    always: Annotated[bool, typer.Option(help="Replace the policy by one that always allows training (desktops, tests).")] = False,
+) -> None:
+    """Report the device's conditions (as an app would), or set a policy that needs none."""
+    with _open(store) as device:
+        if always:
+            device.set_policy(ALWAYS)
+        device.report_conditions(charging=charging, unmetered=unmetered, idle=idle)
+        ok, why = device.eligible()
+        console.print("eligible to train" if ok else "not eligible: " + "; ".join(why))
+
+
+@device_app.command()
+def report(store: StoreOption, as_json: Annotated[bool, typer.Option("--json", help="The structured form.")] = False) -> None:
+    """What the device did with the person's data, in plain words (or as JSON)."""
+    with _open(store) as device:
+        result = device.privacy_report()
+        if as_json:
+            print(json.dumps(result.data, indent=2))
+            return
+        console.print(result.text)
+        record = device.record_of_what_left()
+        if record:
+            table = Table("when", "to", "what", "round", "arrays", "bytes", "norm / bound", title="What left this device (latest 20)")
+            for e in record[-20:]:
+                arrays = ", ".join(f"{a['name']} {'x'.join(map(str, a['shape']))}" for a in e.get("arrays", []))
+                norm = f"{e['update_norm']:.3f} / {e['clip_bound']:g}" if e.get("update") else ""
+                table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])), e["server"], e["message"], str(e.get("round", "")), arrays, str(e["bytes"]), norm)
+            console.print(table)
+
+
+@device_app.command()
+def recommend(store: StoreOption, k: int = 10) -> None:
+    """The device's current recommendations (offline, from the model it keeps)."""
+    with _open(store) as device:
+        try:
+            console.print(" ".join(str(i) for i in device.recommend(k)))
+        except NoModelError as exc:
+            _fail(str(exc))
+
+
+@device_app.command()
+def export(store: StoreOption, out: Annotated[Path | None, typer.Option(help="Write the JSON document here (default: print it).")] = None) -> None:
+    """Everything the device holds about the person, as one JSON document."""
+    with _open(store) as device:
+        text = device.export_json(out)
+    if out is None:
+        print(text)
+    else:
+        console.print(f"wrote {out}")
+
+
+@device_app.command()
+def forget(store: StoreOption, yes: Annotated[bool, typer.Option("--yes", help="Erase without asking.")] = False) -> None:
+    """Erase everything the device holds about the person."""
+    if not yes and not typer.confirm(f"Erase every event, consent decision, record and the private model in {store}?"):
+        raise typer.Exit(1)
+    with _open(store) as device:
+        device.forget()
+    console.print("erased")
+
+
+@device_app.command()
+def page(store: StoreOption, port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 0) -> None:
+    """Serve the person's privacy page on 127.0.0.1 until Ctrl-C."""
+    device = _open(store)
+    handle = device.serve_privacy_page(port=port)
+    console.print(f"privacy page: {handle.url}  (Ctrl-C to stop)")
+    try:
+        while handle.thread.is_alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.stop()
+        device.close()
+
+
+def supernode_command(
+    *, superlink: str, store: Path, root_certificates: Path | None, auth_key: Path | None, insecure: bool, device_index: int, clientappio_port: int | None
+) -> list[str]:
+    """The ``flower-supernode`` command line for one device with its store."""
+    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        raise FileNotFoundError("flower-supernode is not installed: pip install 'flwr[simulation]>=1.41,<1.42'")
+    node_config = f"store='{store.resolve()}' superlink='{superlink}' device-index={device_index}"
+    command = [exe, "--superlink", superlink, "--node-config", node_config]
+    if insecure:
+        command.append("--insecure")
+    else:
+        if root_certificates is not None:
+            command += ["--root-certificates", str(root_certificates)]
+        command += ["--auth-supernode-private-key", str(auth_key)]
+    if clientappio_port is not None:
+        command += ["--port", str(clientappio_port)]
+    return command
+
+
+@device_app.command()
+def join(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's Fleet API, HOST:PORT.")],
+    store: StoreOption,
+    root_certificates: Annotated[Path | None, typer.Option(help="PEM CA that signed the SuperLink's certificate (default: the system's).")] = None,
+    auth_key: Annotated[Path | None, typer.Option(help="This device's SuperNode authentication private key (PEM); its public key must be registered with the SuperLink.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no SuperNode authentication: for a local test only.")] = False,
+    device_index: Annotated[int | None, typer.Option(help="A stable key the server orders devices by (default: a random one kept in the store).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port of this SuperNode's local ClientAppIo API (default: Flower's, 9094; give each SuperNode on one machine its own).")] = None,
+) -> None:
+    """Run a Flower SuperNode for this device: fedpref's ClientApp trains on the store's
+    consented events, declines when consent or the eligibility policy says no, and records
+    every message it sends. TLS and SuperNode authentication are on unless --insecure."""
+    if not insecure and auth_key is None:
+        _fail("SuperNode authentication needs --auth-key (this device's private key, from `fedpref device keys`); use --insecure only for a local test")
+    if auth_key is not None and not auth_key.exists():
+        _fail(f"no key at {auth_key}: create one with `fedpref device keys --out DIR`")
+    if root_certificates is not None and not root_certificates.exists():
+        _fail(f"no CA certificate at {root_certificates}")
+    with _open(store) as device:
+        if device_index is None:
+            found = device.store.get_setting("device-key")
+            if found is None:
+                found = str(int.from_bytes(os.urandom(4), "big") >> 1)
+                device.store.set_setting("device-key", found)
+            device_index = int(found)
+        level = device.consent.level.value
+    command = supernode_command(superlink=superlink, store=store, root_certificates=root_certificates, auth_key=auth_key, insecure=insecure, device_index=device_index, clientappio_port=port)
+    console.print(f"joining {superlink} as device {device_index} (consent: {level}; change it any time with `fedpref device consent`)")
+    proc = subprocess.Popen(command)
+    try:
+        sys.exit(proc.wait())
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        sys.exit(proc.wait())

@@ -9,7 +9,8 @@ SQLite store in a temporary folder, and measures:
 
 - **training per round**: ``Device.train_federated`` (read the consented history, refit the
   private vector, the local epochs, keep the private vector) plus the update guard
-  (``encode_update``); the median over ``--rounds`` rounds, against the 50 ms target;
+  (``encode_update``); the median over ``--rounds`` rounds after the first, against the
+  50 ms target (the first round, which pays PyTorch's start-up in the process, is printed apart);
 - **keeping the global model**: ``Device.join_run``, which writes the model the device
   received into its store (for offline recommendations); reported apart from training;
 - **recommend(10)**: the median latency over ``--calls`` calls, against the 5 ms target;
@@ -84,8 +85,9 @@ def _profile(n_events: int, n_items: int, rounds: int, calls: int, baseline: boo
             "dim": config.dim,
             "local_epochs": config.local_epochs,
             "private_epochs": config.private_epochs,
-            "training_ms": statistics.median(train_ms),
-            "training_ms_max": max(train_ms),
+            "training_ms": statistics.median(train_ms[1:]),
+            "training_ms_max": max(train_ms[1:]),
+            "first_round_ms": train_ms[0],  # includes PyTorch's one-off start-up in the process
             "keep_global_ms": statistics.median(keep_ms),
             "recommend_ms": statistics.median(recommend_ms),
             "recommend_ms_p95": sorted(recommend_ms)[int(0.95 * len(recommend_ms))],
@@ -119,9 +121,9 @@ def main() -> None:
         rows.append(row)
     print(f"catalogue {args.items:,} items, MF dim {rows[0]['dim']}, {rows[0]['private_epochs']} private + {rows[0]['local_epochs']} local epochs a round; "
           f"baseline process (fedpref imported, store open): {base['maxrss_mb']:.0f} MB")
-    print(f"{'profile':>8} {'events':>7} {'train ms':>9} {'/ 50 ms':>8} {'keep model ms':>14} {'recommend ms':>13} {'/ 5 ms':>7} {'peak MB':>8} {'+ MB':>6} {'download':>10}")
+    print(f"{'profile':>8} {'events':>7} {'train ms':>9} {'/ 50 ms':>8} {'1st round ms':>13} {'keep model ms':>14} {'recommend ms':>13} {'/ 5 ms':>7} {'peak MB':>8} {'+ MB':>6} {'download':>10}")
     for r in rows:
-        print(f"{r['profile']:>8} {r['events']:>7} {r['training_ms']:>9.1f} {r['training_ms'] / TRAINING_TARGET_MS:>7.2f}x {r['keep_global_ms']:>14.1f} "
+        print(f"{r['profile']:>8} {r['events']:>7} {r['training_ms']:>9.1f} {r['training_ms'] / TRAINING_TARGET_MS:>7.2f}x {r['first_round_ms']:>13.0f} {r['keep_global_ms']:>14.1f} "
               f"{r['recommend_ms']:>13.2f} {r['recommend_ms'] / RECOMMEND_TARGET_MS:>6.2f}x {r['maxrss_mb']:>8.0f} {r['extra_memory_mb']:>6.0f} {r['download_bytes'] / 1e6:>8.2f} MB")
     heavy, typical = rows[1], rows[0]
     print(f"heavy / typical: training {heavy['training_ms'] / typical['training_ms']:.1f}x, recommend {heavy['recommend_ms'] / typical['recommend_ms']:.2f}x")

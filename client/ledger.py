@@ -91,7 +91,8 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
 
     lines = []
     if trainings:
-        lines.append(f"Trained on {trained_on} events on this device ({len(federated)} federated rounds, {len(personalised)} local personalisations).")
+        parts = [f"{n} {what}{'s' if n != 1 else ''}" for n, what in ((len(federated), "federated round"), (len(personalised), "local personalisation")) if n]
+        lines.append(f"Trained on {trained_on} events on this device ({', '.join(parts)}).")
     else:
         lines.append(f"Has not trained on your events yet ({n_events} stored on this device).")
     if updates:
@@ -102,11 +103,11 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
             how.append("with noise added by the server before use")
         if secure:
             how.append("masked so the server could only read the sum over many devices")
-        lines.append(f"Sent {len(updates)} model updates to {', '.join(servers)}, {', '.join(how)}.")
+        lines.append(f"Sent {len(updates)} model update{'s' if len(updates) != 1 else ''} to {', '.join(servers)}, {', '.join(how)}.")
     if evaluations:
-        lines.append(f"Sent {len(evaluations)} evaluation results (a few numbers each).")
+        lines.append(f"Sent {len(evaluations)} evaluation result{'s' if len(evaluations) != 1 else ''} (a few numbers each).")
     if declined:
-        lines.append(f"Declined {len(declined)} requests (consent or conditions did not allow them).")
+        lines.append(f"Declined {len(declined)} request{'s' if len(declined) != 1 else ''} (consent or conditions did not allow {'them' if len(declined) != 1 else 'it'}).")
     if not sent:
         lines.append("Nothing has left this device.")
     lines.append("Your events never left this device.")

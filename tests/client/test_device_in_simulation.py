@@ -54,7 +54,7 @@ def test_withdrawal_between_rounds_stops_the_device_at_once(tmp_path, synthetic_
         assert device.consent_history()[-1]["source"] == "settings page"
         report = device.privacy_report()
         assert report.data["updates_sent"] == 1 and report.data["declined"] == 2
-        assert "Sent 1 model updates to simulation" in report.text
+        assert "Sent 1 model update to simulation" in report.text
 
     shapes = {"item_embedding.weight": [150, 8], "item_bias.weight": [150, 1]}
     for i in range(N_DEVICES):

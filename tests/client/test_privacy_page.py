@@ -77,7 +77,7 @@ def test_changing_consent_in_the_page_changes_the_devices_consent(device, page, 
     from selenium.webdriver.common.by import By
 
     browser.get(page.url)
-    wait_for(browser, lambda d: "Sent 1 model updates to fl.example.com" in d.find_element(By.ID, "report").text)
+    wait_for(browser, lambda d: "Sent 1 model update to fl.example.com" in d.find_element(By.ID, "report").text)
     assert browser.find_element(By.CSS_SELECTOR, "input[name=level][value=federated]").is_selected()
     assert "fl.example.com:9092" in browser.find_element(By.ID, "record").text
     assert len(browser.find_elements(By.CSS_SELECTOR, "#recommendations li")) == 10

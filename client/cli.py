@@ -150,10 +150,10 @@ def page(store: StoreOption, port: Annotated[int, typer.Option(help="Port on 127
 
 
 def supernode_command(
-    *, superlink: str, store: Path, root_certificates: Path | None, auth_key: Path | None, insecure: bool, device_index: int, clientappio_port: int | None
+    *, superlink: str, store: Path, root_certificates: Path | None, auth_key: Path | None, insecure: bool, device_index: int, port: int | None
 ) -> list[str]:
     """The ``flower-supernode`` command line for one device with its store."""
-    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    exe = shutil.which("flower-supernode", path=_path())
     if exe is None:
         raise FileNotFoundError("flower-supernode is not installed: pip install 'flwr[simulation]>=1.41,<1.42'")
     node_config = f"store='{store.resolve()}' superlink='{superlink}' device-index={device_index}"
@@ -164,20 +164,43 @@ def supernode_command(
         if root_certificates is not None:
             command += ["--root-certificates", str(root_certificates)]
         command += ["--auth-supernode-private-key", str(auth_key)]
-    if clientappio_port is not None:
-        command += ["--port", str(clientappio_port)]
+    command += ["--host", "127.0.0.1"]  # the SuperNode's local Runtime API (Flower's ClientAppIo)
+    if port is not None:
+        command += ["--port", str(port)]
     return command
+
+
+def _path() -> str:
+    """PATH with this Python's scripts first: the SuperNode starts ``flower-superexec`` and
+    ``flwr-clientapp`` by name."""
+    return str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+
+@device_app.command()
+def keys(
+    out: Annotated[Path, typer.Option(help="Folder for the key pair.")] = Path("keys"),
+    name: Annotated[str, typer.Option(help="File name of the private key (the public one adds .pub).")] = "device",
+) -> None:
+    """Make this device's SuperNode authentication key pair (EC P-384, OpenSSH format)."""
+    from .keys import write_device_key
+
+    try:
+        private, public = write_device_key(out, name)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    console.print(f"wrote {private} (stays on the device) and {public}")
+    console.print(f"the operator registers it with: flwr supernode register {public} <superlink-connection>")
 
 
 @device_app.command()
 def join(
-    superlink: Annotated[str, typer.Option(help="The SuperLink's Fleet API, HOST:PORT.")],
+    superlink: Annotated[str, typer.Option(help="The SuperLink's address, HOST:PORT.")],
     store: StoreOption,
     root_certificates: Annotated[Path | None, typer.Option(help="PEM CA that signed the SuperLink's certificate (default: the system's).")] = None,
-    auth_key: Annotated[Path | None, typer.Option(help="This device's SuperNode authentication private key (PEM); its public key must be registered with the SuperLink.")] = None,
+    auth_key: Annotated[Path | None, typer.Option(help="This device's SuperNode authentication private key (from `fedpref device keys`); its public key must be registered with the SuperLink.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no SuperNode authentication: for a local test only.")] = False,
     device_index: Annotated[int | None, typer.Option(help="A stable key the server orders devices by (default: a random one kept in the store).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port of this SuperNode's local ClientAppIo API (default: Flower's, 9094; give each SuperNode on one machine its own).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port of this SuperNode's local Runtime API on 127.0.0.1 (default: Flower's 9094; give each SuperNode on one machine its own).")] = None,
 ) -> None:
     """Run a Flower SuperNode for this device: fedpref's ClientApp trains on the store's
     consented events, declines when consent or the eligibility policy says no, and records
@@ -196,11 +219,20 @@ def join(
                 device.store.set_setting("device-key", found)
             device_index = int(found)
         level = device.consent.level.value
-    command = supernode_command(superlink=superlink, store=store, root_certificates=root_certificates, auth_key=auth_key, insecure=insecure, device_index=device_index, clientappio_port=port)
-    console.print(f"joining {superlink} as device {device_index} (consent: {level}; change it any time with `fedpref device consent`)")
-    proc = subprocess.Popen(command)
     try:
-        sys.exit(proc.wait())
+        command = supernode_command(superlink=superlink, store=store, root_certificates=root_certificates, auth_key=auth_key, insecure=insecure, device_index=device_index, port=port)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    console.print(f"joining {superlink} as device {device_index} (consent: {level}; change it any time with `fedpref device consent`)")
+    proc = subprocess.Popen(command, env=dict(os.environ, PATH=_path()))
+
+    def stop(signum, _frame):  # pass a stop on to the SuperNode, and wait for it
+        proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        code = proc.wait()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
-        sys.exit(proc.wait())
+        code = proc.wait()
+    raise typer.Exit(code if code >= 0 else 0)

@@ -313,6 +313,21 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 
 
+@app.command("dev-certs")
+def dev_certs(
+    out: Annotated[Path, typer.Option(help="Folder for ca.pem, server.pem and server.key.")] = Path("certs"),
+    host: Annotated[list[str], typer.Option(help="A host name or IP address the SuperLink is reached at (repeat the option).")] = ["127.0.0.1", "localhost"],
+    days: int = 30,
+) -> None:
+    """A private CA and a SuperLink certificate, for tests and a first deployment (production:
+    certificates from your own CA). Devices get ca.pem as --root-certificates."""
+    from fedpref.server.tls import write_dev_certificates
+
+    paths = write_dev_certificates(out, tuple(host), days)
+    console.print(f"wrote {paths['ca']}, {paths['cert']} and {paths['key']} for {', '.join(host)}, valid {days} days")
+    console.print(f"flower-superlink --ssl-ca-certfile {paths['ca']} --ssl-certfile {paths['cert']} --ssl-keyfile {paths['key']} --enable-supernode-auth ...")
+
+
 @app.command()
 def population(
     dataset: Dataset = "movielens-small",

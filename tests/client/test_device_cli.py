@@ -52,3 +52,16 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "--auth-key" in result.output
     result = invoke("forget", "--store", store, input="n\n")
     assert result.exit_code == 1
+
+
+def test_join_runs_a_supernode_over_tls_with_authentication_unless_told_otherwise(tmp_path):
+    from fedpref.client.cli import supernode_command
+
+    common = dict(superlink="fl.example.com:9092", store=tmp_path / "prefs.sqlite", device_index=4, port=9500)
+    secure = supernode_command(root_certificates=tmp_path / "ca.pem", auth_key=tmp_path / "device", insecure=False, **common)
+    assert "--insecure" not in secure
+    assert secure[secure.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
+    assert secure[secure.index("--auth-supernode-private-key") + 1] == str(tmp_path / "device")
+    assert f"store='{(tmp_path / 'prefs.sqlite').resolve()}'" in secure[secure.index("--node-config") + 1]
+    insecure = supernode_command(root_certificates=None, auth_key=None, insecure=True, **common)
+    assert "--insecure" in insecure and "--auth-supernode-private-key" not in insecure

@@ -63,11 +63,24 @@ def describe_message(reply, *, time: float, server: str, details: dict | None) -
                 entry["arrays"].append(a)
         for record in reply.content.metric_records.values():
             entry["metrics"].extend(sorted(record))
+        config_bytes = 0
         for record in reply.content.config_records.values():
             entry["configs"].extend(sorted(record))
-        entry["bytes"] = sum(a["bytes"] for a in entry["arrays"]) + 8 * len(entry["metrics"])
+            config_bytes += sum(_value_bytes(v) for v in record.values())
+        # SecAgg+ sends its masked vector and key shares as config entries (bytes and ints).
+        entry["bytes"] = sum(a["bytes"] for a in entry["arrays"]) + 8 * len(entry["metrics"]) + config_bytes
     entry.update(details or {})
     return entry
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return 8  # a number or a bool
 
 
 def host_of(server: str) -> str:

@@ -94,3 +94,31 @@ def test_simulated_availability_declines_unavailable_devices(tmp_path, synthetic
         assert 0 < available < 10  # the seed gives a mix
         assert r["replies"] == available and r.get("dropped", 0) == 10 - available
     assert np.isfinite([r["train-loss"] for r in result["rounds"]]).all()
+
+
+def test_secure_rounds_are_recorded_stage_by_stage_with_the_noise_each_device_added(tmp_path, synthetic_population):
+    n = 10
+    population = synthetic_population(tmp_path, n, 150, 12, 3)
+    stores = write_device_stores(population, tmp_path / "stores")
+    config = FederatedConfig.from_run_config(
+        {
+            "history-dir": str(population), "store-dir": str(stores), "num-server-rounds": 1, "fraction-evaluate": 0.0,
+            "dim": 4, "local-epochs": 1, "private-epochs": 1, "clip-norm": 0.5, "secagg": True, "secagg-min-cohort": n,
+            "dp-noise-multiplier": 1.0, "dp-noise-placement": "distributed", "results-dir": str(tmp_path / "results"),
+        }
+    )
+    run_inprocess(config, n_devices=n)
+    with Device.open(stores / "device-0.sqlite") as device:
+        record = device.record_of_what_left()
+        report = device.privacy_report()
+    train = [e for e in record if e["message"] == "train"]
+    assert len(train) >= 3  # SecAgg+'s stages: keys, shares, the masked vector, unmasking
+    updates = [e for e in train if e.get("update")]
+    assert len(updates) == 1
+    update = updates[0]
+    assert update["secure_aggregation"] and update["cohort"] == n and update["clip_bound"] == 0.5
+    assert update["noise"]["placement"] == "distributed" and update["noise"]["noise_multiplier"] == 1.0
+    assert abs(update["noise"]["device_noise_std"] - 0.5 / np.sqrt(n)) < 1e-12
+    assert update["arrays"] == [] and update["bytes"] > 4 * 150 * 5  # the masked vector travels as config bytes
+    assert all(e["bytes"] > 0 for e in train)
+    assert "with noise added on this device" in report.text and "masked so the server could only read the sum" in report.text

@@ -1,16 +1,27 @@
 """The device's Flower ClientApp: one SuperNode is one person's device.
 
 - ``train``: receive the global shared arrays, train on the device's own history with
-  :func:`fedpref.models.train.local_update`, clip the update to the bound C, send
-  ``global + clipped update`` for the shared arrays only, plus scalar metrics. The private
-  vector stays in ``context.state`` across rounds, created the first time the device is sampled.
+  :func:`fedpref.client.device.local_round`, clip the update to the bound C, send
+  ``global + clipped update`` for the shared arrays only, plus scalar metrics (in a secure
+  round, the clipped update itself through SecAgg+, or a capped item indicator for the
+  popularity histogram).
 - ``evaluate``: refit the private vector locally (shared frozen), rank the device's own
   validation and test items, send back only scalars (hit or not, NDCG gain).
 - ``query``: the device's stable key (its index in a simulation), used by the server only to
   order devices so that seeded sampling repeats.
 
-Which history a device holds comes from its node config (``partition-id`` in the Simulation
-Engine, or ``device-index``), the folder from the run config's ``history-dir``.
+Where a device's history lives:
+
+- a **device with a store** (node config ``store``, set by ``fedpref device join``; or
+  ``device-<i>.sqlite`` in run-config ``store-dir`` in a simulation): its consented events, its
+  private vector and the latest global model are in the store (:class:`fedpref.client.Device`);
+  ``_gate`` reads its consent (and, on a real device, its eligibility policy) afresh for every
+  training message and declines with an error reply that carries only the reason; the
+  ``_record_what_left`` mod writes every reply it sends into the store's record; it declines
+  federated evaluation;
+- a **simulated device** reads its row of the population folder (run-config ``history-dir``,
+  node config ``partition-id`` or ``device-index``) and keeps its private vector in
+  ``context.state``; run-config ``availability`` says in which rounds it may train.
 """
 
 from __future__ import annotations

@@ -91,10 +91,11 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
     """The summary: how much local training, how many updates to whom and how protected."""
     federated = [t for t in trainings if t["purpose"] == "federated"]
     personalised = [t for t in trainings if t["purpose"] == "personalize"]
-    updates = [e for e in sent if e.get("update")]
+    updates = [e for e in sent if e.get("update") and e.get("task", "training") == "training"]
+    histograms = [e for e in sent if e.get("update") and e.get("task") == "popularity"]
     evaluations = [e for e in sent if e["message"].startswith("evaluate") and not e.get("update")]
     declined = [e for e in sent if e["message"] == "declined"]
-    others = [e for e in sent if e not in updates and e not in evaluations and e not in declined]
+    others = [e for e in sent if e not in updates and e not in histograms and e not in evaluations and e not in declined]
     servers = sorted({host_of(e["server"]) for e in sent})
     bounds = sorted({e["clip_bound"] for e in updates if e.get("clip_bound") is not None})
     secure = sum(1 for e in updates if e.get("secure_aggregation"))
@@ -117,6 +118,12 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
         if secure:
             how.append("masked so the server could only read the sum over many devices")
         lines.append(f"Sent {len(updates)} model update{'s' if len(updates) != 1 else ''} to {', '.join(servers)}, {', '.join(how)}.")
+    if histograms:
+        cap = int(round(max(e["clip_bound"] for e in histograms) ** 2))
+        lines.append(
+            f"Counted in {len(histograms)} item popularity histogram{'s' if len(histograms) != 1 else ''} "
+            f"(at most {cap} of your items each, with noise, readable only as a sum over many devices)."
+        )
     if evaluations:
         lines.append(f"Sent {len(evaluations)} evaluation result{'s' if len(evaluations) != 1 else ''} (a few numbers each).")
     if declined:
@@ -133,6 +140,7 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
         "messages_sent": len(sent),
         "messages_by_kind": dict(sorted(kinds.items())),
         "updates_sent": len(updates),
+        "popularity_contributions": len(histograms),
         "evaluations_sent": len(evaluations),
         "declined": len(declined),
         "other_messages": len(others),

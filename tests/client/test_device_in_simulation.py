@@ -104,17 +104,21 @@ def test_secure_rounds_are_recorded_stage_by_stage_with_the_noise_each_device_ad
         {
             "history-dir": str(population), "store-dir": str(stores), "num-server-rounds": 1, "fraction-evaluate": 0.0,
             "dim": 4, "local-epochs": 1, "private-epochs": 1, "clip-norm": 0.5, "secagg": True, "secagg-min-cohort": n,
-            "dp-noise-multiplier": 1.0, "dp-noise-placement": "distributed", "results-dir": str(tmp_path / "results"),
+            "dp-noise-multiplier": 1.0, "dp-noise-placement": "distributed", "popularity-histogram": True,
+            "popularity-max-items": 16, "results-dir": str(tmp_path / "results"),
         }
     )
     run_inprocess(config, n_devices=n)
     with Device.open(stores / "device-0.sqlite") as device:
         record = device.record_of_what_left()
         report = device.privacy_report()
+        n_items = len(device.history_items())
     train = [e for e in record if e["message"] == "train"]
     assert len(train) >= 3  # SecAgg+'s stages: keys, shares, the masked vector, unmasking
-    updates = [e for e in train if e.get("update")]
+    updates = [e for e in train if e.get("update") and e["task"] == "training"]
     assert len(updates) == 1
+    (histogram,) = [e for e in train if e.get("update") and e["task"] == "popularity"]
+    assert histogram["clip_bound"] == 4.0 and histogram["update_norm"] == np.sqrt(min(n_items, 16))  # one per item, at most 16
     update = updates[0]
     assert update["secure_aggregation"] and update["cohort"] == n and update["clip_bound"] == 0.5
     assert update["noise"]["placement"] == "distributed" and update["noise"]["noise_multiplier"] == 1.0
@@ -122,3 +126,5 @@ def test_secure_rounds_are_recorded_stage_by_stage_with_the_noise_each_device_ad
     assert update["arrays"] == [] and update["bytes"] > 4 * 150 * 5  # the masked vector travels as config bytes
     assert all(e["bytes"] > 0 for e in train)
     assert "with noise added on this device" in report.text and "masked so the server could only read the sum" in report.text
+    assert "Counted in 1 item popularity histogram (at most 16 of your items each" in report.text
+    assert report.data["updates_sent"] == 1 and report.data["popularity_contributions"] == 1

@@ -23,7 +23,6 @@ SQLite store in a temporary folder, and measures:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import statistics

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from .consent import Level
 from .device import Device, NoModelError
-from .eligibility import ALWAYS, EligibilityPolicy
+from .eligibility import ALWAYS
 from .store import StoreError
 
 device_app = typer.Typer(no_args_is_help=True, help="One device: its store, consent, privacy page, and joining a federation.")

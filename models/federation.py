@@ -73,6 +73,10 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "k": 10,
     "seed": 0,
     "results-dir": "",  # where the ServerApp writes per-round metrics (empty: do not write)
+    "run-store": "",  # SQLAlchemy URL of the run store (empty: sqlite <results-dir>/runs.sqlite; none without results-dir)
+    "run-name": "",  # the run's name in the run store (empty: the results folder's name)
+    "checkpoint-dir": "",  # checkpoint after every round here (empty: <results-dir>/checkpoint; none without results-dir)
+    "resume": True,  # an unfinished checkpoint of the same config is resumed from its last completed round
 }
 
 
@@ -140,6 +144,10 @@ class FederatedConfig:
     k: int
     seed: int
     results_dir: str
+    run_store: str
+    run_name: str
+    checkpoint_dir: str
+    resume: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FederatedConfig:

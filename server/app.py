@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import random
 import time
+from logging import WARNING
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -35,6 +37,8 @@ from flwr.serverapp.strategy import fedavg as _fedavg_module
 from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
+from fedpref.server import checkpoint
+from fedpref.server.runstore import RunStore, default_url
 from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors, shares_per_device
 
 app = ServerApp()
@@ -164,10 +168,18 @@ class _NoisedAverage(FedAvg):
         return self.dp_wrapper.aggregate_train(server_round, replies)
 
 
-def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[int, dict], None], num_rounds: int | None = None):
+def make_strategy(
+    config: FederatedConfig,
+    n_devices: int,
+    on_round: Callable[[int, dict], None],
+    num_rounds: int | None = None,
+    before_round: Callable[[int, ArrayRecord], None] | None = None,
+):
     """The Flower strategy named by ``config.strategy``, evaluating every ``evaluate-every``
     rounds (and after ``num_rounds``, the last round that will run); with DP on, its average
-    is noised before the server optimiser steps."""
+    is noised before the server optimiser steps. ``before_round(round, arrays)`` is called as
+    each round starts (the checkpoint). ``strategy.round_offset`` shifts Flower's round
+    numbers (1, 2, ...) to the run's when a run resumes."""
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -194,17 +206,24 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
         bases = (_NoisedAverage,) if base is FedAvg else (base, _NoisedAverage)
 
     class Strategy(*bases):  # type: ignore[valid-type, misc]
+        round_offset = 0
+
         def configure_train(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
+            server_round += self.round_offset
+            if before_round is not None:
+                before_round(server_round, arrays)
             if central_noise:  # this round's clipping bound (adaptive clipping moves it)
                 cfg[KEY_CLIPPING_NORM] = float(self.dp_wrapper.clipping_norm)
             return super().configure_train(server_round, arrays, cfg, grid)
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
+            server_round += self.round_offset
             if server_round % every and server_round != last:
                 return []
             return super().configure_evaluate(server_round, arrays, cfg, grid)
 
         def aggregate_train(self, server_round, replies):
+            server_round += self.round_offset
             # A device that dropped out (an error reply) is left out: the round goes on with
             # the devices that answered. (Flower's DP wrappers would skip the whole round.)
             replies = list(replies)
@@ -229,6 +248,7 @@ def make_strategy(config: FederatedConfig, n_devices: int, on_round: Callable[[i
             return arrays, metrics
 
         def aggregate_evaluate(self, server_round, replies):
+            server_round += self.round_offset
             metrics = super().aggregate_evaluate(server_round, replies)
             on_round(server_round, {"evaluate": dict(metrics) if metrics else {}})
             return metrics
@@ -313,6 +333,33 @@ def _popularity_round(config: FederatedConfig, secure: SecureAggregationGrid, gr
     return record, counts
 
 
+STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")  # what FedAdam, FedYogi and FedAvgM keep between rounds
+
+
+def _strategy_state(strategy) -> dict:
+    state = {name: getattr(strategy, name) for name in STRATEGY_STATE if hasattr(strategy, name)}
+    if hasattr(strategy, "dp_wrapper"):
+        state["dp-clipping-norm"] = float(strategy.dp_wrapper.clipping_norm)
+    return state
+
+
+def _restore_strategy(strategy, state: dict) -> None:
+    for name in STRATEGY_STATE:
+        if name in state:
+            setattr(strategy, name, state[name])
+    if "dp-clipping-norm" in state and hasattr(strategy, "dp_wrapper"):
+        strategy.dp_wrapper.clipping_norm = state["dp-clipping-norm"]
+
+
+def _numpy_arrays(arrays: ArrayRecord | None) -> dict | None:
+    return None if arrays is None else {k: arrays[k].numpy() for k in arrays}
+
+
+def _open_run_store(config: FederatedConfig):
+    url = config.run_store or (default_url(config.results_dir) if config.results_dir else "")
+    return RunStore(url) if url else None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = FederatedConfig.from_run_config(context.run_config)
@@ -350,8 +397,29 @@ def main(grid: Grid, context: Context) -> None:
         # would be predictable).
         np.random.seed(config.seed)
 
+    # Checkpoint and resume (fedpref.server.checkpoint), and the run store.
+    checkpoint_dir = config.checkpoint_dir or (str(Path(config.results_dir) / "checkpoint") if config.results_dir else "")
+    resumed = checkpoint.resumable(checkpoint_dir, config.to_run_config()) if checkpoint_dir and config.resume else None
+    store = _open_run_store(config)
+    run_name = config.run_name or (Path(config.results_dir).name if config.results_dir else "run")
+    if resumed is not None:
+        log(WARNING, "resuming from the checkpoint in %s: rounds 1..%s are done", checkpoint_dir, resumed.completed_round)
+        run_id = resumed.run_store_id
+        if store is not None and run_id is not None:
+            store.resume_run(run_id, resumed.completed_round)
+    elif store is not None:
+        run_id = store.start_run(
+            name=run_name, config=config.to_run_config(), devices=n_devices, items=n_items, rounds_planned=num_rounds,
+            flower_run_id=int(context.run_id), dp=config.dp, secure_aggregation=config.secagg,
+            delta=privacy["delta"] if privacy else None, target_epsilon=config.dp_target_epsilon or None,
+        )
+    else:
+        run_id = None
+
     popularity = None
-    if config.popularity_histogram:
+    if resumed is not None:
+        popularity, counts = resumed.popularity if resumed.popularity is not None else (None, None)
+    elif config.popularity_histogram:
         popularity, counts = _popularity_round(config, secure, stable, n_devices, n_items)
         if popularity is not None and config.dp:  # the same people: one account for both releases
             ledger.record_round(popularity["devices"], mechanism=popularity_mechanism(config, n_devices))
@@ -382,6 +450,11 @@ def main(grid: Grid, context: Context) -> None:
             if "clip-norm" in info:
                 row["clip-norm"] = info["clip-norm"]
             row["seconds"] = round(time.perf_counter() - started, 3)
+            if store is not None:
+                store.record_round(
+                    run_id, server_round, metrics={k: v for k, v in row.items() if k not in ("round", "seconds", "replies", "dropped", "epsilon")},
+                    seconds=row["seconds"], participants=row.get("replies", 0), dropped=row.get("dropped", 0), epsilon=row.get("epsilon"),
+                )
             for callback in _round_callbacks:
                 callback({"event": "train", **row})
         if info.get("evaluate"):  # empty in rounds without evaluation
@@ -391,20 +464,66 @@ def main(grid: Grid, context: Context) -> None:
             if row.get("val-ndcg", -1.0) > best_ndcg:
                 arrays = latest["arrays"] if latest["round"] == server_round else None
                 best.update(round=server_round, arrays=arrays)
+            if store is not None:
+                store.record_round(run_id, server_round, metrics=dict(info["evaluate"]))
             for callback in _round_callbacks:
                 callback({"event": "evaluate", **row})
 
-    strategy = make_strategy(config, n_devices, on_round, num_rounds)
-    strategy.start(
-        grid=secure or stable,
-        initial_arrays=ArrayRecord({k: Array(v) for k, v in initial.items()}),
-        num_rounds=num_rounds,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
-    )
+    def snapshot(completed: int, arrays: dict, finished: bool) -> None:
+        states = grid.device_states() if hasattr(grid, "device_states") else None
+        checkpoint.save(checkpoint_dir, checkpoint.Checkpoint(
+            config=checkpoint.comparable(config.to_run_config()), completed_round=completed, finished=finished, arrays=arrays,
+            strategy=_strategy_state(strategy), sampler=stable.rng.getstate(), numpy_random=np.random.get_state(),
+            ledger=ledger if privacy is not None else None, rounds=rounds, best={"round": best["round"], "arrays": _numpy_arrays(best["arrays"])},
+            popularity=(popularity, counts) if popularity is not None else None, secure_rounds=dict(secure.rounds) if secure else {},
+            run_store_id=run_id, devices=states,
+        ))
+
+    def before_round(server_round: int, arrays: ArrayRecord) -> None:
+        if checkpoint_dir and server_round > first_round:
+            snapshot(server_round - 1, _numpy_arrays(arrays), finished=False)
+
+    strategy = make_strategy(config, n_devices, on_round, num_rounds, before_round)
+    start_arrays, first_round = initial, 1
+    if resumed is not None:
+        start_arrays, first_round = resumed.arrays, resumed.completed_round + 1
+        _restore_strategy(strategy, resumed.strategy)
+        strategy.round_offset = resumed.completed_round
+        stable.rng.setstate(resumed.sampler)
+        np.random.set_state(resumed.numpy_random)
+        if privacy is not None:
+            ledger = resumed.ledger
+        rounds.update(resumed.rounds)
+        best.update(round=resumed.best["round"], arrays=None if resumed.best["arrays"] is None else ArrayRecord({k: Array(v) for k, v in resumed.best["arrays"].items()}))
+        latest.update(round=resumed.completed_round, arrays=ArrayRecord({k: Array(v) for k, v in resumed.arrays.items()}))
+        if secure is not None:
+            secure.rounds.update(resumed.secure_rounds)
+        if resumed.devices is not None and hasattr(grid, "restore_device_states"):
+            grid.restore_device_states(resumed.devices)
+    try:
+        if first_round <= num_rounds:
+            strategy.start(
+                grid=secure or stable,
+                initial_arrays=ArrayRecord({k: Array(v) for k, v in start_arrays.items()}),
+                num_rounds=num_rounds - first_round + 1,
+                train_config=ConfigRecord({}),
+                evaluate_config=ConfigRecord({}),
+            )
+    except BaseException as exc:
+        if store is not None:
+            store.finish_run(run_id, "failed", note=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    final = _numpy_arrays(latest["arrays"]) if latest["arrays"] is not None else dict(start_arrays)
+    if checkpoint_dir:
+        snapshot(num_rounds, final, finished=True)
+    if store is not None:
+        if privacy is not None:
+            store.record_round(run_id, max(rounds) if rounds else 0, metrics={}, epsilon=ledger.epsilon)
+        store.finish_run(run_id, "completed")
     if config.results_dir:
         out = Path(config.results_dir)
         out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out / "final_model.npz", **final)
         chosen = rounds.get(best["round"], {})
         summary = {
             "config": config.to_run_config(),

@@ -51,6 +51,17 @@ class InProcessGrid(Grid):
         }
         self._replies: dict[str, Message] = {}
 
+    # -- the devices' own state, for the server's checkpoint (fedpref.server.checkpoint) --
+    def device_states(self) -> dict[int, RecordDict]:
+        """What each virtual device keeps between rounds (its private vector): a real device
+        keeps it on the device; a simulation that plays the devices checkpoints it with the server."""
+        return {node: copy.deepcopy(context.state) for node, context in self._contexts.items()}
+
+    def restore_device_states(self, states: dict[int, RecordDict]) -> None:
+        for node, state in states.items():
+            if node in self._contexts:
+                self._contexts[node].state = copy.deepcopy(state)
+
     # -- the Grid interface -----------------------------------------------------------
     def set_run(self, run) -> None:  # noqa: D102 - nothing to set in-process
         pass

@@ -113,6 +113,26 @@ def recommend(store: StoreOption, k: int = 10) -> None:
 
 
 @device_app.command()
+def update(
+    store: StoreOption,
+    server: Annotated[str, typer.Option(help="The operator API serving published models, e.g. https://fl.example.com:8000.")],
+    public_key: Annotated[Path, typer.Option(help="The publisher's Ed25519 public key (PEM): models signed by another key are refused.")],
+) -> None:
+    """Fetch the latest published global model, verify its hash and signature, and keep it."""
+    from .model_fetch import ModelFetchError, ModelVerificationError
+
+    with _open(store) as device:
+        try:
+            result = device.update_model(server, public_key)
+        except (ModelFetchError, ModelVerificationError, ValueError, OSError) as exc:
+            _fail(str(exc))
+        if result.not_modified:
+            console.print(f"model {result.version} is current (nothing downloaded)")
+        else:
+            console.print(f"installed model {result.version} ({result.downloaded_bytes:,} bytes, signature and hash verified)")
+
+
+@device_app.command()
 def export(store: StoreOption, out: Annotated[Path | None, typer.Option(help="Write the JSON document here (default: print it).")] = None) -> None:
     """Everything the device holds about the person, as one JSON document."""
     with _open(store) as device:

@@ -244,6 +244,30 @@ class Device:
             raise ValueError("popularity must be one finite count per item")
         self.store.put_arrays("popularity", {"counts": counts})
 
+    def update_model(self, server: str, public_key, *, cache_dir: str | Path | None = None, timeout: float = 30.0):
+        """Fetch the latest published global model from ``server`` (``http(s)://host:port``),
+        verify its SHA-256 and its Ed25519 signature with ``public_key`` (PEM, or its path)
+        before use, and install it. An unchanged model costs no download (ETag); a model that
+        fails verification is refused and the device keeps the one it has. The request is
+        recorded in the record of what left (it carries no personal data).
+        Returns :class:`fedpref.client.model_fetch.FetchResult`."""
+        from .model_fetch import fetch_latest
+
+        if cache_dir is None:
+            if self.store.path == IN_MEMORY:
+                raise ValueError("an in-memory device needs cache_dir= for the models it fetches")
+            cache_dir = Path(self.store.path + ".models")
+        result = fetch_latest(server, public_key, cache_dir=cache_dir, timeout=timeout)
+        self.log_sent({
+            "time": self.clock(), "server": server, "message": "model-fetch", "arrays": [], "metrics": [], "configs": [],
+            "bytes": 0, "downloaded_bytes": result.downloaded_bytes, "model_version": result.version, "not_modified": result.not_modified,
+        })
+        if not result.not_modified or self.store.get_setting("model-version") != result.version:
+            meta = result.model.meta
+            spec = ModelSpec(kind=meta.get("kind", "mf"), dim=int(meta.get("dim", 64)), mlp_layers=tuple(meta.get("mlp_layers", (64, 32, 16))))
+            self.install_global(result.arrays, spec, version=result.version)
+        return result
+
     def popularity(self) -> np.ndarray | None:
         return self._cached("popularity", lambda: self.store.get_arrays("popularity").get("counts"))
 

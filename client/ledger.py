@@ -95,7 +95,8 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
     histograms = [e for e in sent if e.get("update") and e.get("task") == "popularity"]
     evaluations = [e for e in sent if e["message"].startswith("evaluate") and not e.get("update")]
     declined = [e for e in sent if e["message"] == "declined"]
-    others = [e for e in sent if e not in updates and e not in histograms and e not in evaluations and e not in declined]
+    fetches = [e for e in sent if e["message"] == "model-fetch"]
+    others = [e for e in sent if e not in updates and e not in histograms and e not in evaluations and e not in declined and e not in fetches]
     servers = sorted({host_of(e["server"]) for e in sent})
     bounds = sorted({e["clip_bound"] for e in updates if e.get("clip_bound") is not None})
     secure = sum(1 for e in updates if e.get("secure_aggregation"))
@@ -126,6 +127,9 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
         )
     if evaluations:
         lines.append(f"Sent {len(evaluations)} evaluation result{'s' if len(evaluations) != 1 else ''} (a few numbers each).")
+    if fetches:
+        new = sum(1 for e in fetches if not e.get("not_modified"))
+        lines.append(f"Asked for the latest shared model {len(fetches)} time{'s' if len(fetches) != 1 else ''} ({new} new, each checked against its signature).")
     if declined:
         lines.append(f"Declined {len(declined)} request{'s' if len(declined) != 1 else ''} (consent or conditions did not allow {'them' if len(declined) != 1 else 'it'}).")
     if not sent:
@@ -143,6 +147,7 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
         "popularity_contributions": len(histograms),
         "evaluations_sent": len(evaluations),
         "declined": len(declined),
+        "model_fetches": len(fetches),
         "other_messages": len(others),
         "servers": servers,
         "clip_bounds": bounds,

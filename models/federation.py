@@ -77,6 +77,8 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "run-name": "",  # the run's name in the run store (empty: the results folder's name)
     "checkpoint-dir": "",  # checkpoint after every round here (empty: <results-dir>/checkpoint; none without results-dir)
     "resume": True,  # an unfinished checkpoint of the same config is resumed from its last completed round
+    "publish-dir": "",  # publish every round's global model here, signed (empty: do not publish)
+    "publish-key": "",  # the Ed25519 signing key (PEM) for publish-dir (`fedpref signing-key` makes one)
 }
 
 
@@ -148,6 +150,8 @@ class FederatedConfig:
     run_name: str
     checkpoint_dir: str
     resume: bool
+    publish_dir: str
+    publish_key: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FederatedConfig:
@@ -264,6 +268,11 @@ class FederatedConfig:
             AvailabilityPattern.parse(self.availability)
         except ValueError as exc:
             raise bad("availability", str(exc)) from None
+        if bool(self.publish_dir) != bool(self.publish_key):
+            raise bad(
+                "publish-dir" if not self.publish_dir else "publish-key",
+                "publishing needs both publish-dir (where) and publish-key (the Ed25519 signing key; `fedpref signing-key --out FILE` makes one)",
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"the share of devices that drop out must lie in [0, 1), got {self.dropout}")
         if self.personalize_epochs < 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from logging import WARNING
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_fa
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
 from fedpref.server import checkpoint
+from fedpref.server.publish import ModelPublisher
 from fedpref.server.runstore import RunStore, default_url
 from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors, shares_per_device
 
@@ -401,7 +403,7 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint_dir = config.checkpoint_dir or (str(Path(config.results_dir) / "checkpoint") if config.results_dir else "")
     resumed = checkpoint.resumable(checkpoint_dir, config.to_run_config()) if checkpoint_dir and config.resume else None
     store = _open_run_store(config)
-    run_name = config.run_name or (Path(config.results_dir).name if config.results_dir else "run")
+    run_name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.run_name or (Path(config.results_dir).name if config.results_dir else "run")).strip("-.") or "run"
     if resumed is not None:
         log(WARNING, "resuming from the checkpoint in %s: rounds 1..%s are done", checkpoint_dir, resumed.completed_round)
         run_id = resumed.run_store_id
@@ -415,6 +417,21 @@ def main(grid: Grid, context: Context) -> None:
         )
     else:
         run_id = None
+
+    publisher = ModelPublisher(config.publish_dir, config.publish_key) if config.publish_dir else None
+    model_meta = {"kind": config.model_spec.kind, "dim": config.model_spec.dim, "mlp_layers": list(config.model_spec.mlp_layers)}
+
+    def publish(server_round: int, arrays: ArrayRecord) -> str | None:
+        """Sign and publish this round's global model (a resumed run does not publish a round twice)."""
+        if publisher is None:
+            return None
+        version = f"{run_name}-r{server_round:04d}"
+        if publisher.model_path(version).exists():
+            return version
+        manifest = publisher.publish(_numpy_arrays(arrays), version=version, round=server_round, run=run_name, meta=model_meta)
+        if store is not None:
+            store.record_model(run_id, version=version, server_round=server_round, sha256=manifest.sha256, size=manifest.size, signature=manifest.signature)
+        return version
 
     popularity = None
     if resumed is not None:
@@ -450,10 +467,14 @@ def main(grid: Grid, context: Context) -> None:
             if "clip-norm" in info:
                 row["clip-norm"] = info["clip-norm"]
             row["seconds"] = round(time.perf_counter() - started, 3)
+            version = publish(server_round, info["arrays"]) if info["arrays"] is not None else None
+            if version is not None:
+                row["model-version"] = version
             if store is not None:
                 store.record_round(
-                    run_id, server_round, metrics={k: v for k, v in row.items() if k not in ("round", "seconds", "replies", "dropped", "epsilon")},
+                    run_id, server_round, metrics={k: v for k, v in row.items() if k not in ("round", "seconds", "replies", "dropped", "epsilon", "model-version")},
                     seconds=row["seconds"], participants=row.get("replies", 0), dropped=row.get("dropped", 0), epsilon=row.get("epsilon"),
+                    model_version=version,
                 )
             for callback in _round_callbacks:
                 callback({"event": "train", **row})

@@ -31,7 +31,7 @@ class Run(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200), index=True)
-    flower_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    flower_run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # Flower's run ids are unsigned 64-bit: too large for SQLite's INTEGER
     status: Mapped[str] = mapped_column(String(20))  # running | completed | failed | stopped
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -183,11 +183,11 @@ class RunStore:
             raise RunStoreError(f"cannot use the run store {url!r}: {exc}") from None
 
     # -- writing (the ServerApp) -----------------------------------------------------
-    def start_run(self, *, name: str, config: dict, devices: int, items: int, rounds_planned: int, flower_run_id: int | None = None,
+    def start_run(self, *, name: str, config: dict, devices: int, items: int, rounds_planned: int, flower_run_id: int | str | None = None,
                   dp: bool = False, secure_aggregation: bool = False, delta: float | None = None, target_epsilon: float | None = None) -> int:
         with Session(self.engine) as session, session.begin():
             run = Run(
-                name=name, flower_run_id=flower_run_id, status="running", started_at=_now(), config=config, devices=devices, items=items,
+                name=name, flower_run_id=None if flower_run_id is None else str(flower_run_id), status="running", started_at=_now(), config=config, devices=devices, items=items,
                 rounds_planned=rounds_planned, dp=dp, secure_aggregation=secure_aggregation, delta=delta, target_epsilon=target_epsilon,
             )
             session.add(run)

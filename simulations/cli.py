@@ -328,6 +328,18 @@ def dev_certs(
     console.print(f"flower-superlink --ssl-ca-certfile {paths['ca']} --ssl-certfile {paths['cert']} --ssl-keyfile {paths['key']} --enable-supernode-auth ...")
 
 
+@app.command("signing-key")
+def signing_key(out: Annotated[Path, typer.Option(help="The private key's file (PEM, mode 600); the public key goes to OUT.pub.")] = Path("signing.key")) -> None:
+    """An Ed25519 key for signing published models (run-config publish-key); give devices OUT.pub."""
+    from fedpref.server.publish import generate_signing_key
+
+    try:
+        private, public = generate_signing_key(out)
+    except (FileExistsError, OSError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {private} (keep it on the server) and {public} (give it to devices)")
+
+
 @app.command()
 def population(
     dataset: Dataset = "movielens-small",

@@ -3,7 +3,7 @@ chromedriver, through Selenium): changing consent in the page changes the device
 erase empties the store; the API refuses changes without the page's token and requests for
 another host.
 
-Chromium is installed by `.ci/setup-browser` (root, Debian); without it these tests skip,
+Chromium is installed by `.ci/setup-system` (root, Debian); without it these tests skip,
 except under CI (CI=true), where a missing browser is a failure."""
 
 import json
@@ -50,8 +50,8 @@ def page(device):
 def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are missing: .ci/setup-browser installs them")
-        pytest.skip("chromium / chromedriver not installed (run .ci/setup-browser as root)")
+            pytest.fail("chromium and chromedriver are missing: .ci/setup-system installs them")
+        pytest.skip("chromium / chromedriver not installed (run .ci/setup-system as root)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

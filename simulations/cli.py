@@ -328,6 +328,28 @@ def dev_certs(
     console.print(f"flower-superlink --ssl-ca-certfile {paths['ca']} --ssl-certfile {paths['cert']} --ssl-keyfile {paths['key']} --enable-supernode-auth ...")
 
 
+@app.command()
+def serve(
+    run_store: Annotated[Optional[str], typer.Option(help="The run store's SQLAlchemy URL or file (default: FEDPREF_RUN_STORE, else sqlite:///runs.sqlite).")] = None,
+    publish_dir: Annotated[Optional[Path], typer.Option(help="Serve the signed models published here at /models (default: FEDPREF_PUBLISH_DIR).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default: FEDPREF_HOST, else 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default: FEDPREF_PORT, else 8000).")] = None,
+) -> None:
+    """The operator API and dashboard (FastAPI, uvicorn) over a run store. Settings come from
+    FEDPREF_* variables (docs/operations.md); outside development FEDPREF_API_KEYS must hold real keys."""
+    from pydantic import ValidationError
+
+    from fedpref.server.api import serve as serve_api
+    from fedpref.server.settings import OperatorSettings
+
+    overrides = {k: v for k, v in (("run_store", run_store), ("publish_dir", publish_dir), ("host", host), ("port", port)) if v is not None}
+    try:
+        settings = OperatorSettings(**overrides)
+    except ValidationError as exc:
+        _fail("the operator API's settings are not valid:\n" + "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()))
+    serve_api(settings)
+
+
 @app.command("signing-key")
 def signing_key(out: Annotated[Path, typer.Option(help="The private key's file (PEM, mode 600); the public key goes to OUT.pub.")] = Path("signing.key")) -> None:
     """An Ed25519 key for signing published models (run-config publish-key); give devices OUT.pub."""

@@ -232,6 +232,8 @@ class RunStore:
             raise ValueError(f"a run finishes as completed, failed or stopped, not {status!r}")
         with Session(self.engine) as session, session.begin():
             run = self._get(session, run_id)
+            if run.status == "stopped" and status == "failed":
+                return  # an operator stopped it: the ServerApp's failure that follows is that stop
             run.status, run.finished_at = status, _now()
             if note:
                 run.note = note

@@ -151,3 +151,26 @@ def test_a_run_started_through_the_api_shows_its_rounds_while_it_runs(tmp_path, 
     _, rounds = call(api, f"/api/runs/{run['id']}/rounds")
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     assert all(r["participants"] == N_DEVICES for r in rounds)
+
+    # A long run, stopped through the API (which asks Flower: flwr stop) once it has a round.
+    status, long = call(api, "/api/runs", body={"run_config": {
+        "history-dir": str(population), "results-dir": str(tmp_path / "long"), "run-store": run_store, "run-name": "long",
+        "num-server-rounds": 100, "min-train-nodes": N_DEVICES, "fraction-evaluate": 0.0, "dim": 8,
+    }})
+    assert status == 202, long
+    deadline = time.time() + 200
+    while time.time() < deadline:
+        _, runs = call(api, "/api/runs")
+        run = next((r for r in runs if r["name"] == "long"), None)
+        if run is not None and run["rounds_done"] >= 1:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"the long run never finished a round; logs in {processes.logs}")
+    status, stopped = call(api, f"/api/runs/flower/{long['flower_run_id']}/stop", body={})
+    assert status == 200 and stopped["stopped"] and stopped["store_runs_marked_stopped"] == [run["id"]], stopped
+    time.sleep(3)  # the ServerApp is ended by its SuperLink; the store keeps "stopped"
+    _, after = call(api, f"/api/runs/{run['id']}")
+    assert after["status"] == "stopped" and after["rounds_done"] < 100
+    _, flower_runs = call(api, "/api/flower/runs")
+    assert any(r["flower_run_id"] == long["flower_run_id"] and "stopped" in str(r.get("status")) for r in flower_runs), flower_runs

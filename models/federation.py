@@ -27,6 +27,8 @@ POPULARITY_TASK = "popularity"
 # key -> default. The order is the order of `--help`.
 RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "history-dir": "",  # the device histories (written by `fedpref simulate` / `fedpref population`)
+    "catalogue-size": 0,  # real devices: the number of items in the catalogue (0: from history-dir's meta.json)
+    "devices": 0,  # real devices: how many the server waits for and samples from, its population for DP accounting (0: from history-dir)
     "num-server-rounds": 50,
     "fraction-train": 1.0,  # share of devices that train each round
     "min-train-nodes": 2,  # at least this many devices per round
@@ -100,6 +102,8 @@ class FederatedConfig:
     """The run config, typed. Built with :meth:`from_run_config`."""
 
     history_dir: str
+    catalogue_size: int
+    devices: int
     num_server_rounds: int
     fraction_train: float
     min_train_nodes: int
@@ -188,6 +192,12 @@ class FederatedConfig:
         def bad(key: str, why: str) -> RunConfigError:
             return RunConfigError(f"run-config {key!r}: {why}")
 
+        if self.catalogue_size < 0 or self.devices < 0:
+            raise bad("catalogue-size" if self.catalogue_size < 0 else "devices", "must be 0 (from history-dir) or a positive count")
+        if bool(self.catalogue_size) != bool(self.devices):
+            raise bad("catalogue-size" if not self.catalogue_size else "devices", "give both catalogue-size and devices (or neither, to read them from history-dir)")
+        if self.catalogue_size == 1:
+            raise bad("catalogue-size", "a catalogue needs at least 2 items")
         if self.num_server_rounds < 1:
             raise bad("num-server-rounds", "must be at least 1")
         if not 0.0 < self.fraction_train <= 1.0:

@@ -131,12 +131,16 @@ def device_keys(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, 
 
 
 def population_meta(config: FederatedConfig) -> dict:
-    """The catalogue size (public) and the number of devices, from the population folder."""
+    """The catalogue size (public) and the number of devices: run-config ``catalogue-size`` and
+    ``devices`` (real devices), or the population folder's ``meta.json`` (a simulation)."""
+    if config.catalogue_size:
+        return {"n_users": config.devices, "n_items": config.catalogue_size}
     meta = Path(config.history_dir) / "meta.json"
     if not config.history_dir or not meta.exists():
         raise FileNotFoundError(
-            "the server needs the item catalogue's size: set run-config 'history-dir' to a folder "
-            "written by `fedpref population` or `fedpref simulate`"
+            "the server needs the item catalogue's size and the number of devices: set run-config "
+            "'catalogue-size' and 'devices' (real devices), or 'history-dir' to a folder written by "
+            "`fedpref population` or `fedpref simulate`"
         )
     return json.loads(meta.read_text())
 

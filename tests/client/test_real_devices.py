@@ -209,7 +209,7 @@ def test_three_real_devices_record_exactly_what_the_server_received(deployment):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         interactions = generate_synthetic(SyntheticConfig(n_users=N_DEVICES, n_items=300, mean_events=20, seed=0)).interactions
-    population = write_population(leave_one_out(interactions, seed=0), tmp_path / "population")  # the catalogue size, for the server
+    population = write_population(leave_one_out(interactions, seed=0), tmp_path / "population")  # the people's histories, for their stores
     stores = write_device_stores(population, tmp_path / "stores")
     for i in range(N_DEVICES):
         with Device.open(stores / f"device-{i}.sqlite") as device:  # the app's side
@@ -239,7 +239,8 @@ def test_three_real_devices_record_exactly_what_the_server_received(deployment):
         ])
 
     results = tmp_path / "results"
-    run_config = (f"history-dir='{population}' results-dir='{results}' num-server-rounds={ROUNDS} min-train-nodes={N_DEVICES} "
+    n_items = json.loads((population / "meta.json").read_text())["n_items"]  # the catalogue, as an operator knows it
+    run_config = (f"catalogue-size={n_items} devices={N_DEVICES} results-dir='{results}' num-server-rounds={ROUNDS} min-train-nodes={N_DEVICES} "
                   "fraction-evaluate=0.0 dim=8 clip-norm=0.5")
     code, out = procs.run("flwr-run", [str(BIN / "flwr"), "run", str(write_app(tmp_path / "app")), CONNECTION, "--run-config", run_config, "--format", "json"], timeout=300)
     assert code == 0 and json_in(out).get("success") is True, out

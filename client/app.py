@@ -42,6 +42,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from fedpref.models.contract import Params
 from fedpref.models.federation import POPULARITY_TASK, SECAGG_ARRAY_NAMES, SECAGG_COHORT, TASK, FederatedConfig
 from fedpref.models.availability import AvailabilityPattern
+from fedpref.models.encoding import decode, encode_within
+from fedpref.models.encoding import norm as encoded_norm
 from fedpref.models.metrics import ndcg, rank_of_target
 from fedpref.models.train import LocalData
 
@@ -332,6 +334,12 @@ def train(msg: Message, context: Context) -> Message:
     if config.dp and config.dp_clipping == "adaptive":  # this round's C, set by the server's wrapper
         bound = float(msg.content["config"][KEY_CLIPPING_NORM])
     weights, norm, clipped = encode_update(shared, update, bound)
+    sent_norm = min(norm, bound)
+    if config.update_encoding != "float32":  # send the clipped update itself, encoded (fedpref.models.encoding)
+        clipped_update, _, _ = clip_update(update, bound)
+        coin = np.random.default_rng([config.seed, device_index(context), server_round, 4])  # stochastic rounding
+        weights = encode_within(clipped_update, config.update_encoding, bound, coin)
+        sent_norm = encoded_norm(decode(weights, list(shared), config.update_encoding))  # as the server will decode it
     if config.dp:
         # Under DP every update carries the same weight and nothing else leaves: the example
         # count, the loss and the norm before clipping are outside the noise's protection.
@@ -357,9 +365,10 @@ def train(msg: Message, context: Context) -> Message:
         context,
         update=True,
         task="training",
-        update_norm=float(min(norm, bound)),
+        update_norm=float(sent_norm),
         clipped=bool(clipped),
         clip_bound=float(bound),
+        encoding=config.update_encoding,
         secure_aggregation=False,
         noise=_noise_details(config, config.dp_noise_multiplier, 0.0),
     )

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 from .availability import AvailabilityPattern
+from .encoding import ENCODINGS
 from .preference import ModelSpec
 from .train import LOSSES, TrainConfig, default_config
 
@@ -51,6 +52,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "l2": 0.01,
     "batch-size": 64,
     "clip-norm": 10.0,  # C: the L2 norm bound of every update that leaves a device
+    "update-encoding": "float32",  # how an update travels: float32 (weights), float16 or int8 (the update, stochastic rounding)
     "dp-noise-multiplier": 0.0,  # z > 0 turns on user-level DP: Gaussian noise z*C on the sum of each round's updates
     "dp-delta": 0.0,  # delta of the reported (epsilon, delta); 0: 1/(10 N) for a population of N
     "dp-clipping": "fixed",  # with DP: fixed (C = clip-norm) or adaptive (C starts at clip-norm and follows dp-target-quantile)
@@ -126,6 +128,7 @@ class FederatedConfig:
     l2: float
     batch_size: int
     clip_norm: float
+    update_encoding: str
     dp_noise_multiplier: float
     dp_delta: float
     dp_clipping: str
@@ -219,6 +222,10 @@ class FederatedConfig:
         for key, value in (("server-lr-end", self.server_lr_end), ("lr-end", self.lr_end)):
             if not 0.0 < value <= 1.0:
                 raise bad(key, f"the fraction of the step size left at the last round must lie in (0, 1], got {value}")
+        if self.update_encoding not in ENCODINGS:
+            raise bad("update-encoding", f"choose one of {', '.join(ENCODINGS)}, got {self.update_encoding!r}")
+        if self.update_encoding != "float32" and self.secagg:
+            raise bad("update-encoding", "secure aggregation quantises updates itself: use update-encoding=float32 with secagg")
         if self.dp_noise_multiplier < 0:
             raise bad("dp-noise-multiplier", f"must be 0 (no DP) or positive, got {self.dp_noise_multiplier}")
         if not 0.0 <= self.dp_delta < 1.0:

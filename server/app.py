@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
+from fedpref.models.encoding import EncodingError, decode
 from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
@@ -145,6 +146,27 @@ def population_meta(config: FederatedConfig) -> dict:
     return json.loads(meta.read_text())
 
 
+def _decoded(reply: Message, sent_global: dict, encoding: str) -> Message:
+    """A reply carrying an encoded update, turned into the float32 weights ``global + update``
+    that Flower's strategies average. A reply that cannot be decoded counts as dropped."""
+    if reply.has_error():
+        return reply
+    try:
+        arrays = reply.content["arrays"]
+        update = decode({k: arrays[k].numpy() for k in arrays}, list(sent_global), encoding)
+    except (EncodingError, KeyError) as exc:
+        return _as_error(reply, f"undecodable {encoding} update: {exc}")
+    reply.content["arrays"] = ArrayRecord({k: Array((sent_global[k].astype(np.float32) + update[k]).astype(sent_global[k].dtype)) for k in sent_global})
+    return reply
+
+
+def _as_error(reply: Message, reason: str) -> Message:
+    log(WARNING, "dropping a reply from node %s: %s", reply.metadata.src_node_id, reason)
+    error = Message(Error(code=0, reason=reason), reply_to=reply)
+    error.metadata.__dict__["_src_node_id"] = reply.metadata.src_node_id
+    return error
+
+
 def _in_devices_dtype(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
     """``arrays`` cast back to the dtype the devices sent. FedAdam and FedYogi step with a
     NumPy float64 scalar, which promotes float32 arrays to float64: the next round would
@@ -220,6 +242,7 @@ def make_strategy(
                 before_round(server_round, arrays)
             if central_noise:  # this round's clipping bound (adaptive clipping moves it)
                 cfg[KEY_CLIPPING_NORM] = float(self.dp_wrapper.clipping_norm)
+            self._sent_global = {k: arrays[k].numpy() for k in arrays}  # encoded updates are added to it
             return super().configure_train(server_round, arrays, cfg, grid)
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
@@ -233,6 +256,8 @@ def make_strategy(
             # A device that dropped out (an error reply) is left out: the round goes on with
             # the devices that answered. (Flower's DP wrappers would skip the whole round.)
             replies = list(replies)
+            if config.update_encoding != "float32":
+                replies = [_decoded(r, self._sent_global, config.update_encoding) for r in replies]
             dropped = sum(1 for r in replies if r.has_error())
             replies = [r for r in replies if not r.has_error()]
             if central_noise:

@@ -1,0 +1,78 @@
+"""How a device's clipped update travels: as float32 weights (the default), or encoded as the
+update itself in float16 or in 8 bits with stochastic rounding (run-config ``update-encoding``).
+
+- ``float32``: the device sends ``global + update`` and Flower's strategy averages weights.
+- ``float16``: the update, cast to half precision (2 bytes a value).
+- ``int8``: per array, ``scale = max|u| / 127`` and ``q = floor(u / scale + U)`` with ``U``
+  uniform on [0, 1), so that ``E[q * scale] = u`` (stochastic rounding, unbiased); 1 byte a
+  value plus the scale, sent as a one-element float32 array named ``<name>#scale``.
+
+The device checks that the update the server will decode is still within the clipping bound
+(rounding can lengthen it) and shrinks it until it is; the server decodes each reply and adds
+it to the global arrays it sent before the strategy aggregates. Both sides use this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+ENCODINGS = ("float32", "float16", "int8")
+SCALE_SUFFIX = "#scale"
+
+
+class EncodingError(ValueError):
+    """An encoded update is malformed."""
+
+
+def encode(update: Mapping[str, np.ndarray], encoding: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The arrays that carry ``update`` in ``encoding`` (not ``float32``: that one sends weights)."""
+    if encoding == "float16":
+        return {k: np.asarray(v, dtype=np.float16) for k, v in update.items()}
+    if encoding == "int8":
+        out: dict[str, np.ndarray] = {}
+        for name, value in update.items():
+            v = np.asarray(value, dtype=np.float64)
+            top = float(np.max(np.abs(v))) if v.size else 0.0
+            scale = top / 127.0 if top > 0 else 1.0
+            q = np.floor(v / scale + rng.random(v.shape))
+            out[name] = np.clip(q, -127, 127).astype(np.int8)
+            out[name + SCALE_SUFFIX] = np.array([scale], dtype=np.float32)
+        return out
+    raise EncodingError(f"unknown update encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+
+
+def decode(arrays: Mapping[str, np.ndarray], names: tuple[str, ...] | list[str], encoding: str) -> dict[str, np.ndarray]:
+    """The float32 update carried by ``arrays`` (names: the shared arrays expected)."""
+    expected = set(names) if encoding == "float16" else set(names) | {n + SCALE_SUFFIX for n in names}
+    if set(arrays) != expected:
+        raise EncodingError(f"an {encoding} update carries arrays {sorted(expected)}, got {sorted(arrays)}")
+    if encoding == "float16":
+        return {n: np.asarray(arrays[n], dtype=np.float32) for n in names}
+    if encoding == "int8":
+        out = {}
+        for n in names:
+            q, scale = np.asarray(arrays[n]), np.asarray(arrays[n + SCALE_SUFFIX])
+            if q.dtype != np.int8 or scale.shape != (1,) or not np.isfinite(scale).all() or scale[0] <= 0:
+                raise EncodingError(f"array {n!r}: an int8 update needs int8 values and one positive finite scale")
+            out[n] = (q.astype(np.float32) * scale.astype(np.float32)[0]).astype(np.float32)
+        return out
+    raise EncodingError(f"unknown update encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+
+
+def norm(update: Mapping[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64)))) for a in update.values())))
+
+
+def encode_within(update: Mapping[str, np.ndarray], encoding: str, bound: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``encode(update)``, shrunk until the decoded update's norm is at most ``bound``."""
+    names = list(update)
+    current = {k: np.asarray(v, dtype=np.float64) for k, v in update.items()}
+    for _ in range(50):
+        sent = encode(current, encoding, rng)
+        got = norm(decode(sent, names, encoding))
+        if got <= bound:
+            return sent
+        current = {k: v * (bound / got) * (1.0 - 1e-3) for k, v in current.items()}
+    raise EncodingError(f"could not bring the {encoding} update within the clipping bound {bound}")

@@ -29,16 +29,16 @@ class EncodingError(ValueError):
 def encode(update: Mapping[str, np.ndarray], encoding: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The arrays that carry ``update`` in ``encoding`` (not ``float32``: that one sends weights)."""
     if encoding == "float16":
-        return {k: np.asarray(v, dtype=np.float16) for k, v in update.items()}
+        return {k: np.asarray(v, dtype=np.float32).astype(np.float16) for k, v in update.items()}  # float32 -> float16 is the fast cast
     if encoding == "int8":
         out: dict[str, np.ndarray] = {}
         for name, value in update.items():
-            v = np.asarray(value, dtype=np.float64)
+            v = np.asarray(value, dtype=np.float32)
             top = float(np.max(np.abs(v))) if v.size else 0.0
-            scale = top / 127.0 if top > 0 else 1.0
-            q = np.floor(v / scale + rng.random(v.shape))
+            scale = np.float32(top / 127.0 if top > 0 else 1.0)
+            q = np.floor(v / scale + rng.random(v.shape, dtype=np.float32))
             out[name] = np.clip(q, -127, 127).astype(np.int8)
-            out[name + SCALE_SUFFIX] = np.array([scale], dtype=np.float32)
+            out[name + SCALE_SUFFIX] = np.array([scale], dtype=np.float32)  # decoded as q * scale in float32, as encoded
         return out
     raise EncodingError(f"unknown update encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
@@ -62,17 +62,22 @@ def decode(arrays: Mapping[str, np.ndarray], names: tuple[str, ...] | list[str],
 
 
 def norm(update: Mapping[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64)))) for a in update.values())))
+    """L2 norm over every array, accumulated in float64."""
+    total = 0.0
+    for a in update.values():
+        flat = np.asarray(a).ravel()
+        total += float(np.dot(flat, flat)) if flat.dtype == np.float64 else float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
+    return float(np.sqrt(total))
 
 
 def encode_within(update: Mapping[str, np.ndarray], encoding: str, bound: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """``encode(update)``, shrunk until the decoded update's norm is at most ``bound``."""
     names = list(update)
-    current = {k: np.asarray(v, dtype=np.float64) for k, v in update.items()}
+    current = {k: np.asarray(v, dtype=np.float32) for k, v in update.items()}
     for _ in range(50):
         sent = encode(current, encoding, rng)
         got = norm(decode(sent, names, encoding))
         if got <= bound:
             return sent
-        current = {k: v * (bound / got) * (1.0 - 1e-3) for k, v in current.items()}
+        current = {k: (v * np.float32(bound / got * (1.0 - 1e-3))).astype(np.float32) for k, v in current.items()}
     raise EncodingError(f"could not bring the {encoding} update within the clipping bound {bound}")

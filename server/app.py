@@ -448,6 +448,13 @@ def main(grid: Grid, context: Context) -> None:
         run_id = None
 
     publisher = ModelPublisher(config.publish_dir, config.publish_key) if config.publish_dir else None
+    if publisher is not None and resumed is None:
+        taken = [v for v in publisher.versions() if v.startswith(f"{run_name}-r")]
+        if taken:  # a published version never changes: a new run may not reuse the names
+            raise RunConfigError(
+                f"publish-dir {config.publish_dir} already holds versions of a run named {run_name!r} ({taken[0]}, ...): "
+                "give this run another run-name, or publish to another folder"
+            )
     model_meta = {"kind": config.model_spec.kind, "dim": config.model_spec.dim, "mlp_layers": list(config.model_spec.mlp_layers)}
 
     def publish(server_round: int, arrays: ArrayRecord) -> str | None:

@@ -96,6 +96,17 @@ def test_a_device_installs_the_verified_latest_model_and_refuses_a_tampered_one(
     np.testing.assert_array_equal(device.global_model()["item_embedding.weight"], final["item_embedding.weight"])
 
 
+def test_a_new_run_may_not_reuse_published_names(published, synthetic_population):
+    tmp_path, _ = published
+    population = synthetic_population(tmp_path / "again", N_DEVICES, n_items=150, mean_events=12, seed=6)
+    config = FederatedConfig.from_run_config({
+        "history-dir": str(population), "results-dir": str(tmp_path / "other" / "run"), "num-server-rounds": 1, "dim": 8,
+        "publish-dir": str(tmp_path / "models"), "publish-key": str(tmp_path / "signing.key"),
+    })
+    with pytest.raises(RunConfigError, match="already holds versions of a run named 'run'"):
+        run_inprocess(config, n_devices=N_DEVICES)
+
+
 def test_publishing_needs_a_key():
     with pytest.raises(RunConfigError, match="publish-key"):
         FederatedConfig.from_run_config({"publish-dir": "models"})

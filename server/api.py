@@ -648,6 +648,7 @@ API_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 RUN_RESPONSES: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such run in the run store."}}
 FLOWER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The request body is not valid JSON (for example, not UTF-8)."},
     404: {"model": Problem, "description": "The SuperLink knows no such run."},
     409: {"model": Problem, "description": "The run has already finished."},
     502: {"model": Problem, "description": "The SuperLink refused the request (its message is the detail)."},

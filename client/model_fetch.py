@@ -57,7 +57,8 @@ class ModelVerificationError(Exception):
 
     ``check`` names the check: ``manifest`` (malformed), ``key`` (signed by a key this device
     does not trust), ``signature``, ``size``, ``sha256``, ``format`` (the model file itself is
-    malformed) or ``identity`` (the model file and its manifest name different versions)."""
+    malformed), ``identity`` (the model file and its manifest name different versions) or
+    ``rollback`` (an older round of the run whose newer model the device already has)."""
 
     def __init__(self, check: str, message: str) -> None:
         super().__init__(f"model refused, {check} check failed: {message}")
@@ -244,6 +245,13 @@ def fetch_latest(base_url: str, public_key: PublicKey, *, cache_dir: str | Path,
         raise _http_error(manifest_url, manifest_status, manifest_bytes)
     manifest = _parse_manifest(manifest_bytes)
     model = verify_model(body, manifest, key)  # raises before anything is cached
+    if cached is not None and cached[1].run == manifest.run and manifest.round < cached[1].round:
+        # A validly signed but older model of the same run, served as the latest: a rollback.
+        raise ModelVerificationError(
+            "rollback",
+            f"the server offers {manifest.version} (round {manifest.round}) of run {manifest.run!r}, older than the "
+            f"{cached[1].version} (round {cached[1].round}) this device already has",
+        )
     _replace(cache_dir / CACHED_MODEL, body)  # model, then manifest: a crash between leaves a pair
     _replace(cache_dir / CACHED_MANIFEST, manifest_bytes)  # that fails verification and is fetched again
     return FetchResult(model=model, manifest=manifest, downloaded_bytes=len(body) + len(manifest_bytes), not_modified=False)

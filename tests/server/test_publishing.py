@@ -134,6 +134,19 @@ def test_a_model_file_with_one_byte_flipped_is_refused_and_the_cached_model_stay
     assert cached_model(tmp_path / "device-cache", keys[1]).version == "run7-r0001"
 
 
+def test_an_older_round_served_as_the_latest_is_refused_as_a_rollback(publisher, fetch, keys, tmp_path):
+    publish(publisher, 1)
+    publish(publisher, 2)
+    assert fetch().version == "run7-r0002"
+    before = cache_files(tmp_path)
+    # A mirror (or an attacker) serves round 1's validly signed manifest as the latest.
+    (publisher.folder / "latest.json").write_bytes((publisher.folder / "run7-r0001.json").read_bytes())
+    with pytest.raises(ModelVerificationError, match="rollback check failed") as refused:
+        fetch()
+    assert refused.value.check == "rollback"
+    assert cache_files(tmp_path) == before
+
+
 def test_a_model_signed_by_another_key_is_refused(publisher, fetch, tmp_path):
     publish(publisher, 1)
     fetch()

@@ -292,8 +292,8 @@ class Device:
         The caller (the ClientApp) checks consent first; this checks it again."""
         if not self.consent.federated:
             raise PermissionError("consent does not include federated training: this device sends no update")
-        items = self._training_items(self._n_items_of(shared, config.model_spec))
-        update, private, metrics = local_round(config, shared, self.private(), items, self._n_items_of(shared, config.model_spec), rng, server_round)
+        n_items = self._n_items_of(shared, config.model_spec)
+        update, private, metrics = local_round(config, shared, self.private(), self._training_items(n_items), n_items, rng, server_round)
         self.set_private(private)
         self.store.add_training("federated", self._events_used(), server_round)
         return update, metrics

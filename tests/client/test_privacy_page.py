@@ -7,8 +7,6 @@ Chromium is installed by `.ci/setup-system` (root, Debian); without it these tes
 except under CI (CI=true), where a missing browser is a failure."""
 
 import json
-import os
-import shutil
 import urllib.error
 import urllib.request
 
@@ -17,10 +15,6 @@ import pytest
 
 from fedpref.client import Device
 from fedpref.models.preference import ModelSpec
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
 
 @pytest.fixture()
 def device(tmp_path):
@@ -44,27 +38,6 @@ def page(device):
     handle = device.serve_privacy_page()
     yield handle
     handle.stop()
-
-
-@pytest.fixture()
-def browser():
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are missing: .ci/setup-system installs them")
-        pytest.skip("chromium / chromedriver not installed (run .ci/setup-system as root)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()  # stops the chromedriver it started, by its own process
 
 
 def wait_for(driver, condition, timeout=15):

@@ -22,7 +22,6 @@ import tomllib
 import warnings
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fedpref.client import Device
@@ -96,17 +95,11 @@ def main(grid, context):
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Processes:
     """Processes this test started, stopped by PID with their descendants."""
 
-    def __init__(self, logs: Path, env: dict) -> None:
-        self.logs, self.env, self.started = logs, env, []
+    def __init__(self, logs: Path, env: dict, stop_tree) -> None:
+        self.logs, self.env, self.started, self.stop_tree = logs, env, [], stop_tree
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen:
         with (self.logs / f"{name}.log").open("w") as out:
@@ -127,26 +120,7 @@ class Processes:
         return proc.returncode, log.read_text()
 
     def stop(self, proc: subprocess.Popen) -> None:
-        try:
-            family = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _, alive = psutil.wait_procs(family, timeout=5)  # a SuperExec leaves on its own once its parent is gone
-        for p in alive:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(alive, timeout=5)
-        for p in alive:
-            p.kill()
+        self.stop_tree(proc)
 
     def stop_all(self) -> None:
         for proc in reversed(self.started):  # the devices first, the SuperLink last
@@ -189,21 +163,21 @@ def write_app(folder: Path) -> Path:
 
 
 @pytest.fixture()
-def deployment(tmp_path):
+def deployment(tmp_path, stop_process_tree):
     logs = tmp_path / "logs"
     home = tmp_path / "flwr-home"
     for d in (logs, home):
         d.mkdir()
     env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", NO_COLOR="1")
-    procs = Processes(logs, env)
+    procs = Processes(logs, env, stop_process_tree)
     try:
         yield tmp_path, procs
     finally:
         procs.stop_all()
 
 
-def test_three_real_devices_record_exactly_what_the_server_received(deployment):
+def test_three_real_devices_record_exactly_what_the_server_received(deployment, free_port):
     tmp_path, procs = deployment
     certs = write_dev_certificates(tmp_path / "certs")
     with warnings.catch_warnings():

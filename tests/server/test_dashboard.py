@@ -4,12 +4,10 @@ for a key and shows nothing before; with the key it lists the runs and draws the
 run's metric, ε and participation curves as SVG; a round recorded while the page is open
 appears at the next refresh; the Content-Security-Policy blocks nothing the page needs.
 
-Chromium is installed by `.ci/setup-browser` (root, Debian); without it these tests skip,
+Chromium is installed by `.ci/setup-system` (root, Debian); without it these tests skip,
 except under CI (CI=true), where a missing browser is a failure."""
 
 import os
-import shutil
-import socket
 import threading
 import time
 
@@ -20,16 +18,8 @@ from fedpref.server.api import FlowerControl, create_app
 from fedpref.server.runstore import RunStore
 from fedpref.server.settings import OperatorSettings
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 KEY = "dashboard-operator-key-0123456789abcdef"
 RUN_NAME = "nightly-dp-run"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
@@ -55,7 +45,7 @@ def runs(store):
 
 
 @pytest.fixture()
-def served(monkeypatch, store, runs):
+def served(monkeypatch, store, runs, free_port):
     """The operator API on 127.0.0.1:<free port> in a background thread, stopped by should_exit."""
     for name in list(os.environ):
         if name.startswith("FEDPREF_"):
@@ -73,28 +63,6 @@ def served(monkeypatch, store, runs):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
-
-
-@pytest.fixture()
-def browser():
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are missing: .ci/setup-browser installs them")
-        pytest.skip("chromium / chromedriver not installed (run .ci/setup-browser as root)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to read console errors (CSP violations among them)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()  # stops the chromedriver it started, by its own process
 
 
 def wait_for(driver, condition, timeout=15):

@@ -17,7 +17,6 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
@@ -30,12 +29,6 @@ N_DEVICES, ROUNDS = 4, 4
 KEY = "operator-key-for-the-test-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while True:
@@ -45,29 +38,6 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float =
         if proc.poll() is not None or time.time() > deadline:
             pytest.fail(f"{what} did not listen on 127.0.0.1:{port}")
         time.sleep(0.3)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    _, alive = psutil.wait_procs(family, timeout=5)  # a SuperExec leaves once its parent is gone
-    for p in alive:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    for p in alive:
-        p.kill()
 
 
 def call(port: int, path: str, *, body: dict | None = None, key: str | None = KEY) -> tuple[int, object]:
@@ -84,7 +54,7 @@ def call(port: int, path: str, *, body: dict | None = None, key: str | None = KE
 
 
 @pytest.fixture()
-def processes(tmp_path):
+def processes(tmp_path, stop_process_tree):
     started: list[subprocess.Popen] = []
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -100,10 +70,10 @@ def processes(tmp_path):
         yield start
     finally:
         for proc in reversed(started):
-            stop(proc)
+            stop_process_tree(proc)
 
 
-def test_a_run_started_through_the_api_shows_its_rounds_while_it_runs(tmp_path, processes):
+def test_a_run_started_through_the_api_shows_its_rounds_while_it_runs(tmp_path, processes, free_port):
     home = tmp_path / "flwr-home"
     home.mkdir()
     env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -24,6 +24,11 @@ SECAGG_ARRAY_NAMES = "secagg-array-names"  # the order of the shared arrays in t
 SECAGG_COHORT = "secagg-cohort"  # m, for each device's share of distributed noise
 TASK = "task"  # a secure round's task: absent for training, POPULARITY_TASK for the histogram
 POPULARITY_TASK = "popularity"
+# A reply that stands for several devices' replies (the fast engine's, fedpref.simulations.fast):
+# its arrays and metrics are their weighted average, its "num-examples" their summed weight, and
+# this ConfigRecord says how many devices it covers ("devices"), how many of those asked did
+# not reply ("dropped") and, with adaptive clipping, how many sent the norm bit ("norm-bits").
+PARTIAL_AGGREGATE = "partial-aggregate"
 
 # key -> default. The order is the order of `--help`.
 RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
@@ -79,7 +84,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "results-dir": "",  # where the ServerApp writes per-round metrics (empty: do not write)
     "run-store": "",  # SQLAlchemy URL of the run store (empty: sqlite <results-dir>/runs.sqlite; none without results-dir)
     "run-name": "",  # the run's name in the run store (empty: the results folder's name)
-    "checkpoint-dir": "",  # checkpoint after every round here (empty: <results-dir>/checkpoint; none without results-dir)
+    "checkpoint-dir": "",  # checkpoint after every round here (empty: <results-dir>/checkpoint, none without results-dir; "none": never)
     "resume": True,  # an unfinished checkpoint of the same config is resumed from its last completed round
     "publish-dir": "",  # publish every round's global model here, signed (empty: do not publish)
     "publish-key": "",  # the Ed25519 signing key (PEM) for publish-dir (`fedpref signing-key` makes one)

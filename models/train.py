@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,6 +175,27 @@ def _make_sparse(model: torch.nn.Module, wanted: set[int]) -> list[torch.Tensor]
     return sparse
 
 
+def draw_torch_seed(rng: np.random.Generator) -> int:
+    """The first draw of every :func:`local_update` call (it seeds torch)."""
+    return int(rng.integers(0, 2**31 - 1))
+
+
+def epoch_batches(data: LocalData, config: TrainConfig, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """One epoch's batches, drawn from ``rng`` in the order :func:`local_update` draws them:
+    the epoch's permutation, then each batch's negatives. Yields ``(positions into data,
+    negatives (B, num_negatives))``; the negatives are None for ``full-softmax``. The fast
+    engine's compiled round (``fedpref.simulations.compiled.draw_batches``) draws the same
+    batches from the same generator; a test compares the two."""
+    n = len(data)
+    order = rng.permutation(n)
+    for start in range(0, n, config.batch_size):
+        idx = order[start : start + config.batch_size]
+        if config.loss == "full-softmax":
+            yield idx, None
+        else:
+            yield idx, sample_negatives(data, data.users[idx], config.num_negatives, rng)
+
+
 EpochCallback = Callable[[int, Params, Params, float], bool]
 
 
@@ -215,26 +236,21 @@ def local_update(
         trainable += [own[n] for n in model.shared_names]
     opt = _optimizer(model, trainable, config)
 
-    torch_gen_seed = int(rng.integers(0, 2**31 - 1))
-    torch.manual_seed(torch_gen_seed)  # dropout-free models; kept for any stochastic layer
+    torch.manual_seed(draw_torch_seed(rng))  # dropout-free models; kept for any stochastic layer
     n = len(data)
     last_epoch_loss = 0.0
     for epoch in range(1, config.epochs + 1):
-        order = rng.permutation(n)
         total, count = 0.0, 0
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            users_np = data.users[idx]
-            users = torch.from_numpy(users_np)
+        for idx, negatives in epoch_batches(data, config, rng):
+            users = torch.from_numpy(data.users[idx])
             pos_items = torch.from_numpy(data.items[idx])
-            if config.loss == "full-softmax":
+            if negatives is None:
                 # Every item is a candidate (the multinomial likelihood of Mult-VAE); the update
                 # then touches every item row.
                 items = pos_items[:, None]
                 loss = F.cross_entropy(model.logits_all(users), pos_items)
             else:
-                neg_items = torch.from_numpy(sample_negatives(data, users_np, config.num_negatives, rng))
-                items = torch.cat([pos_items[:, None], neg_items], dim=1)
+                items = torch.cat([pos_items[:, None], torch.from_numpy(negatives)], dim=1)
                 scores = model(users, items)
                 loss = _loss(scores[:, 0], scores[:, 1:], config.loss)
             if config.l2 > 0:

@@ -32,11 +32,11 @@ from flwr.serverapp.strategy import (
     FedAvgM,
     FedYogi,
 )
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
 from fedpref.models.encoding import EncodingError, decode
-from fedpref.models.federation import FederatedConfig, RunConfigError, cosine_factor
+from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError, cosine_factor
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
 from fedpref.server import checkpoint
@@ -89,6 +89,8 @@ class StableGrid:
         return self.rng.sample(ids, sample_size), ids
 
     def get_node_ids(self) -> list[int]:
+        if hasattr(self._grid, "ordered_node_ids"):  # a grid that keeps its ids in key order (the fast engine's million)
+            return self._grid.ordered_node_ids()
         ids = list(self._grid.get_node_ids())
         return sorted(ids, key=lambda n: (self._order.get(n, 1 << 62), n))
 
@@ -117,6 +119,8 @@ _fedavg_module.sample_nodes = _seeded_sample_nodes
 
 def device_keys(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
     """Ask every device once for its stable key (its index in a simulation)."""
+    if hasattr(grid, "device_keys"):  # a grid that plays its devices knows them (no message per device)
+        return grid.device_keys()
     deadline = time.time() + timeout
     while len(ids := list(grid.get_node_ids())) < expected and time.time() < deadline:
         time.sleep(0.5)
@@ -193,7 +197,42 @@ class _NoisedAverage(FedAvg):
     dp_wrapper: DifferentialPrivacyClientSideFixedClipping
 
     def aggregate_train(self, server_round, replies):
-        return self.dp_wrapper.aggregate_train(server_round, replies)
+        replies = list(replies)
+        if not any(_partial(r) for r in replies):
+            return self.dp_wrapper.aggregate_train(server_round, replies)
+        # Partial aggregates (each for many devices): the wrapper's own steps, with the devices
+        # they stand for counted (Flower's wrapper would count each as one reply).
+        wrapper = self.dp_wrapper
+        arrays, metrics = wrapper.strategy.aggregate_train(server_round, replies)  # the plain average
+        if hasattr(wrapper, "_noisy_fraction"):  # adaptive clipping: C follows the noised share of norm bits
+            devices = sum(_devices(r) for r in replies)
+            bits = sum(_norm_bits(r) for r in replies)
+            wrapper._geometric_update(wrapper._noisy_fraction(bits, devices))
+        if arrays:
+            arrays = wrapper._add_noise_to_aggregated_arrays(arrays)
+        return arrays, metrics
+
+
+def _partial(reply: Message) -> dict | None:
+    """The partial-aggregate record of a reply that stands for several devices, or None."""
+    if reply.has_error() or PARTIAL_AGGREGATE not in reply.content.config_records:
+        return None
+    return reply.content.config_records[PARTIAL_AGGREGATE]
+
+
+def _devices(reply: Message) -> int:
+    """How many devices a reply stands for (0 for an error reply)."""
+    if reply.has_error():
+        return 0
+    partial = _partial(reply)
+    return 1 if partial is None else int(partial["devices"])
+
+
+def _norm_bits(reply: Message) -> int:
+    partial = _partial(reply)
+    if partial is not None:
+        return int(partial.get("norm-bits", 0))
+    return int(bool(next(iter(reply.content.metric_records.values())).get(KEY_NORM_BIT, 0)))
 
 
 def make_strategy(
@@ -258,8 +297,9 @@ def make_strategy(
             replies = list(replies)
             if config.update_encoding != "float32":
                 replies = [_decoded(r, self._sent_global, config.update_encoding) for r in replies]
-            dropped = sum(1 for r in replies if r.has_error())
+            dropped = sum(1 for r in replies if r.has_error()) + sum(int(p["dropped"]) for r in replies if (p := _partial(r)) is not None)
             replies = [r for r in replies if not r.has_error()]
+            devices = sum(_devices(r) for r in replies)
             if central_noise:
                 self._round_clip = float(self.dp_wrapper.clipping_norm)  # the bound this round's devices clipped to
             # The server step of this round (lr-end schedules it across rounds).
@@ -272,7 +312,7 @@ def make_strategy(
             if arrays is not None:
                 arrays = _in_devices_dtype(arrays, replies)
             info = {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step,
-                    "replies": len(replies), "dropped": dropped}
+                    "replies": devices, "dropped": dropped}
             if central_noise:
                 info["clip-norm"] = self._round_clip
             on_round(server_round, info)
@@ -430,6 +470,8 @@ def main(grid: Grid, context: Context) -> None:
 
     # Checkpoint and resume (fedpref.server.checkpoint), and the run store.
     checkpoint_dir = config.checkpoint_dir or (str(Path(config.results_dir) / "checkpoint") if config.results_dir else "")
+    if checkpoint_dir == "none":
+        checkpoint_dir = ""
     resumed = checkpoint.resumable(checkpoint_dir, config.to_run_config()) if checkpoint_dir and config.resume else None
     store = _open_run_store(config)
     run_name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.run_name or (Path(config.results_dir).name if config.results_dir else "run")).strip("-.") or "run"

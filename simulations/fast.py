@@ -1,0 +1,517 @@
+"""The fast engine: fedpref's ServerApp, with a whole cohort's devices computed in one go.
+
+Flower's Simulation Engine runs every device as a ClientApp behind a message: the faithful
+path, the code that runs on phones, at several milliseconds of overhead per device per round.
+The fast engine keeps the server exactly as it is (the same ServerApp ``main``: strategy,
+sampling, DP noise and accounting, run store, checkpoints, publishing) and replaces the devices
+by :class:`FastGrid`, a Flower ``Grid`` that answers a round's training messages at once:
+
+- each sampled device trains with :func:`fedpref.simulations.compiled.device_round` (compiled; the
+  same random draws as :func:`fedpref.client.device.local_round` from the same seeded
+  generator, the same arithmetic), devices in parallel threads; a model or optimiser the
+  compiled trainer does not cover runs ``local_round`` itself, device by device;
+- each update is clipped as the device's guard clips it (:func:`fedpref.client.guard.encode_update`:
+  the norm over the shared arrays, the scale, the float32 weights the server would receive);
+- the devices' weights are summed into one **partial aggregate**: a single reply that stands for
+  the cohort (their weighted average, the summed weight, and how many devices it covers), which
+  the server's strategy aggregates like the replies it stands for
+  (:data:`fedpref.models.federation.PARTIAL_AGGREGATE`);
+- evaluation messages are answered the same way (:func:`fedpref.simulations.compiled.device_evaluate`).
+
+Simulated availability and dropout decline the same devices as on the Flower path. Private
+vectors live in one array (optionally a memory-mapped file, for populations of millions);
+nothing else is kept per device. Not covered: secure aggregation, the update encodings and
+device stores (run those on the Flower or the in-process engine; the fast engine says so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numba
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpref.client.app import DECLINED, drops_out
+from fedpref.client.device import initial_privates, local_round
+from fedpref.client.guard import encode_update
+from fedpref.models.availability import AvailabilityPattern
+from fedpref.simulations.compiled import LOSS_KINDS, device_evaluate, device_round, unsupported
+from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError
+from fedpref.models.metrics import ndcg
+from fedpref.models.train import LocalData
+
+NODE_ID_BASE = 1000  # device i is node NODE_ID_BASE + i (as in the in-process engine)
+
+
+def check_fast(config: FederatedConfig) -> None:
+    """Refuse, before any work, what the fast engine does not compute."""
+    if config.secagg:
+        raise RunConfigError("the fast engine does not run secure aggregation: use --engine flower (or inprocess) with secagg")
+    if config.update_encoding != "float32":
+        raise RunConfigError(f"the fast engine sends float32 updates only: measure update-encoding={config.update_encoding} with --engine flower (or inprocess)")
+    if config.store_dir:
+        raise RunConfigError("the fast engine has no device stores: use --engine flower (or inprocess) with store-dir")
+    if not config.history_dir:
+        raise RunConfigError("the fast engine plays the devices of a population folder: set history-dir")
+
+
+class Population:
+    """The devices' histories: a population folder (``fedpref population``), memory-mapped."""
+
+    def __init__(self, folder: str) -> None:
+        path = Path(folder)
+        if not (path / "meta.json").exists():
+            raise RunConfigError(f"no population in {folder!r} (meta.json missing): write one with `fedpref population --out DIR`")
+        self.meta = json.loads((path / "meta.json").read_text())
+        self.n_users, self.n_items = int(self.meta["n_users"]), int(self.meta["n_items"])
+        load = lambda name: np.load(path / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        self.indptr, self.items = load("train_indptr"), load("train_items")
+        self.val, self.test, self.negatives = load("val_item"), load("test_item"), load("negatives")
+
+    def train_items(self, user: int) -> np.ndarray:
+        return np.asarray(self.items[self.indptr[user] : self.indptr[user + 1]], dtype=np.int64)
+
+
+class PrivateVectors:
+    """Every device's private vector, in one float32 array of (devices, dim): in memory, or
+    memory-mapped from ``folder/private.npy`` (a million devices of dim 64 are 256 MB on disk,
+    and only the pages of the devices a round touches are read). A device's first vector is
+    drawn as the Flower path draws it (:func:`fedpref.client.device.initial_privates`)."""
+
+    def __init__(self, config: FederatedConfig, n_devices: int, folder: str | None = None) -> None:
+        self.config = config
+        template = config.model_spec.build(1, 2, init=False).get_private()
+        self.shapes = {name: value.shape[1:] for name, value in template.items()}  # per device
+        dim = sum(int(np.prod(shape)) for shape in self.shapes.values())
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.values = np.lib.format.open_memmap(Path(folder) / "private.npy", mode="w+", dtype=np.float32, shape=(n_devices, dim))
+        else:
+            self.values = np.zeros((n_devices, dim), dtype=np.float32)
+        self.ready = np.zeros(n_devices, dtype=np.bool_)
+
+    def get(self, users: np.ndarray) -> np.ndarray:
+        """The private vectors of ``users`` (drawn the first time a device is asked for)."""
+        new = users[~self.ready[users]]
+        if len(new):
+            self.values[new] = initial_privates(self.config.model_spec, self.config.seed, new)
+            self.ready[new] = True
+        return np.asarray(self.values[users])
+
+    def set(self, users: np.ndarray, values: np.ndarray) -> None:
+        self.values[users] = values
+
+    def as_params(self, row: np.ndarray) -> dict[str, np.ndarray]:
+        """One device's row as its private arrays (what ``local_round`` takes)."""
+        out, start = {}, 0
+        for name, shape in self.shapes.items():
+            size = int(np.prod(shape))
+            out[name] = np.asarray(row[start : start + size], dtype=np.float32).reshape((1, *shape))
+            start += size
+        return out
+
+    def as_row(self, params: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(params[name], dtype=np.float32).ravel() for name in self.shapes])
+
+    def state(self) -> dict:
+        return {"values": np.asarray(self.values).copy(), "ready": self.ready.copy()}
+
+    def restore(self, state: dict) -> None:
+        self.values[:] = state["values"]
+        self.ready[:] = state["ready"]
+
+
+class FastGrid(Grid):
+    """A Flower ``Grid`` whose devices are computed in-process, a cohort at a time.
+
+    ``threads`` devices train at once (default: the machine's cores). ``private_dir``
+    memory-maps the private vectors. ``keep_updates`` keeps every device's update as the
+    server would recover it (``{round: {device: {name: array}}}``, dense: for tests)."""
+
+    def __init__(self, config: FederatedConfig, *, threads: int | None = None, private_dir: str | None = None, keep_updates: bool = False, run_id: int = 1) -> None:
+        check_fast(config)
+        self.config = config
+        self.population = Population(config.history_dir)
+        self.n = self.population.n_users
+        self.private = PrivateVectors(config, self.n, private_dir)
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.compiled = unsupported(config.model, config.optimizer, config.loss) is None
+        self.keep_updates = keep_updates
+        self.updates: dict[int, dict[int, dict[str, np.ndarray]]] = {}
+        self.timings: list[dict] = []  # per training round: devices, seconds training, seconds in all
+        self._run_id = run_id
+        self._ids = list(range(NODE_ID_BASE, NODE_ID_BASE + self.n))
+        self._availability = AvailabilityPattern.parse(config.availability)
+
+    # -- what the server asks of every grid ------------------------------------------
+    def set_run(self, run) -> None:  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        raise NotImplementedError("the fast engine has no SuperLink run")
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return self._ids
+
+    def ordered_node_ids(self) -> list[int]:
+        """The node ids in the order of the devices' keys (fedpref.server.app.StableGrid)."""
+        return self._ids
+
+    def device_keys(self) -> dict[int, int]:
+        """Each node's stable key, without a query message per device."""
+        return {node: node - NODE_ID_BASE for node in self._ids}
+
+    def push_messages(self, messages):  # noqa: D102
+        raise NotImplementedError("the fast engine answers whole rounds: use send_and_receive")
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        raise NotImplementedError("the fast engine answers whole rounds: use send_and_receive")
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies: list[Message] = []
+        by_kind: dict[tuple[str, int], list[Message]] = {}
+        for msg in messages:
+            by_kind.setdefault((msg.metadata.message_type, id(msg.content)), []).append(msg)
+        for (kind, _), group in by_kind.items():
+            if kind == MessageType.TRAIN:
+                reply = self._train(group)
+                replies += reply if isinstance(reply, list) else [reply]
+            elif kind == MessageType.EVALUATE:
+                replies.append(self._evaluate(group))
+            elif kind == MessageType.QUERY:
+                replies += [self._reply(m, RecordDict({"device": ConfigRecord({"key": m.metadata.dst_node_id - NODE_ID_BASE})})) for m in group]
+            else:
+                replies += [self._error(m, f"the fast engine does not answer {kind!r} messages") for m in group]
+        return replies
+
+    def device_states(self) -> dict:
+        return self.private.state()
+
+    def restore_device_states(self, states: dict) -> None:
+        self.private.restore(states)
+
+    # -- training -----------------------------------------------------------------
+    def _train(self, group: list[Message]) -> Message | list[Message]:
+        started = time.perf_counter()
+        config = self.config
+        content = group[0].content
+        server_round = int(content["config"].get("server-round", 1))
+        bound = config.clip_norm
+        if config.dp and config.dp_clipping == "adaptive":
+            bound = float(content["config"][KEY_CLIPPING_NORM])
+        arrays = content["arrays"]
+        shared = {name: arrays[name].numpy() for name in arrays}
+        users = np.array([m.metadata.dst_node_id - NODE_ID_BASE for m in group], dtype=np.int64)
+        declined = np.array([self._declines(int(u), server_round) for u in users], dtype=np.bool_)
+        training = users[~declined]
+        private = self.private.get(training)
+        out = _Results(len(training), private.shape[1])
+        queue = iter(range(0, len(training), 32))
+        lock = threading.Lock()
+
+        def batches():
+            while True:
+                with lock:
+                    start = next(queue, None)
+                if start is None:
+                    return
+                yield from range(start, min(start + 32, len(training)))
+
+        worker = self._compiled_worker if self.compiled else self._generic_worker
+        with ThreadPoolExecutor(self.threads) as pool:
+            futures = [pool.submit(worker, batches, training, private, shared, server_round, bound, out) for _ in range(min(self.threads, max(1, len(training))))]
+            accumulators = [f.result() for f in futures]
+        trained = time.perf_counter()
+        ok = out.ok
+        self.private.set(training[ok], out.private[ok])
+        if self.keep_updates:
+            self.updates[server_round] = {int(training[k]): out.kept[k] for k in np.flatnonzero(ok)}
+        contributing = int(ok.sum())
+        dropped = len(group) - contributing
+        if contributing == 0:  # every device declined or failed: an error reply for each
+            return [self._error(m, f"no device of the cohort of {len(group)} could train in round {server_round}") for m in group]
+        weights = np.ones(contributing) if config.dp else out.examples[ok].astype(np.float64)
+        total = float(weights.sum())
+        # What the devices' float32 weights average to (Flower's FedAvg averages weights).
+        summed = {name: sum(a[name] for a in accumulators) / total for name in shared}
+        average = {name: (shared[name].astype(np.float64) + summed[name]).astype(shared[name].dtype) for name in shared}
+        if config.dp:
+            metrics = {"num-examples": contributing}
+            if config.dp_clipping == "adaptive":
+                metrics[KEY_NORM_BIT] = float((~out.clipped[ok]).sum()) / contributing
+        else:
+            share = weights / total
+            metrics = {
+                "num-examples": int(total),
+                "train-loss": float(share @ out.loss[ok]),
+                "update-norm": float(share @ out.norm[ok]),
+                "clipped": float(share @ out.clipped[ok].astype(np.float64)),
+            }
+        partial = {"devices": contributing, "dropped": dropped, "weight": total}
+        if config.dp and config.dp_clipping == "adaptive":
+            partial["norm-bits"] = int((~out.clipped[ok]).sum())
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in average.items()}), "metrics": MetricRecord(metrics), PARTIAL_AGGREGATE: ConfigRecord(partial)})
+        self.timings.append({"round": server_round, "devices": len(group), "train_seconds": trained - started, "seconds": time.perf_counter() - started})
+        return self._reply(group[0], content)
+
+    def _compiled_worker(self, batches, training, private, shared, server_round, bound, out) -> dict[str, np.ndarray]:
+        """Train devices with the compiled round, clip each update and add it to this thread's sum."""
+        config = self.config
+        q = np.ascontiguousarray(shared["item_embedding.weight"], dtype=np.float32)
+        bq = np.ascontiguousarray(shared["item_bias.weight"], dtype=np.float32).reshape(-1)
+        lr, refit_lr = config.train_config(server_round).lr, config.train_config().lr
+        acc = np.zeros((q.shape[0], q.shape[1] + 1), dtype=np.float64)  # embedding | bias
+        for k in batches():
+            user = int(training[k])
+            items = self.population.train_items(user)
+            rng = np.random.default_rng([config.seed, user, server_round, 1])
+            p, rows, item_rows, bias_rows, loss, ok = device_round(
+                rng, items, q, bq, private[k], config.private_epochs, refit_lr, config.local_epochs, lr,
+                config.batch_size, config.num_negatives, config.l2, LOSS_KINDS[config.loss])
+            if not ok:  # its loss diverged: local_update raises, the device sends an error
+                continue
+            out.private[k], out.loss[k], out.ok[k], out.examples[k] = p, loss, True, len(items)
+            weight = 1.0 if config.dp else float(len(items))
+            out.norm[k], out.clipped[k] = _clip_and_add(q, bq, rows, item_rows, bias_rows, np.float64(bound), np.float64(weight), acc)
+            if self.keep_updates:
+                out.kept[k] = _recovered(q, bq, rows, item_rows, bias_rows, bound)
+        return {"item_embedding.weight": acc[:, :-1], "item_bias.weight": acc[:, -1:]}
+
+    def _generic_worker(self, batches, training, private, shared, server_round, bound, out) -> dict[str, np.ndarray]:
+        """Models the compiled round does not cover: the device's own ``local_round`` and guard."""
+        config = self.config
+        acc = {name: np.zeros(value.shape, dtype=np.float64) for name, value in shared.items()}
+        for k in batches():
+            user = int(training[k])
+            items = self.population.train_items(user)
+            rng = np.random.default_rng([config.seed, user, server_round, 1])
+            try:
+                update, new_private, metrics = local_round(config, shared, self.private.as_params(private[k]), items, self.population.n_items, rng, server_round)
+            except FloatingPointError:
+                continue
+            sent, norm, clipped = encode_update(shared, update, bound)
+            weight = 1.0 if config.dp else float(len(items))
+            recovered = {name: sent[name].astype(np.float64) - shared[name].astype(np.float64) for name in shared}
+            for name in shared:
+                acc[name] += weight * recovered[name]
+            out.private[k], out.loss[k], out.ok[k], out.examples[k] = self.private.as_row(new_private), metrics["loss"], True, len(items)
+            out.norm[k], out.clipped[k] = norm, clipped
+            if self.keep_updates:
+                out.kept[k] = recovered
+        return acc
+
+    def _declines(self, user: int, server_round: int) -> bool:
+        """Whether the device says no this round: simulated availability, or a dropout."""
+        config = self.config
+        return not self._availability.available(config.seed, user, server_round) or drops_out(config, user, server_round)
+
+    # -- evaluation ---------------------------------------------------------------
+    def _evaluate(self, group: list[Message]) -> Message:
+        config = self.config
+        content = group[0].content
+        server_round = int(content["config"].get("server-round", 0))
+        arrays = content["arrays"]
+        shared = {name: arrays[name].numpy() for name in arrays}
+        if self.compiled:
+            q = np.ascontiguousarray(shared["item_embedding.weight"], dtype=np.float32)
+            bq = np.ascontiguousarray(shared["item_bias.weight"], dtype=np.float32).reshape(-1)
+        users = np.array([m.metadata.dst_node_id - NODE_ID_BASE for m in group], dtype=np.int64)
+        private = self.private.get(users)
+        ranks = np.zeros((len(users), 4), dtype=np.int64)
+        ok = np.zeros(len(users), dtype=np.bool_)
+        new_private = private.copy()
+        pop = self.population
+        lr = config.train_config().lr
+        queue = iter(range(0, len(users), 32))
+        lock = threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    start = next(queue, None)
+                if start is None:
+                    return
+                for k in range(start, min(start + 32, len(users))):
+                    user = int(users[k])
+                    items = pop.train_items(user)
+                    rng = np.random.default_rng([config.seed, user, server_round, 2])
+                    negatives = np.asarray(pop.negatives[user], dtype=np.int64)
+                    if self.compiled:
+                        p, r, good = device_evaluate(rng, items, q, bq, private[k], config.personalize_epochs, lr, config.batch_size,
+                                                     config.num_negatives, config.l2, LOSS_KINDS[config.loss], int(pop.val[user]), int(pop.test[user]), negatives)
+                    else:
+                        p, r, good = _evaluate_locally(config, shared, self.private, private[k], items, pop, user, rng)
+                    new_private[k], ranks[k], ok[k] = p, r, good
+
+        with ThreadPoolExecutor(self.threads) as pool:
+            for f in [pool.submit(worker) for _ in range(min(self.threads, max(1, len(users))))]:
+                f.result()
+        refit = config.personalize_epochs > 0
+        if refit:
+            self.private.set(users[ok], new_private[ok])
+        if not ok.any():
+            return self._error(group[0], f"no device could evaluate in round {server_round}")
+        k = config.k
+        good = ranks[ok]
+        metrics: dict[str, float | int] = {"num-examples": int(ok.sum())}
+        for col, which in ((0, "val"), (2, "test")):
+            metrics[f"{which}-hr"] = float(np.mean(good[:, col] < k))
+            metrics[f"{which}-ndcg"] = ndcg(good[:, col], k)
+            metrics[f"{which}-full-hr"] = float(np.mean(good[:, col + 1] < k))
+            metrics[f"{which}-full-ndcg"] = ndcg(good[:, col + 1], k)
+        partial = {"devices": int(ok.sum()), "dropped": int((~ok).sum()), "weight": float(ok.sum())}
+        return self._reply(group[0], RecordDict({"metrics": MetricRecord(metrics), PARTIAL_AGGREGATE: ConfigRecord(partial)}))
+
+    # -- replies --------------------------------------------------------------------
+    def _reply(self, msg: Message, content: RecordDict) -> Message:
+        reply = Message(content, reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        return reply
+
+    def _error(self, msg: Message, reason: str) -> Message:
+        reply = Message(Error(code=DECLINED, reason=reason), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        return reply
+
+
+class _Results:
+    """Per device of a cohort: what its training left (filled by the worker threads)."""
+
+    def __init__(self, n: int, dim: int) -> None:
+        self.private = np.zeros((n, dim), dtype=np.float32)
+        self.loss = np.full(n, np.nan)
+        self.ok = np.zeros(n, dtype=np.bool_)
+        self.examples = np.zeros(n, dtype=np.int64)
+        self.norm = np.zeros(n)
+        self.clipped = np.zeros(n, dtype=np.bool_)
+        self.kept: dict[int, dict[str, np.ndarray]] = {}
+
+
+def _evaluate_locally(config, shared, vectors, private, items, pop, user, rng):
+    """Evaluation for a model the compiled evaluation does not cover (NeuMF): the ClientApp's own."""
+    import torch
+
+    from fedpref.client.app import rank_locally
+    from fedpref.client.device import refit_private
+    from fedpref.client.history import DeviceHistory
+
+    params = vectors.as_params(private)
+    if config.personalize_epochs > 0 and len(items):
+        params = refit_private(config, shared, params, LocalData.for_device(items, pop.n_items), config.personalize_epochs, rng)
+    model = config.model_spec.build(1, pop.n_items, init=False)
+    model.set_shared(shared)
+    model.set_private(params)
+    scores = model.score_all(torch.zeros(1, dtype=torch.long))[0].numpy().astype(np.float64)
+    history = DeviceHistory(user, pop.n_items, items, int(pop.val[user]), int(pop.test[user]), np.asarray(pop.negatives[user], dtype=np.int64))
+    try:
+        r = [*rank_locally(scores, history, "val", rng), *rank_locally(scores, history, "test", rng)]
+    except ValueError:  # non-finite scores: the device's evaluation fails
+        return vectors.as_row(params), np.zeros(4, dtype=np.int64), False
+    return vectors.as_row(params), np.array(r, dtype=np.int64), True
+
+
+@numba.njit(cache=True, nogil=True)
+def _sent(value, base, factors, n_factors):  # pragma: no cover - compiled
+    """What the server recovers of one coordinate: the update ``value - base`` (float32),
+    scaled by each of ``factors[:n_factors]`` in turn (float32, as the guard scales arrays), added
+    to ``base`` in float32 (the weights the device sends), minus ``base``."""
+    u = np.float32(value - base)
+    for i in range(n_factors):
+        u = np.float32(u * np.float32(factors[i]))
+    return np.float64(np.float32(base + u)) - np.float64(base)
+
+
+@numba.njit(cache=True, nogil=True)
+def _clip_and_add(q, bq, rows, item_rows, bias_rows, bound, weight, acc):  # pragma: no cover - compiled
+    """The device's guard (:func:`fedpref.client.guard.encode_update`) on a sparse update, and
+    the server's sum: clip the update to ``bound`` (scale ``bound / norm * (1 - 1e-7)``), form
+    the float32 weights ``global + clipped`` the device sends, shave them (``* bound / norm *
+    (1 - 1e-6)``) until what the server recovers (weights - global) is within the bound, and add
+    ``weight`` times that to ``acc`` (columns: the embedding, then the bias).
+    Returns ``(norm before clipping, clipped)``."""
+    dim = q.shape[1]
+    total = 0.0
+    for k in range(rows.shape[0]):
+        r = rows[k]
+        for c in range(dim):
+            d = np.float64(np.float32(item_rows[k, c] - q[r, c]))
+            total += d * d
+        d = np.float64(np.float32(bias_rows[k] - bq[r]))
+        total += d * d
+    norm = np.sqrt(total)
+    factors = np.zeros(21)
+    n_factors = 0
+    clipped = False
+    if norm > bound:
+        factors[0] = bound / norm * (1.0 - 1e-7)
+        n_factors = 1
+        clipped = True
+    for _ in range(20):
+        total = 0.0
+        for k in range(rows.shape[0]):
+            r = rows[k]
+            for c in range(dim):
+                d = _sent(item_rows[k, c], q[r, c], factors, n_factors)
+                total += d * d
+            d = _sent(bias_rows[k], bq[r], factors, n_factors)
+            total += d * d
+        actual = np.sqrt(total)
+        if actual <= bound:
+            break
+        factors[n_factors] = bound / actual * (1.0 - 1e-6)
+        n_factors += 1
+        clipped = True
+    for k in range(rows.shape[0]):
+        r = rows[k]
+        for c in range(dim):
+            acc[r, c] += weight * _sent(item_rows[k, c], q[r, c], factors, n_factors)
+        acc[r, dim] += weight * _sent(bias_rows[k], bq[r], factors, n_factors)
+    return norm, clipped
+
+
+def _recovered(q, bq, rows, item_rows, bias_rows, bound) -> dict[str, np.ndarray]:
+    """The update the server recovers from this device's reply, dense (tests only)."""
+    update = {"item_embedding.weight": np.zeros_like(q), "item_bias.weight": np.zeros((len(bq), 1), dtype=np.float32)}
+    update["item_embedding.weight"][rows] = item_rows - q[rows]
+    update["item_bias.weight"][rows, 0] = bias_rows - bq[rows]
+    shared = {"item_embedding.weight": q, "item_bias.weight": bq.reshape(-1, 1)}
+    sent, _, _ = encode_update(shared, update, bound)
+    return {k: sent[k].astype(np.float64) - shared[k].astype(np.float64) for k in shared}
+
+
+def run_fast(config: FederatedConfig, *, threads: int | None = None, private_dir: str | None = None, grid: FastGrid | None = None) -> dict:
+    """Run ``config`` on the fast engine; returns the server's rounds.json (plus
+    ``engine_seconds`` and the grid's per-round ``timings``)."""
+    from fedpref.server.app import main as server_main
+
+    if not config.results_dir:
+        raise ValueError("set results_dir: the server writes its rounds there")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    grid = grid or FastGrid(config, threads=threads, private_dir=private_dir)
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    run_config = config.to_run_config()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    start = time.perf_counter()
+    server_main(grid, context)
+    result = json.loads((Path(config.results_dir) / "rounds.json").read_text())
+    result["engine_seconds"] = round(time.perf_counter() - start, 3)
+    result["timings"] = grid.timings
+    return result

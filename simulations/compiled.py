@@ -50,7 +50,7 @@ def unsupported(model: str, optimizer: str, loss: str) -> str | None:
     return None
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def draw_batches(rng, items, n_items, epochs, batch_size, num_negatives):  # pragma: no cover - compiled
     """One ``local_update`` call's random choices: the torch seed, then for each epoch its
     permutation and each batch's negatives. Returns ``(blocks, batch_sizes, batch_epochs)``:
@@ -100,12 +100,12 @@ def draw_batches(rng, items, n_items, epochs, batch_size, num_negatives):  # pra
     return blocks, sizes, batch_epochs
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _softplus(x):  # pragma: no cover - compiled
     return max(x, 0.0) + np.log1p(np.exp(-abs(x)))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _sigmoid(x):  # pragma: no cover - compiled
     if x >= 0:
         return 1.0 / (1.0 + np.exp(-x))
@@ -113,7 +113,7 @@ def _sigmoid(x):  # pragma: no cover - compiled
     return e / (1.0 + e)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _dot(x, y):  # pragma: no cover - compiled
     """float32 dot product (any order of summation: it vectorises)."""
     acc = np.float32(0.0)
@@ -135,14 +135,14 @@ def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
     return sig, codegen
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _step(value, neg_lr, grad):  # pragma: no cover - compiled
     """``value + (-lr) * grad`` rounded once to float32, as torch's sparse SGD adds each
     occurrence's gradient (a fused multiply-add)."""
     return _fma(neg_lr, grad, value)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr, trains_shared, l2, loss_kind):  # pragma: no cover - compiled
     """SGD over ``blocks``; items with ``local[item] >= 0`` are read from (and, when
     ``trains_shared``, written to) the device's own rows, the others from the global arrays.
@@ -161,7 +161,10 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
     scores = np.empty((max_b, width), dtype=np.float32)
     g = np.empty((max_b, width), dtype=np.float32)
     grad_p = np.empty((max_b, dim), dtype=np.float32)
-    grad_items = np.empty((max_b * width, dim), dtype=np.float32)
+    grad_items = np.empty((max_b * width, dim), dtype=np.float32)  # occurrences of rows a step touches twice
+    pending_rows = np.empty(max_b * width, dtype=np.int64)
+    pending_g = np.empty(max_b * width, dtype=np.float32)
+    counts = np.zeros(item_rows.shape[0], dtype=np.int32)
     neg_lr = np.float32(-lr)
     two = np.float32(2.0)
     epoch = -1
@@ -182,7 +185,11 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
         inv_b = np.float32(1.0) / np.float32(b_size)
         coef = inv_b * l2  # d(l2 * reg / B) / d reg, in float32 as autograd forms it
         batch_loss = 0.0
-        k = 0
+        n_pending = 0
+        if trains_shared:  # how often this step touches each row
+            for b in range(b_size):
+                for j in range(width):
+                    counts[local[blocks[row0 + b, j]]] += 1
         for b in range(b_size):
             # Scores of the positive's candidates, from the values before this step.
             for j in range(width):
@@ -234,24 +241,37 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
                     row = q[item]
                 for c in range(dim):
                     grad_p[b, c] += gk * row[c]
-                if trains_shared:
-                    for c in range(dim):
-                        grad_items[k, c] = gk * p[c] + coef * (two * row[c])
-                k += 1
             for c in range(dim):
                 grad_p[b, c] = grad_p[b, c] + coef * (two * p[c])
+            if trains_shared:
+                # Each candidate's gradient of its item row (the score's part plus L2's), from the
+                # values before the step. A row no other positive of the step reads is stepped at
+                # once; a row the step touches again keeps its gradients, stepped after the step.
+                for j in range(width):
+                    r = local[blocks[row0 + b, j]]
+                    gk = g[b, j]
+                    if counts[r] == 1:
+                        for c in range(dim):
+                            item_rows[r, c] = _step(item_rows[r, c], neg_lr, gk * p[c] + coef * (two * item_rows[r, c]))
+                        bias_rows[r] = _step(bias_rows[r], neg_lr, gk)
+                    else:
+                        for c in range(dim):
+                            grad_items[n_pending, c] = gk * p[c] + coef * (two * item_rows[r, c])
+                        pending_rows[n_pending] = r
+                        pending_g[n_pending] = gk
+                        n_pending += 1
         total += batch_loss  # the batch's mean loss times its size, as local_update adds it
         count += b_size
         if trains_shared:
-            # SGD adds each occurrence's gradient in turn (sparse SGD).
-            k = 0
+            # SGD adds each occurrence's gradient in turn (sparse SGD), in the order of the batch.
+            for k in range(n_pending):
+                r = pending_rows[k]
+                for c in range(dim):
+                    item_rows[r, c] = _step(item_rows[r, c], neg_lr, grad_items[k, c])
+                bias_rows[r] = _step(bias_rows[r], neg_lr, pending_g[k])
             for b in range(b_size):
                 for j in range(width):
-                    r = local[blocks[row0 + b, j]]
-                    for c in range(dim):
-                        item_rows[r, c] = _step(item_rows[r, c], neg_lr, grad_items[k, c])
-                    bias_rows[r] = _step(bias_rows[r], neg_lr, g[b, j])
-                    k += 1
+                    counts[local[blocks[row0 + b, j]]] = 0
         for b in range(b_size):
             for c in range(dim):
                 p[c] = _step(p[c], neg_lr, grad_p[b, c])
@@ -261,7 +281,7 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
     return last
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def device_round(rng, items, q, bq, private, refit_epochs, refit_lr, epochs, lr, batch_size, num_negatives, l2, loss_kind):  # pragma: no cover - compiled
     """One device's round: ``refit_epochs`` passes on the private vector alone (step
     ``refit_lr``), then ``epochs`` passes on the private vector and the item rows (step ``lr``),
@@ -303,7 +323,7 @@ def device_round(rng, items, q, bq, private, refit_epochs, refit_lr, epochs, lr,
     return p, rows, item_rows, bias_rows, loss, bool(np.isfinite(loss))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _rank(target, scores, candidates, exclude, u):  # pragma: no cover - compiled
     """:func:`fedpref.models.metrics.rank_of_target` for one row: how many of ``candidates``
     (item ids; all items when empty) other than ``exclude`` score above ``target``, with ties
@@ -327,7 +347,7 @@ def _rank(target, scores, candidates, exclude, u):  # pragma: no cover - compile
     return above + np.int64(np.floor(u * (ties + 1)))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def device_evaluate(rng, items, q, bq, private, refit_epochs, lr, batch_size, num_negatives, l2, loss_kind, val_item, test_item, negatives):  # pragma: no cover - compiled
     """A device's federated evaluation (:func:`fedpref.client.app.evaluate`): refit the private
     vector (``refit_epochs`` passes, shared frozen), score every item, and rank the validation

@@ -38,6 +38,7 @@ from .split import LeaveOneOutSplit, SplitError, leave_one_out
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="fedpref: on-device federated personalisation.")
 app.add_typer(device_app, name="device")
 console = Console()
+ENGINES = ("flower", "inprocess", "fast")
 err = Console(stderr=True)
 
 Dataset = Annotated[str, typer.Option(help=f"What to train on: {describe_sources()}.")]
@@ -484,7 +485,9 @@ def simulate(
     secagg: Annotated[bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation (SecAgg+): the server learns only each round's sum (options: secagg-* run-config keys).")] = _RC["secagg"],
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
     seed: Seed = 0,
-    engine: Annotated[str, typer.Option(help="flower: Flower's Simulation Engine (Ray); inprocess: the same apps and messages, devices called one by one in this process (faster for sweeps).")] = "flower",
+    engine: Annotated[str, typer.Option(help="flower: Flower's Simulation Engine (Ray), the apps that run on phones; inprocess: the same apps and messages, devices called one by one in this process; fast: the same server, a cohort's devices computed at once (compiled, 20x and more faster; docs/federated.md).")] = "flower",
+    threads: Annotated[Optional[int], typer.Option(help="fast engine: devices trained at once (default: the machine's cores).")] = None,
+    private_dir: Annotated[Optional[Path], typer.Option(help="fast engine: keep the devices' private vectors in a memory-mapped file in this folder (for millions of devices).")] = None,
     cpus_per_device: Annotated[float, typer.Option(help="Ray CPUs per virtual device (devices that run at once = CPUs / this).")] = 1.0,
     ray_address: Annotated[Optional[str], typer.Option(help="Address of an existing Ray cluster (e.g. ray://head:10001); default: a local one.")] = None,
     references: Annotated[str, typer.Option(help="Reference lines: auto (cached or computed), compute, none.")] = "auto",
@@ -501,8 +504,8 @@ def simulate(
     from .population import write_population
     from .report import plot_rounds, write_rounds_csv
 
-    if engine not in ("flower", "inprocess"):
-        _fail(f"unknown engine {engine!r}; choose flower or inprocess")
+    if engine not in ENGINES:
+        _fail(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     split = _load_split(dataset, format, rating_threshold, seed)
     out = out or Path("results") / f"sim-{_slug(dataset)}-{model}-{strategy}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
@@ -526,6 +529,10 @@ def simulate(
             server_app.privacy_plan(config, split.n_users)
         if config.secagg:  # refuse a cohort below secagg-min-cohort before any work
             check_secagg(config, config.cohort_size(split.n_users))
+        if engine == "fast":  # refuse what the fast engine does not compute before any work
+            from .fast import check_fast
+
+            check_fast(config)
     except RunConfigError as exc:
         _fail(str(exc))
     refs = _references(split, dataset, model, seed, references, progress)
@@ -550,6 +557,10 @@ def simulate(
             start = time.perf_counter()
             if engine == "flower":
                 result = run_flower_simulation(config, n_devices=split.n_users, backend=backend)
+            elif engine == "fast":
+                from .fast import run_fast
+
+                result = run_fast(config, threads=threads, private_dir=str(private_dir) if private_dir else None)
             else:
                 result = run_inprocess(config, n_devices=split.n_users)
             seconds = time.perf_counter() - start
@@ -669,6 +680,9 @@ def privacy_sweep(
     seed: Seed = 0,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/privacy-sweep-<dataset>).")] = None,
     rerun: Annotated[bool, typer.Option("--rerun/--reuse", help="Run again the points whose results the folder already holds (default: reuse them).")] = False,
+    engine: Annotated[str, typer.Option(help="inprocess: the real apps, devices one by one; fast: a cohort's devices computed at once (for populations of millions).")] = "inprocess",
+    threads: Annotated[Optional[int], typer.Option(help="fast engine: devices trained at once (default: the machine's cores).")] = None,
+    population: Annotated[Optional[Path], typer.Option(help="An existing population folder (`fedpref population --out DIR`) instead of --dataset: a million devices are written once, not per sweep.")] = None,
     progress: Progress = True,
 ) -> None:
     """Privacy-utility sweep: epsilon against test HR@10 for several noise multipliers and cohort sizes."""
@@ -682,35 +696,57 @@ def privacy_sweep(
         zs, ms = _floats(noise), _ints(cohorts)
     except ValueError:
         _fail(f"--noise takes numbers and --cohorts whole numbers, separated by commas; got {noise!r} and {cohorts!r}")
-    split = _load_split(dataset, format, rating_threshold, seed)
-    bad = [m for m in ms if not 2 <= m <= split.n_users]
+    if engine not in ("inprocess", "fast"):
+        _fail(f"unknown engine {engine!r}; choose inprocess or fast")
+    if population is not None:
+        from .population import read_meta
+
+        try:
+            meta = read_meta(population)
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+        n_users, split, folder, dataset = int(meta["n_users"]), None, population, str(meta.get("name", population.name))
+    else:
+        split = _load_split(dataset, format, rating_threshold, seed)
+        n_users = split.n_users
+    bad = [m for m in ms if not 2 <= m <= n_users]
     if bad or any(z < 0 for z in zs):
-        _fail(f"cohorts must lie in [2, {split.n_users}] and noise multipliers be 0 or more; got cohorts {ms}, noise {zs}")
+        _fail(f"cohorts must lie in [2, {n_users}] and noise multipliers be 0 or more; got cohorts {ms}, noise {zs}")
     out = out or Path("results") / f"privacy-sweep-{_slug(dataset)}"
     out.mkdir(parents=True, exist_ok=True)
-    folder = write_population(split, out / "population")
+    if split is not None:
+        folder = write_population(split, out / "population")
     base = {"history-dir": str(folder.resolve()), "num-server-rounds": rounds, "evaluate-every": evaluate_every, "clip-norm": clip_norm,
             "seed": seed, **_run_config_overrides(run_config)}
     runs = sweep_runs(zs, ms)
     try:
         for m, z in runs:
-            config = FederatedConfig.from_run_config({**base, "fraction-train": m / split.n_users, "min-train-nodes": m, "dp-noise-multiplier": z})
+            config = FederatedConfig.from_run_config({**base, "fraction-train": m / n_users, "min-train-nodes": m, "dp-noise-multiplier": z})
             if config.dp:
-                privacy_plan(config, split.n_users)
+                privacy_plan(config, n_users)
+            if engine == "fast":
+                from .fast import check_fast
+
+                check_fast(config)
     except RunConfigError as exc:
         _fail(str(exc))
-    with progress_bar(len(runs), f"privacy sweep ({split.n_users} devices, {rounds} rounds a run)", progress) as advance:
+    with progress_bar(len(runs), f"privacy sweep ({n_users} devices, {rounds} rounds a run)", progress) as advance:
         def on_run(row: dict) -> None:
             line = f"{row['cohort']} a round, z={row['noise_multiplier']:g}: epsilon {row['epsilon']:.3g}, test HR@10 {row['test_hr']:.4f}"
             advance(line)
             if not progress or not console.is_terminal:
                 console.print(line)
 
-        rows = run_sweep(base, split.n_users, runs, out, on_run=on_run, rerun=rerun)
-    pop_hr = evaluate(popularity_scorer(split), split, target="test", seed=seed).hr
+        rows = run_sweep(base, n_users, runs, out, on_run=on_run, rerun=rerun, engine=engine, threads=threads)
+    if split is not None:
+        pop_hr = evaluate(popularity_scorer(split), split, target="test", seed=seed).hr
+    else:
+        from .population import popularity_hr
+
+        pop_hr = popularity_hr(folder, seed=seed)
     plot_sweep(rows, out / "sweep.png", popularity_hr=pop_hr,
-               title=f"{dataset}: {split.n_users:,} devices, {rounds} rounds, C={clip_norm}: what epsilon costs")
-    table = Table(title=f"privacy-utility sweep, {split.n_users:,} devices (popularity: test HR@10 {pop_hr:.4f})")
+               title=f"{dataset}: {n_users:,} devices, {rounds} rounds, C={clip_norm}: what epsilon costs")
+    table = Table(title=f"privacy-utility sweep, {n_users:,} devices (popularity: test HR@10 {pop_hr:.4f})")
     for col in ("devices a round", "z", "epsilon", "delta", "test HR@10", "full HR@10", "seconds"):
         table.add_column(col, justify="right")
     for r in rows:

@@ -31,6 +31,29 @@ def write_population(split: LeaveOneOutSplit, folder: str | Path) -> Path:
     return folder
 
 
+def read_meta(folder: str | Path) -> dict:
+    """A population folder's ``meta.json`` (``n_users``, ``n_items``, ``name``, ``seed``)."""
+    meta = Path(folder) / "meta.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"no population in {folder} (meta.json missing): write one with `fedpref population --dataset NAME --out {folder}`")
+    return json.loads(meta.read_text())
+
+
+def popularity_hr(folder: str | Path, *, k: int = 10, seed: int = 0, chunk: int = 200_000) -> float:
+    """Test HR@k on the sampled candidates of recommending every device the items most devices
+    trained on (the popularity baseline), from a population folder alone."""
+    from fedpref.models.metrics import hit_rate, rank_of_target
+
+    meta = read_meta(folder)
+    load = lambda name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r")  # noqa: E731
+    counts = np.bincount(np.asarray(load("train_items")), minlength=int(meta["n_items"])).astype(np.float64)
+    test, negatives = load("test_item"), load("negatives")
+    rng = np.random.default_rng([seed, 1])
+    ranks = np.concatenate([rank_of_target(counts[np.asarray(test[lo : lo + chunk])], counts[np.asarray(negatives[lo : lo + chunk])], rng)
+                            for lo in range(0, int(meta["n_users"]), chunk)])
+    return hit_rate(ranks, k)
+
+
 def write_device_stores(population: str | Path, out: str | Path, *, consent: str = "federated", kinds=None, devices=None, progress: bool = False) -> Path:
     """One device store per device of a population folder (``out``/device-<i>.sqlite), holding
     its training history as ``view`` events and the given consent, as if each person had

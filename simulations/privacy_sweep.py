@@ -4,7 +4,8 @@ For every cohort size m and noise multiplier z (z = 0: no DP, the reference of t
 size), one federated run with the same settings otherwise; each run reports the epsilon it
 spent over all its rounds (at delta 1/(10 N) unless set) and the test HR@10 of the round
 chosen on validation. Runs use the in-process engine (same apps and messages as Flower's
-Simulation Engine, one process).
+Simulation Engine, one process) or, for large populations, the fast engine
+(:mod:`fedpref.simulations.fast`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def run_sweep(
     out: Path,
     on_run: Callable[[dict], None] | None = None,
     rerun: bool = False,
+    engine: str = "inprocess",
+    threads: int | None = None,
 ) -> list[dict]:
     """Run each (cohort, z) with ``base``'s settings; writes ``out``/sweep.csv as it goes. A
     run whose folder already holds the results of the same run config is read, not run again
@@ -48,6 +51,10 @@ def run_sweep(
         previous = json.loads(done.read_text()) if done.exists() and not rerun else None
         if previous is not None and previous.get("config") == config.to_run_config():
             result = {**previous, "engine_seconds": previous["seconds"]}
+        elif engine == "fast":
+            from .fast import run_fast
+
+            result = run_fast(config, threads=threads)
         else:
             result = run_inprocess(config, n_devices=n_devices)
         chosen, privacy = result["chosen"], result.get("privacy") or {}

@@ -76,3 +76,25 @@ def test_simulate_refuses_a_target_epsilon_that_one_round_passes_before_training
     assert result.exit_code == 2
     assert "one round alone spends epsilon" in result.output and "raise dp-noise-multiplier" in result.output
     assert not (tmp_path / "x" / "rounds.json").exists()
+
+
+def test_simulate_on_the_fast_engine_gives_the_in_process_engines_metrics(tmp_path):
+    args = ["simulate", "--dataset", "synthetic:40x300", "--rounds", "2", "--dim", "8", "--devices-per-round", "20",
+            "--references", "none", "--no-progress"]
+    fast = runner.invoke(app, [*args, "--engine", "fast", "--threads", "2", "--private-dir", str(tmp_path / "private"), "--out", str(tmp_path / "fast")])
+    assert fast.exit_code == 0, fast.output
+    inprocess = runner.invoke(app, [*args, "--engine", "inprocess", "--out", str(tmp_path / "inprocess")])
+    assert inprocess.exit_code == 0, inprocess.output
+    a = json.loads((tmp_path / "fast" / "rounds.json").read_text())
+    b = json.loads((tmp_path / "inprocess" / "rounds.json").read_text())
+    assert json.loads((tmp_path / "fast" / "config.json").read_text())["engine"] == "fast"
+    for x, y in zip(a["rounds"], b["rounds"], strict=True):
+        assert x["replies"] == y["replies"] == 20 and x["train-loss"] == y["train-loss"] or abs(x["train-loss"] / y["train-loss"] - 1) < 1e-4
+    assert abs(a["rounds"][-1]["val-hr"] - b["rounds"][-1]["val-hr"]) <= 0.005
+    assert (tmp_path / "private" / "private.npy").exists()
+
+
+def test_the_fast_engine_refuses_secure_aggregation_before_any_work(tmp_path):
+    result = runner.invoke(app, ["simulate", "--dataset", "synthetic:30x300", "--engine", "fast", "--secagg", "--references", "none",
+                                 "--out", str(tmp_path / "x"), "--no-progress", "--run-config", "secagg-min-cohort=2"])
+    assert result.exit_code != 0 and "secure aggregation" in result.output and "--engine flower" in result.output

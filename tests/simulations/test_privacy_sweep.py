@@ -55,3 +55,22 @@ def test_a_sweep_reuses_the_points_it_already_ran_and_adds_new_ones(tmp_path):
         assert [float(r["noise_multiplier"]) for r in csv.DictReader(f)] == [0, 1, 2]
     CliRunner().invoke(app, [*args, "--noise", "1", "--rerun"])
     assert (out / "m10-z1" / "rounds.json").stat().st_mtime_ns != first
+
+
+def test_a_sweep_runs_on_the_fast_engine_from_a_population_folder(tmp_path):
+    assert CliRunner().invoke(app, ["population", "--dataset", "synthetic:60x300", "--out", str(tmp_path / "pop")]).exit_code == 0
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(
+        app,
+        ["privacy-sweep", "--population", str(tmp_path / "pop"), "--engine", "fast", "--noise", "1", "--cohorts", "20", "--rounds", "2",
+         "--evaluate-every", "2", "--run-config", "dim=8 local-epochs=1", "--out", str(out), "--no-progress"],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    with (out / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["cohort"]), float(r["noise_multiplier"])) for r in rows] == [(20, 0), (20, 1)]
+    assert float(rows[1]["epsilon"]) > 0 and not (out / "population").exists()  # the folder given was used
+    assert "popularity: test HR@10" in result.output
+    missing = CliRunner().invoke(app, ["privacy-sweep", "--population", str(tmp_path / "none"), "--out", str(out), "--no-progress"])
+    assert missing.exit_code != 0 and "fedpref population" in missing.output

@@ -143,17 +143,18 @@ def _step(value, neg_lr, grad):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr, trains_shared, l2, loss_kind):  # pragma: no cover - compiled
-    """SGD over ``blocks``; items with ``local[item] >= 0`` are read from (and, when
-    ``trains_shared``, written to) the device's own rows, the others from the global arrays.
-    Returns the mean loss of the last epoch (NaN as soon as an epoch's is not finite).
+def _sgd(table, table_bias, p, blocks, sizes, batch_epochs, lr, trains_shared, l2, loss_kind):  # pragma: no cover - compiled
+    """SGD over ``blocks``, whose entries are rows of ``table`` and ``table_bias`` (the global
+    item arrays while they are frozen; the device's own copy of the rows it trains, which it
+    updates, when ``trains_shared``). Returns the mean loss of the last epoch (NaN as soon as
+    an epoch's is not finite).
 
     The rounding follows torch's where it can: each gradient value is formed as autograd forms
     it (the score's part plus L2's, ``l2 / B * 2 w``), and SGD adds the gradient of every
     occurrence of a row (a positive's private vector, a candidate's item row) one after another,
     each rounded once, from the values before the step. Dot products are summed in another
     order, which leaves float32 rounding differences."""
-    dim = q.shape[1]
+    dim = table.shape[1]
     width = blocks.shape[1]
     max_b = 0
     for s in range(sizes.shape[0]):
@@ -164,7 +165,7 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
     grad_items = np.empty((max_b * width, dim), dtype=np.float32)  # occurrences of rows a step touches twice
     pending_rows = np.empty(max_b * width, dtype=np.int64)
     pending_g = np.empty(max_b * width, dtype=np.float32)
-    counts = np.zeros(item_rows.shape[0], dtype=np.int32)
+    counts = np.zeros(table.shape[0] if trains_shared else 1, dtype=np.int32)
     neg_lr = np.float32(-lr)
     two = np.float32(2.0)
     epoch = -1
@@ -189,16 +190,12 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
         if trains_shared:  # how often this step touches each row
             for b in range(b_size):
                 for j in range(width):
-                    counts[local[blocks[row0 + b, j]]] += 1
+                    counts[blocks[row0 + b, j]] += 1
         for b in range(b_size):
             # Scores of the positive's candidates, from the values before this step.
             for j in range(width):
-                item = blocks[row0 + b, j]
-                r = local[item]
-                if r >= 0:
-                    scores[b, j] = _dot(p, item_rows[r]) + bias_rows[r]
-                else:
-                    scores[b, j] = _dot(p, q[item]) + bq[item]
+                r = blocks[row0 + b, j]
+                scores[b, j] = _dot(p, table[r]) + table_bias[r]
             # The loss (mean over the batch) and its gradient with respect to every score.
             if loss_kind == 0:  # sampled softmax: cross-entropy, the positive at index 0
                 top = scores[b, 0]
@@ -232,13 +229,8 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
             for c in range(dim):
                 grad_p[b, c] = 0.0
             for j in range(width):
-                item = blocks[row0 + b, j]
-                r = local[item]
+                row = table[blocks[row0 + b, j]]
                 gk = g[b, j]
-                if r >= 0:
-                    row = item_rows[r]
-                else:
-                    row = q[item]
                 for c in range(dim):
                     grad_p[b, c] += gk * row[c]
             for c in range(dim):
@@ -248,15 +240,15 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
                 # values before the step. A row no other positive of the step reads is stepped at
                 # once; a row the step touches again keeps its gradients, stepped after the step.
                 for j in range(width):
-                    r = local[blocks[row0 + b, j]]
+                    r = blocks[row0 + b, j]
                     gk = g[b, j]
                     if counts[r] == 1:
                         for c in range(dim):
-                            item_rows[r, c] = _step(item_rows[r, c], neg_lr, gk * p[c] + coef * (two * item_rows[r, c]))
-                        bias_rows[r] = _step(bias_rows[r], neg_lr, gk)
+                            table[r, c] = _step(table[r, c], neg_lr, gk * p[c] + coef * (two * table[r, c]))
+                        table_bias[r] = _step(table_bias[r], neg_lr, gk)
                     else:
                         for c in range(dim):
-                            grad_items[n_pending, c] = gk * p[c] + coef * (two * item_rows[r, c])
+                            grad_items[n_pending, c] = gk * p[c] + coef * (two * table[r, c])
                         pending_rows[n_pending] = r
                         pending_g[n_pending] = gk
                         n_pending += 1
@@ -267,11 +259,11 @@ def _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, lr,
             for k in range(n_pending):
                 r = pending_rows[k]
                 for c in range(dim):
-                    item_rows[r, c] = _step(item_rows[r, c], neg_lr, grad_items[k, c])
-                bias_rows[r] = _step(bias_rows[r], neg_lr, pending_g[k])
+                    table[r, c] = _step(table[r, c], neg_lr, grad_items[k, c])
+                table_bias[r] = _step(table_bias[r], neg_lr, pending_g[k])
             for b in range(b_size):
                 for j in range(width):
-                    counts[local[blocks[row0 + b, j]]] = 0
+                    counts[blocks[row0 + b, j]] = 0
         for b in range(b_size):
             for c in range(dim):
                 p[c] = _step(p[c], neg_lr, grad_p[b, c])
@@ -302,7 +294,7 @@ def device_round(rng, items, q, bq, private, refit_epochs, refit_lr, epochs, lr,
         return p, empty, no_rows, no_bias, np.nan, True
     if refit_epochs > 0:
         blocks, sizes, batch_epochs = draw_batches(rng, items, n_items, refit_epochs, batch_size, num_negatives)
-        loss = _sgd(q, bq, local, no_rows, no_bias, p, blocks, sizes, batch_epochs, np.float32(refit_lr), False, np.float32(l2), loss_kind)
+        loss = _sgd(q, bq, p, blocks, sizes, batch_epochs, np.float32(refit_lr), False, np.float32(l2), loss_kind)
         if not np.isfinite(loss):
             return p, empty, no_rows, no_bias, loss, False
     if epochs == 0:
@@ -319,7 +311,10 @@ def device_round(rng, items, q, bq, private, refit_epochs, refit_lr, epochs, lr,
         local[rows[k]] = k
         item_rows[k] = q[rows[k]]
         bias_rows[k] = bq[rows[k]]
-    loss = _sgd(q, bq, local, item_rows, bias_rows, p, blocks, sizes, batch_epochs, np.float32(lr), True, np.float32(l2), loss_kind)
+    for i in range(blocks.shape[0]):  # the candidates as rows of the device's own copy
+        for j in range(blocks.shape[1]):
+            blocks[i, j] = local[blocks[i, j]]
+    loss = _sgd(item_rows, bias_rows, p, blocks, sizes, batch_epochs, np.float32(lr), True, np.float32(l2), loss_kind)
     return p, rows, item_rows, bias_rows, loss, bool(np.isfinite(loss))
 
 

@@ -568,9 +568,11 @@ def main(grid: Grid, context: Context) -> None:
             for callback in _round_callbacks:
                 callback({"event": "evaluate", **row})
 
+    writer = checkpoint.Writer(checkpoint_dir) if checkpoint_dir else None
+
     def snapshot(completed: int, arrays: dict, finished: bool) -> None:
         states = grid.device_states() if hasattr(grid, "device_states") else None
-        checkpoint.save(checkpoint_dir, checkpoint.Checkpoint(
+        writer.save(wait=finished, checkpoint=checkpoint.Checkpoint(
             config=checkpoint.comparable(config.to_run_config()), completed_round=completed, finished=finished, arrays=arrays,
             strategy=_strategy_state(strategy), sampler=stable.rng.getstate(), numpy_random=np.random.get_state(),
             ledger=ledger if privacy is not None else None, rounds=rounds, best={"round": best["round"], "arrays": _numpy_arrays(best["arrays"])},

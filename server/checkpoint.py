@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,16 +55,55 @@ def comparable(run_config: dict) -> dict:
 
 
 def save(folder: str | Path, checkpoint: Checkpoint) -> Path:
+    return _write(folder, pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _write(folder: str | Path, data: bytes) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / CHECKPOINT_FILE
-    tmp = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
+    tmp = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     with tmp.open("wb") as f:
-        pickle.dump(checkpoint, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, target)  # atomic: a kill leaves the old checkpoint or the new one
     return target
+
+
+class Writer:
+    """Writes a run's checkpoints, the disk's part in the background: a checkpoint is pickled
+    when :meth:`save` is called (so later changes to the run's objects do not reach it), and
+    written and synced while the next round goes on. One write at a time: ``save`` waits for the
+    previous one first, and :meth:`wait` (or ``save(..., wait=True)``) for the last. A failed
+    write is raised by the next call."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, checkpoint: Checkpoint, *, wait: bool = False) -> None:
+        self.wait()
+        data = pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL)
+        self._thread = threading.Thread(target=self._run, args=(data,), name="fedpref-checkpoint")
+        self._thread.start()
+        if wait:
+            self.wait()
+
+    def _run(self, data: bytes) -> None:
+        try:
+            _write(self.folder, data)
+        except BaseException as exc:  # noqa: BLE001 - handed to the server's thread
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load(folder: str | Path) -> Checkpoint | None:

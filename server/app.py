@@ -241,12 +241,15 @@ def make_strategy(
     on_round: Callable[[int, dict], None],
     num_rounds: int | None = None,
     before_round: Callable[[int, ArrayRecord], None] | None = None,
+    accept_partial: bool = False,
 ):
     """The Flower strategy named by ``config.strategy``, evaluating every ``evaluate-every``
     rounds (and after ``num_rounds``, the last round that will run); with DP on, its average
     is noised before the server optimiser steps. ``before_round(round, arrays)`` is called as
     each round starts (the checkpoint). ``strategy.round_offset`` shifts Flower's round
-    numbers (1, 2, ...) to the run's when a run resumes."""
+    numbers (1, 2, ...) to the run's when a run resumes. ``accept_partial``: replies may be
+    partial aggregates (only from a grid that computes them itself, the fast engine's; from
+    anywhere else such a reply is dropped, since its device counts would reach the accountant)."""
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -297,6 +300,8 @@ def make_strategy(
             replies = list(replies)
             if config.update_encoding != "float32":
                 replies = [_decoded(r, self._sent_global, config.update_encoding) for r in replies]
+            if not accept_partial:
+                replies = [_as_error(r, "a device may not send a partial aggregate") if _partial(r) is not None else r for r in replies]
             dropped = sum(1 for r in replies if r.has_error()) + sum(int(p["dropped"]) for r in replies if (p := _partial(r)) is not None)
             replies = [r for r in replies if not r.has_error()]
             devices = sum(_devices(r) for r in replies)
@@ -584,7 +589,7 @@ def main(grid: Grid, context: Context) -> None:
         if checkpoint_dir and server_round > first_round:
             snapshot(server_round - 1, _numpy_arrays(arrays), finished=False)
 
-    strategy = make_strategy(config, n_devices, on_round, num_rounds, before_round)
+    strategy = make_strategy(config, n_devices, on_round, num_rounds, before_round, accept_partial=getattr(grid, "partial_aggregates", False))
     start_arrays, first_round = initial, 1
     if resumed is not None:
         start_arrays, first_round = resumed.arrays, resumed.completed_round + 1

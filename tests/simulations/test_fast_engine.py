@@ -244,3 +244,32 @@ def test_private_vectors_can_live_in_a_memory_mapped_file(population, tmp_path):
 def test_the_fast_engine_refuses_what_it_does_not_compute(population, tmp_path, override, word):
     with pytest.raises(RunConfigError, match=word):
         FastGrid(base_config(population, tmp_path, **override))
+
+
+def test_a_device_that_sends_a_partial_aggregate_is_dropped(population, tmp_path):
+    """Only a grid that computes partial aggregates itself may hand them to the server: from a
+    device, the devices it claims to stand for would reach the privacy accountant."""
+    import json
+
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpref.client.app import app as client_app
+    from fedpref.models.federation import PARTIAL_AGGREGATE
+    from fedpref.server.app import main as server_main
+    from fedpref.simulations.inprocess import InProcessGrid
+
+    config = base_config(population, tmp_path / "run", dropout=0.0, **{"num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0})
+
+    def forger(msg, context):
+        reply = client_app(msg, context)
+        if msg.metadata.message_type == "train" and context.node_config["partition-id"] == 0:
+            reply.content[PARTIAL_AGGREGATE] = ConfigRecord({"devices": 1000, "dropped": 0, "weight": 1000.0})
+        return reply
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    grid = InProcessGrid(forger, N_DEVICES, config.to_run_config())
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_run_config()))
+    row = json.loads((tmp_path / "run" / "rounds.json").read_text())["rounds"][0]
+    assert row["replies"] == N_DEVICES - 1 and row["dropped"] == 1

@@ -5,6 +5,9 @@
 
 Every device of movielens-small (671) trains in every round: MF, run-config defaults, seed 0.
 
+The fast engine runs first, then Flower's (which starts Ray in this process; its threads may
+outlive the run).
+
 1. **Per round, both engines.** The same config on Flower's Simulation Engine (Ray, one
    virtual SuperNode per device, the real ClientApp) and on the fast engine, without federated
    evaluation (``fraction-evaluate=0``), so that a round is the training round alone. A round's
@@ -92,13 +95,6 @@ def main() -> None:
         print(f"  one device's round: torch local_round {local['torch_ms']:.1f} ms, compiled {local['compiled_ms']:.2f} ms "
               f"(median; {local['ratio']:.0f}x)")
 
-        print(f"Flower's Simulation Engine: {args.flower_rounds} rounds of all {split.n_users} devices ...")
-        flower_config = FederatedConfig.from_run_config({**base, "num-server-rounds": args.flower_rounds, "results-dir": str(Path(tmp) / "flower")})
-        start = time.perf_counter()
-        flower = run_flower_simulation(flower_config, n_devices=split.n_users)
-        flower_wall = time.perf_counter() - start
-        flower_rounds = round_seconds(flower)
-
         print(f"fast engine: the same {args.flower_rounds} rounds ...")
         fast_config = FederatedConfig.from_run_config({**base, "num-server-rounds": args.flower_rounds, "results-dir": str(Path(tmp) / "fast")})
         fast = run_fast(fast_config)
@@ -110,6 +106,14 @@ def main() -> None:
         start = time.perf_counter()
         hundred = run_fast(full)
         hundred_wall = time.perf_counter() - start
+
+        # Flower last: it starts Ray in this process, and its threads may outlive the run.
+        print(f"Flower's Simulation Engine: {args.flower_rounds} rounds of all {split.n_users} devices ...")
+        flower_config = FederatedConfig.from_run_config({**base, "num-server-rounds": args.flower_rounds, "results-dir": str(Path(tmp) / "flower")})
+        start = time.perf_counter()
+        flower = run_flower_simulation(flower_config, n_devices=split.n_users)
+        flower_wall = time.perf_counter() - start
+        flower_rounds = round_seconds(flower)
 
     flower_round, fast_round = statistics.median(flower_rounds), statistics.median(fast_rounds)
     result = {

@@ -89,11 +89,14 @@ class Population:
         self.meta = json.loads((path / "meta.json").read_text())
         self.n_users, self.n_items = int(self.meta["n_users"]), int(self.meta["n_items"])
         load = lambda name: np.load(path / f"{name}.npy", mmap_mode="r")  # noqa: E731
-        self.indptr, self.items = load("train_indptr"), load("train_items")
+        self.indptr = np.asarray(load("train_indptr"), dtype=np.int64).copy()  # 8 bytes a device, in memory
+        items = load("train_items")
+        # A plain array over the mapped file: slicing it costs no memmap bookkeeping per device.
+        self.items = np.asarray(items) if items.dtype == np.int64 else np.asarray(items, dtype=np.int64)
         self.val, self.test, self.negatives = load("val_item"), load("test_item"), load("negatives")
 
     def train_items(self, user: int) -> np.ndarray:
-        return np.asarray(self.items[self.indptr[user] : self.indptr[user + 1]], dtype=np.int64)
+        return self.items[self.indptr[user] : self.indptr[user + 1]]
 
 
 class PrivateVectors:

@@ -104,10 +104,10 @@ def aggregation(folder: Path, cohorts: list[int], flower_memory_gb: float) -> li
                                                                2, 0.3, 3, 0.3, 64, 20, 0.01, LOSS_KINDS["softmax"])
         updates.append((rows, item_rows, bias_rows))
     dense_bytes = q.nbytes + bq.nbytes  # one reply's float32 weights
-    _clip_and_add(q, bq, *updates[0], 10.0, 1.0, np.zeros((pop.n_items, q.shape[1] + 1)))  # load the compiled code
+    _clip_and_add(q, bq, *updates[0], 10.0, 1.0, np.zeros((pop.n_items, q.shape[1] + 1), dtype=np.float32))  # load the compiled code
     out = []
     for m in cohorts:
-        acc = np.zeros((pop.n_items, q.shape[1] + 1))
+        acc = np.zeros((pop.n_items, q.shape[1] + 1), dtype=np.float32)  # as the engine's threads sum
         start = time.perf_counter()
         for k in range(m):
             rows, item_rows, bias_rows = updates[k % len(updates)]

@@ -58,7 +58,7 @@ NODE_ID_BASE = 1000  # device i is node NODE_ID_BASE + i (as in the in-process e
 def _keep_freed_memory() -> None:
     """Keep freed memory in the process (glibc): a device's round allocates a few buffers of
     100 KB to 1 MB, which glibc would otherwise map and unmap afresh for every device, paying a
-    page fault for every page (about a fifth of the round). Harmless elsewhere."""
+    page fault for every page. Harmless elsewhere."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: serve blocks up to 256 MB from the heap
@@ -160,7 +160,7 @@ class FastGrid(Grid):
 
     partial_aggregates = True
 
-    def __init__(self, config: FederatedConfig, *, threads: int | None = None, private_dir: str | None = None, keep_updates: bool = False, run_id: int = 1) -> None:
+    def __init__(self, config: FederatedConfig, *, threads: int | None = None, private_dir: str | None = None, keep_updates: bool = False) -> None:
         check_fast(config)
         _keep_freed_memory()
         self.config = config
@@ -172,7 +172,6 @@ class FastGrid(Grid):
         self.keep_updates = keep_updates
         self.updates: dict[int, dict[int, dict[str, np.ndarray]]] = {}
         self.timings: list[dict] = []  # per training round: devices, seconds training, seconds in all
-        self._run_id = run_id
         self._ids = list(range(NODE_ID_BASE, NODE_ID_BASE + self.n))
         self._availability = AvailabilityPattern.parse(config.availability)
 
@@ -303,7 +302,7 @@ class FastGrid(Grid):
         bq = np.ascontiguousarray(shared["item_bias.weight"], dtype=np.float32).reshape(-1)
         lr, refit_lr = config.train_config(server_round).lr, config.train_config().lr
         # Embedding | bias, in float32 as Flower's FedAvg sums weights (half the memory traffic of
-        # float64, a fifth of the round); the sum is divided in float64.
+        # float64); the sum is divided in float64.
         acc = np.zeros((q.shape[0], q.shape[1] + 1), dtype=np.float32)
         clipping = False  # whether the last update needed clipping (then measure before adding)
         for k in batches():
@@ -521,7 +520,8 @@ def _add_unclipped(q, bq, rows, item_rows, bias_rows, weight, acc):  # pragma: n
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _squares(q, bq, rows, item_rows, bias_rows):  # pragma: no cover - compiled
     """The squared norms of the float32 update (``new - global``) and of the global rows it
-    touches (sums in any order)."""
+    touches (sums in any order): ``_add_unclipped``'s measuring alone, for updates that will
+    be clipped (kept apart so that neither loop carries a branch that stops it vectorising)."""
     dim = q.shape[1]
     total = 0.0
     base = 0.0

@@ -15,18 +15,10 @@ import pytest
 import uvicorn
 
 from fedpref.server.api import FlowerControl, create_app
-from fedpref.server.runstore import RunStore
 from fedpref.server.settings import OperatorSettings
 
 KEY = "dashboard-operator-key-0123456789abcdef"
 RUN_NAME = "nightly-dp-run"
-
-
-@pytest.fixture()
-def store(tmp_path):
-    store = RunStore(str(tmp_path / "runs.sqlite"))
-    yield store
-    store.close()
 
 
 @pytest.fixture()

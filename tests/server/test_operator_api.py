@@ -102,13 +102,6 @@ def failure(message: str) -> str:
 
 
 @pytest.fixture()
-def store(tmp_path):
-    store = RunStore(str(tmp_path / "runs.sqlite"))
-    yield store
-    store.close()
-
-
-@pytest.fixture()
 def ids(store):
     return fill(store)
 

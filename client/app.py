@@ -193,6 +193,26 @@ def drops_out(config: FederatedConfig, user: int, server_round: int) -> bool:
     return config.dropout > 0 and np.random.default_rng([config.seed, user, server_round, 3]).random() < config.dropout
 
 
+def straggles(config: FederatedConfig, user: int, server_round: int) -> bool:
+    """Whether, in a simulation with ``stragglers`` > 0, this device answers this round's
+    training ``straggler-delay`` seconds late (a coin seeded by seed, device and round)."""
+    return config.stragglers > 0 and np.random.default_rng([config.seed, user, server_round, 6]).random() < config.stragglers
+
+
+def answers_late(config: FederatedConfig, user: int, server_round: int, timeout: float | None) -> bool:
+    """Whether this device's training reply comes after a server that waits ``timeout`` seconds
+    has closed the round (for engines that keep a simulated clock instead of sleeping)."""
+    return straggles(config, user, server_round) and config.straggler_delay > (timeout if timeout is not None else 3600.0)
+
+
+SIMULATED_CLOCK = "simulated-clock"  # node config: the engine drops late replies itself; the device does not sleep
+
+
+def _maybe_straggle(context: Context, config: FederatedConfig, user: int, server_round: int) -> None:
+    if straggles(config, user, server_round) and not context.node_config.get(SIMULATED_CLOCK):
+        time.sleep(config.straggler_delay)
+
+
 def _maybe_drop_out(config: FederatedConfig, user: int, server_round: int) -> None:
     if drops_out(config, user, server_round):
         raise DroppedOut(f"device {user} dropped out of round {server_round} (simulated, run-config dropout={config.dropout})")
@@ -281,6 +301,8 @@ def _train_secure(msg: Message, context: Context) -> Message:
         cohort=cohort,
         noise=_noise_details(config, z, noise_std),
     )
+    if task.config.get(TASK) != POPULARITY_TASK:
+        _maybe_straggle(context, config, device_index(context), int(task.config.get("server-round", 1)))
     parameters = ndarrays_to_parameters([np.asarray(sent[name], dtype=np.float64) for name in names])
     reply = FitRes(Status(Code.OK, ""), parameters, num_examples=1, metrics={})
     return Message(fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
@@ -373,6 +395,7 @@ def train(msg: Message, context: Context) -> Message:
         noise=_noise_details(config, config.dp_noise_multiplier, 0.0),
     )
     content = RecordDict({"arrays": ArrayRecord({name: _array(v) for name, v in weights.items()}), "metrics": sent})
+    _maybe_straggle(context, config, device_index(context), server_round)
     return Message(content, reply_to=msg)
 
 

@@ -18,6 +18,7 @@ from .preference import ModelSpec
 from .train import LOSSES, TrainConfig, default_config
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 
 # Keys of a secure round's training task (server.secure writes them, client.app reads them):
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # the order of the shared arrays in the legacy task
@@ -76,6 +77,14 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "popularity-max-items": 128,  # a device counts at most this many of its items (a random subset; docs/privacy.md)
     "popularity-fraction": 1.0,  # share of devices asked for the histogram
     "dropout": 0.0,  # simulation: share of each round's sampled devices that drop out mid-round (after sharing keys)
+    "stragglers": 0.0,  # simulation: share of each round's sampled devices that answer straggler-delay seconds late
+    "straggler-delay": 30.0,  # simulation: how late a straggler answers (seconds)
+    "round-timeout": 0.0,  # seconds the server waits for a round's replies; later ones are left out (0: Flower's one hour)
+    "min-replies": 1,  # a round with fewer valid replies than this (after dropouts, stragglers, rejections) is skipped: the model stays
+    "aggregation": "mean",  # mean (the strategy's weighted average), median (Flower's FedMedian) or trimmed-mean (FedTrimmedAvg)
+    "trim-fraction": 0.1,  # trimmed-mean: share of the highest and of the lowest values cut per coordinate
+    "server-norm-bound": 0.0,  # > 0: the server clips each update to this L2 norm and weighs every device the same (a poisoning defence)
+    "max-reply-bytes": 0,  # a reply larger than this is rejected unread (0: the shared arrays in float32 plus 64 KiB)
     "availability": "always",  # simulation: when virtual devices may train: always, diurnal or random:P (fedpref.client.eligibility)
     "store-dir": "",  # simulation: a folder of device stores (device-<i>.sqlite); each device then keeps consent and a record of what left
     "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
@@ -152,6 +161,14 @@ class FederatedConfig:
     popularity_max_items: int
     popularity_fraction: float
     dropout: float
+    stragglers: float
+    straggler_delay: float
+    round_timeout: float
+    min_replies: int
+    aggregation: str
+    trim_fraction: float
+    server_norm_bound: float
+    max_reply_bytes: int
     availability: str
     store_dir: str
     personalize_epochs: int
@@ -297,6 +314,34 @@ class FederatedConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"the share of devices that drop out must lie in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.stragglers < 1.0:
+            raise bad("stragglers", f"the share of devices that answer late must lie in [0, 1), got {self.stragglers}")
+        if self.straggler_delay < 0:
+            raise bad("straggler-delay", f"must be 0 or more seconds, got {self.straggler_delay}")
+        if self.round_timeout < 0:
+            raise bad("round-timeout", f"must be 0 (Flower's one hour) or positive seconds, got {self.round_timeout}")
+        if self.min_replies < 1:
+            raise bad("min-replies", f"a round needs at least 1 reply, got {self.min_replies}")
+        if self.aggregation not in AGGREGATIONS:
+            raise bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        if not 0.0 < self.trim_fraction < 0.5:
+            raise bad("trim-fraction", f"must lie in (0, 0.5): the share cut from each end per coordinate; got {self.trim_fraction}")
+        if self.server_norm_bound < 0:
+            raise bad("server-norm-bound", f"must be 0 (off) or a positive L2 norm, got {self.server_norm_bound}")
+        if self.max_reply_bytes < 0:
+            raise bad("max-reply-bytes", f"must be 0 (automatic) or a positive size, got {self.max_reply_bytes}")
+        if self.aggregation != "mean" and self.dp:
+            raise bad(
+                "aggregation",
+                f"{self.aggregation} with DP: the central noise is calibrated to the mean's sensitivity (C / m); "
+                "use aggregation=mean with dp-noise-multiplier > 0, or server-norm-bound as the poisoning defence",
+            )
+        if self.secagg and (self.aggregation != "mean" or self.server_norm_bound > 0):
+            raise bad(
+                "aggregation" if self.aggregation != "mean" else "server-norm-bound",
+                "secure aggregation shows the server only the sum of the updates: a median, a trimmed mean or a "
+                "per-device norm bound needs each update; turn secagg off to use it",
+            )
         if self.personalize_epochs < 0:
             raise bad("personalize-epochs", "must be 0 or more")
         if self.private_epochs < 0:

@@ -30,6 +30,8 @@ from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
     FedYogi,
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
@@ -43,6 +45,7 @@ from fedpref.server import checkpoint
 from fedpref.server.publish import ModelPublisher
 from fedpref.server.runstore import RunStore, default_url
 from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors, shares_per_device
+from fedpref.server.validation import check_evaluate_reply, check_size, check_train_reply, default_max_bytes
 
 app = ServerApp()
 
@@ -213,6 +216,33 @@ class _NoisedAverage(FedAvg):
         return arrays, metrics
 
 
+def _validated(replies: list[Message], reason_of: Callable[[Message], str | None]) -> tuple[list[Message], int]:
+    """The replies for which ``reason_of`` finds nothing wrong, and how many it rejected (each
+    logged with its sender and reason)."""
+    kept, rejected = [], 0
+    for reply in replies:
+        reason = reason_of(reply)
+        if reason is None:
+            kept.append(reply)
+        else:
+            log(WARNING, "rejected a reply from node %s: %s", reply.metadata.src_node_id, reason)
+            rejected += 1
+    return kept, rejected
+
+
+def _bounded(reply: Message, sent_global: dict, bound: float) -> Message:
+    """A device's reply with its update clipped to ``bound`` by the server and its weight set to
+    1 (run-config server-norm-bound): no device moves the average by more than ``bound / m``."""
+    arrays = reply.content["arrays"]
+    update = {k: arrays[k].numpy().astype(np.float64) - sent_global[k].astype(np.float64) for k in sent_global}
+    norm = float(np.sqrt(sum(np.dot(u.ravel(), u.ravel()) for u in update.values())))
+    if norm > bound:
+        scale = bound / norm
+        reply.content["arrays"] = ArrayRecord({k: Array((sent_global[k].astype(np.float64) + update[k] * scale).astype(sent_global[k].dtype)) for k in sent_global})
+    reply.content["metrics"]["num-examples"] = 1
+    return reply
+
+
 def _partial(reply: Message) -> dict | None:
     """The partial-aggregate record of a reply that stands for several devices, or None."""
     if reply.has_error() or PARTIAL_AGGREGATE not in reply.content.config_records:
@@ -270,10 +300,17 @@ def make_strategy(
 
     last = num_rounds or config.num_server_rounds
     every = config.evaluate_every
+    # A median, a trimmed mean or a per-device norm bound needs each device's own update.
+    partial_train = accept_partial and config.aggregation == "mean" and not config.server_norm_bound > 0
     bases: tuple[type, ...] = (base,)
     central_noise = config.dp and config.dp_noise_placement == "central"
     if central_noise:
         bases = (_NoisedAverage,) if base is FedAvg else (base, _NoisedAverage)
+    elif config.aggregation != "mean":
+        # The server optimiser steps on the median (or trimmed mean) instead of the mean:
+        # FedAdam, FedYogi and FedAvgM take their average from the next class in the method order.
+        robust = FedMedian if config.aggregation == "median" else FedTrimmedAvg
+        bases = (robust,) if base is FedAvg else (base, robust)
 
     class Strategy(*bases):  # type: ignore[valid-type, misc]
         round_offset = 0
@@ -285,7 +322,9 @@ def make_strategy(
             if central_noise:  # this round's clipping bound (adaptive clipping moves it)
                 cfg[KEY_CLIPPING_NORM] = float(self.dp_wrapper.clipping_norm)
             self._sent_global = {k: arrays[k].numpy() for k in arrays}  # encoded updates are added to it
-            return super().configure_train(server_round, arrays, cfg, grid)
+            messages = list(super().configure_train(server_round, arrays, cfg, grid))
+            self._asked = len(messages)
+            return messages
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
             server_round += self.round_offset
@@ -298,26 +337,48 @@ def make_strategy(
             # A device that dropped out (an error reply) is left out: the round goes on with
             # the devices that answered. (Flower's DP wrappers would skip the whole round.)
             replies = list(replies)
-            if config.update_encoding != "float32":
-                replies = [_decoded(r, self._sent_global, config.update_encoding) for r in replies]
-            if not accept_partial:
-                replies = [_as_error(r, "a device may not send a partial aggregate") if _partial(r) is not None else r for r in replies]
+            answered = sum(_devices(r) + int(_partial(r)["dropped"]) if _partial(r) is not None else 1 for r in replies)
+            # Not back within round-timeout (under secure aggregation its grid counts its own dropouts).
+            late = 0 if config.secagg else max(0, getattr(self, "_asked", answered) - answered)
             dropped = sum(1 for r in replies if r.has_error()) + sum(int(p["dropped"]) for r in replies if (p := _partial(r)) is not None)
             replies = [r for r in replies if not r.has_error()]
-            devices = sum(_devices(r) for r in replies)
+            # Validation (fedpref.server.validation): a malformed or out-of-bounds reply is left out and counted.
+            max_bytes = config.max_reply_bytes or default_max_bytes(self._sent_global)
+            replies, rejected = _validated(replies, lambda r: check_size(r, max_bytes))
+            if config.update_encoding != "float32":
+                replies = [_decoded(r, self._sent_global, config.update_encoding) for r in replies]
+                replies, undecodable = _validated(replies, lambda r: r.error.reason if r.has_error() else None)
+                rejected += undecodable
+            if not partial_train:
+                replies, forged = _validated(replies, lambda r: "a device may not send a partial aggregate" if _partial(r) is not None else None)
+                rejected += forged
             if central_noise:
                 self._round_clip = float(self.dp_wrapper.clipping_norm)  # the bound this round's devices clipped to
+            bound = None if config.secagg else (self._round_clip if central_noise else config.clip_norm)
+            replies, invalid = _validated(replies, lambda r: check_train_reply(
+                r, self._sent_global, bound=bound, max_bytes=None, dp=config.dp, partial_allowed=partial_train))
+            rejected += invalid
+            if config.server_norm_bound > 0:
+                replies = [_bounded(r, self._sent_global, config.server_norm_bound) for r in replies]
+            devices = sum(_devices(r) for r in replies)
             # The server step of this round (lr-end schedules it across rounds).
             step = config.server_lr * cosine_factor(server_round, last, config.server_lr_end)
             if hasattr(self, "eta"):  # FedAdam, FedYogi
                 self.eta = step
             elif hasattr(self, "server_learning_rate"):  # FedAvgM
                 self.server_learning_rate = step
-            arrays, metrics = super().aggregate_train(server_round, replies)
+            skipped = None
+            if devices < config.min_replies:
+                skipped = (f"{devices} valid replies of {getattr(self, '_asked', devices)} asked ({dropped} dropped, {late} late, "
+                           f"{rejected} rejected), fewer than min-replies {config.min_replies}: the model stays as it was")
+                log(WARNING, "round %s skipped: %s", server_round, skipped)
+                arrays, metrics = None, None
+            else:
+                arrays, metrics = super().aggregate_train(server_round, replies)
             if arrays is not None:
                 arrays = _in_devices_dtype(arrays, replies)
             info = {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step,
-                    "replies": devices, "dropped": dropped}
+                    "replies": devices, "dropped": dropped, "late": late, "rejected": rejected, "skipped": skipped}
             if central_noise:
                 info["clip-norm"] = self._round_clip
             on_round(server_round, info)
@@ -325,11 +386,14 @@ def make_strategy(
 
         def aggregate_evaluate(self, server_round, replies):
             server_round += self.round_offset
+            replies, _ = _validated([r for r in replies if not r.has_error()], lambda r: check_evaluate_reply(r, partial_allowed=accept_partial))
             metrics = super().aggregate_evaluate(server_round, replies)
             on_round(server_round, {"evaluate": dict(metrics) if metrics else {}})
             return metrics
 
     strategy = Strategy(**common, **extra)
+    if config.aggregation == "trimmed-mean":
+        strategy.beta = config.trim_fraction  # FedTrimmedAvg's share cut from each end
     if central_noise:
         average = FedAvg(**common)  # the plain average the wrapper noises; devices send equal weights under DP
         cohort = config.cohort_size(n_devices)
@@ -547,6 +611,11 @@ def main(grid: Grid, context: Context) -> None:
                 row["secagg-skipped"] = done["skipped"]
             elif info["dropped"]:
                 row["dropped"] = info["dropped"]
+            for key in ("late", "rejected"):
+                if info.get(key):
+                    row[key] = info[key]
+            if info.get("skipped"):
+                row["skipped"] = info["skipped"]
             if "clip-norm" in info:
                 row["clip-norm"] = info["clip-norm"]
             row["seconds"] = round(time.perf_counter() - started, 3)
@@ -612,6 +681,7 @@ def main(grid: Grid, context: Context) -> None:
                 grid=secure or stable,
                 initial_arrays=ArrayRecord({k: Array(v) for k, v in start_arrays.items()}),
                 num_rounds=num_rounds - first_round + 1,
+                timeout=config.round_timeout or 3600.0,  # replies later than this are left out of their round
                 train_config=ConfigRecord({}),
                 evaluate_config=ConfigRecord({}),
             )

@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpref.models.federation import RUN_CONFIG_DEFAULTS
+
 CHECKPOINT_FILE = "checkpoint.pkl"
 FORMAT = 1
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
@@ -126,7 +128,9 @@ def resumable(folder: str | Path, run_config: dict) -> Checkpoint | None:
     checkpoint = load(folder)
     if checkpoint is None or checkpoint.finished:
         return None
-    mine, theirs = comparable(run_config), checkpoint.config
+    # A key the checkpoint lacks was added to fedpref after it was written: it ran with the default.
+    mine = comparable(run_config)
+    theirs = {**comparable({k: v for k, v in RUN_CONFIG_DEFAULTS.items() if k not in checkpoint.config}), **checkpoint.config}
     if mine != theirs:
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise CheckpointError(

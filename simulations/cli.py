@@ -603,6 +603,12 @@ def simulate(
         sa = result["secure-aggregation"]
         dropped = sum(row.get("dropped", 0) for row in result["rounds"])
         console.print(f"secure aggregation: the server held only sums over {sa['cohort']} devices a round ({dropped} dropouts in all, {sa['rounds-skipped']} rounds skipped)")
+    else:
+        faults = {key: sum(row.get(key, 0) for row in result["rounds"]) for key in ("dropped", "late", "rejected")}
+        skipped = sum(1 for row in result["rounds"] if row.get("skipped"))
+        if any(faults.values()) or skipped:
+            console.print(f"faults: {faults['dropped']} replies dropped, {faults['late']} late (past round-timeout), "
+                          f"{faults['rejected']} rejected by validation, {skipped} rounds skipped (fewer than min-replies); per round in rounds.json")
     console.print(f"{seconds:.1f} s in all; wrote {out}/config.json, rounds.json, rounds.csv, curves.png")
 
 

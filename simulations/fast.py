@@ -43,7 +43,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpref.client.app import DECLINED, drops_out
+from fedpref.client.app import DECLINED, answers_late, drops_out
 from fedpref.client.device import initial_privates, local_round
 from fedpref.client.guard import encode_update
 from fedpref.models.availability import AvailabilityPattern
@@ -169,7 +169,10 @@ class FastGrid(Grid):
         self.private = PrivateVectors(config, self.n, private_dir)
         self.threads = max(1, threads or os.cpu_count() or 1)
         self.compiled = unsupported(config.model, config.optimizer, config.loss) is None
-        self.keep_updates = keep_updates
+        # A median, a trimmed mean or a server-side norm bound needs each device's update: then
+        # every device answers with its own reply (as on the Flower path), not a partial aggregate.
+        self.per_device = config.aggregation != "mean" or config.server_norm_bound > 0
+        self.keep_updates = keep_updates or self.per_device
         self.updates: dict[int, dict[int, dict[str, np.ndarray]]] = {}
         self.timings: list[dict] = []  # per training round: devices, seconds training, seconds in all
         self._ids = list(range(NODE_ID_BASE, NODE_ID_BASE + self.n))
@@ -211,7 +214,7 @@ class FastGrid(Grid):
             by_kind.setdefault((msg.metadata.message_type, id(msg.content)), []).append(msg)
         for (kind, _), group in by_kind.items():
             if kind == MessageType.TRAIN:
-                reply = self._train(group)
+                reply = self._train(group, timeout)
                 replies += reply if isinstance(reply, list) else [reply]
             elif kind == MessageType.EVALUATE:
                 replies.append(self._evaluate(group))
@@ -228,7 +231,7 @@ class FastGrid(Grid):
         self.private.restore(states)
 
     # -- training -----------------------------------------------------------------
-    def _train(self, group: list[Message]) -> Message | list[Message]:
+    def _train(self, group: list[Message], timeout: float | None = None) -> Message | list[Message]:
         started = time.perf_counter()
         config = self.config
         content = group[0].content
@@ -241,8 +244,11 @@ class FastGrid(Grid):
         users = np.array([m.metadata.dst_node_id - NODE_ID_BASE for m in group], dtype=np.int64)
         declined = np.array([self._declines(int(u), server_round) for u in users], dtype=np.bool_)
         training = users[~declined]
+        # Stragglers train (their private vectors move) but answer after the round's timeout:
+        # their updates are left out, as the Flower path's grid stops waiting for them.
+        late = np.array([answers_late(config, int(u), server_round, timeout) for u in training], dtype=np.bool_)
         private = self.private.get(training)
-        out = _Results(len(training), private.shape[1])
+        out = _Results(len(training), private.shape[1], late)
         queue = iter(range(0, len(training), 32))
         lock = threading.Lock()
 
@@ -263,14 +269,17 @@ class FastGrid(Grid):
                 futures = [pool.submit(worker, batches, training, private, shared, server_round, bound, out) for _ in range(workers)]
                 accumulators = [f.result() for f in futures]
         trained = time.perf_counter()
-        ok = out.ok
-        self.private.set(training[ok], out.private[ok])
+        self.private.set(training[out.ok], out.private[out.ok])
+        ok = out.ok & ~late
         if self.keep_updates:
             self.updates[server_round] = {int(training[k]): out.kept[k] for k in np.flatnonzero(ok)}
         contributing = int(ok.sum())
-        dropped = len(group) - contributing
-        if contributing == 0:  # every device declined or failed: an error reply for each
-            return [self._error(m, f"no device of the cohort of {len(group)} could train in round {server_round}") for m in group]
+        dropped = len(group) - contributing - int(late.sum())
+        if self.per_device:
+            return self._device_replies(group, training, ok, shared, out)
+        if contributing == 0:  # every device declined, failed or was late: an error reply for each that answered
+            answered = [m for m, u in zip(group, users) if u not in set(training[late].tolist())]
+            return [self._error(m, f"no device of the cohort of {len(group)} could train in round {server_round}") for m in answered]
         weights = np.ones(contributing) if config.dp else out.examples[ok].astype(np.float64)
         total = float(weights.sum())
         # What the devices' float32 weights average to (Flower's FedAvg averages weights).
@@ -295,6 +304,30 @@ class FastGrid(Grid):
         self.timings.append({"round": server_round, "devices": len(group), "train_seconds": trained - started, "seconds": time.perf_counter() - started})
         return self._reply(group[0], content)
 
+    def _device_replies(self, group, training, ok, shared, out) -> list[Message]:
+        """One reply per device, as on the Flower path: the weights it sends (``global + update``,
+        float32), or an error for one that declined or failed; nothing from a late one."""
+        config = self.config
+        by_user = {int(u): k for k, u in enumerate(training)}
+        replies = []
+        for msg in group:
+            user = msg.metadata.dst_node_id - NODE_ID_BASE
+            k = by_user.get(user)
+            if k is not None and out.late[k]:
+                continue
+            if k is None or not ok[k]:
+                replies.append(self._error(msg, f"device {user} declined or failed"))
+                continue
+            kept = out.kept[k]
+            weights = {name: (shared[name].astype(np.float64) + kept[name].reshape(shared[name].shape)).astype(shared[name].dtype) for name in shared}
+            if config.dp:
+                metrics = {"num-examples": 1}
+            else:
+                metrics = {"num-examples": int(out.examples[k]), "train-loss": float(out.loss[k]),
+                           "update-norm": float(out.norm[k]), "clipped": float(out.clipped[k])}
+            replies.append(self._reply(msg, RecordDict({"arrays": ArrayRecord({n: Array(v) for n, v in weights.items()}), "metrics": MetricRecord(metrics)})))
+        return replies
+
     def _compiled_worker(self, batches, training, private, shared, server_round, bound, out) -> dict[str, np.ndarray]:
         """Train devices with the compiled round, clip each update and add it to this thread's sum."""
         config = self.config
@@ -315,7 +348,14 @@ class FastGrid(Grid):
             if not ok:  # its loss diverged: local_update raises, the device sends an error
                 continue
             out.private[k], out.loss[k], out.ok[k], out.examples[k] = p, loss, True, len(items)
+            if out.late[k]:  # trained, but its update comes after the round is over
+                continue
             weight = 1.0 if config.dp else float(len(items))
+            if self.per_device:  # the update goes out alone (not into this thread's sum)
+                alone = np.zeros(acc.shape)
+                out.norm[k], out.clipped[k] = _clip_and_add(q, bq, rows, item_rows, bias_rows, np.float64(bound), 1.0, alone)
+                out.kept[k] = {"item_embedding.weight": alone[:, :-1], "item_bias.weight": alone[:, -1:]}
+                continue
             out.norm[k], out.clipped[k] = _clip_and_add(q, bq, rows, item_rows, bias_rows, np.float64(bound), np.float64(weight), acc, not clipping)
             clipping = bool(out.clipped[k])
             if self.keep_updates:  # this device's update alone, as the same kernel adds it
@@ -336,12 +376,15 @@ class FastGrid(Grid):
                 update, new_private, metrics = local_round(config, shared, self.private.as_params(private[k]), items, self.population.n_items, rng, server_round)
             except FloatingPointError:
                 continue
+            out.private[k], out.loss[k], out.ok[k], out.examples[k] = self.private.as_row(new_private), metrics["loss"], True, len(items)
+            if out.late[k]:
+                continue
             sent, norm, clipped = encode_update(shared, update, bound)
             weight = 1.0 if config.dp else float(len(items))
             recovered = {name: sent[name].astype(np.float64) - shared[name].astype(np.float64) for name in shared}
-            for name in shared:
-                acc[name] += weight * recovered[name]
-            out.private[k], out.loss[k], out.ok[k], out.examples[k] = self.private.as_row(new_private), metrics["loss"], True, len(items)
+            if not self.per_device:
+                for name in shared:
+                    acc[name] += weight * recovered[name]
             out.norm[k], out.clipped[k] = norm, clipped
             if self.keep_updates:
                 out.kept[k] = recovered
@@ -424,7 +467,8 @@ class FastGrid(Grid):
 class _Results:
     """Per device of a cohort: what its training left (filled by the worker threads)."""
 
-    def __init__(self, n: int, dim: int) -> None:
+    def __init__(self, n: int, dim: int, late: np.ndarray | None = None) -> None:
+        self.late = np.zeros(n, dtype=np.bool_) if late is None else late
         self.private = np.zeros((n, dim), dtype=np.float32)
         self.loss = np.full(n, np.nan)
         self.ok = np.zeros(n, dtype=np.bool_)

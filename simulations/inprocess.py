@@ -20,12 +20,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.client.app import SIMULATED_CLOCK, answers_late
+from fedpref.models.federation import FederatedConfig, RunConfigError
 
 
 NODE_ID_BASE = 1000  # device i (partition i) is node NODE_ID_BASE + i
@@ -43,13 +44,19 @@ class InProcessGrid(Grid):
             NODE_ID_BASE + i: Context(
                 run_id=run_id,
                 node_id=NODE_ID_BASE + i,
-                node_config={"partition-id": i, "num-partitions": n_devices},
+                node_config={"partition-id": i, "num-partitions": n_devices, SIMULATED_CLOCK: True},
                 state=RecordDict(),
                 run_config=dict(run_config),
             )
             for i in range(n_devices)
         }
         self._replies: dict[str, Message] = {}
+        self._config = FederatedConfig.from_run_config(run_config)
+        if self._config.secagg and self._config.stragglers > 0:
+            raise RunConfigError(
+                "stragglers under secure aggregation need a real clock (SecAgg+ waits secagg-timeout at each stage): "
+                "run them on the Flower engine (fedpref simulate --engine flower)"
+            )
 
     # -- the devices' own state, for the server's checkpoint (fedpref.server.checkpoint) --
     def device_states(self) -> dict[int, RecordDict]:
@@ -104,7 +111,17 @@ class InProcessGrid(Grid):
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return list(self.pull_messages(self.push_messages(messages)))
+        """Every device answers at once, on a simulated clock: a straggler (run-config
+        ``stragglers``) still trains, but its reply comes ``straggler-delay`` seconds late and
+        is not returned when that is past ``timeout``, as a SuperLink's grid stops waiting."""
+        messages = list(messages)
+        replies = list(self.pull_messages(self.push_messages(messages)))
+        late = {
+            msg.metadata.dst_node_id for msg in messages
+            if msg.metadata.message_type == MessageType.TRAIN and "arrays" in msg.content.array_records
+            and answers_late(self._config, msg.metadata.dst_node_id - NODE_ID_BASE, int(msg.content["config"].get("server-round", 1)), timeout)
+        }
+        return [r for r in replies if r.has_error() or r.metadata.src_node_id not in late]  # a dropout's error comes at once
 
 
 def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=None) -> dict:

@@ -32,6 +32,7 @@ def aggregate_zero_updates(strategy_name: str, z: float = 2.0, c: float = 0.5, m
     strategy = server_app.make_strategy(config, m, lambda r, info: None)
     current = {"w": np.zeros((200, 50), np.float32)}
     strategy.current_arrays = {k: v.copy() for k, v in current.items()}  # as configure_train leaves it (FedOpt)
+    strategy._sent_global = {k: v.copy() for k, v in current.items()}  # and fedpref's validation
     np.random.seed(0)
     arrays, _ = strategy.aggregate_train(1, replies_equal_to(current, m))
     return arrays["w"].numpy() - current["w"]

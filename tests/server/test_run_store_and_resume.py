@@ -112,3 +112,16 @@ def test_a_checkpoint_of_another_config_is_refused(population, tmp_path):
         run_inprocess(FederatedConfig.from_run_config({**broken, "dim": 16}), n_devices=N_DEVICES)
     fresh = run_inprocess(FederatedConfig.from_run_config({**broken, "dim": 16, "resume": False}), n_devices=N_DEVICES)
     assert [r["round"] for r in fresh["rounds"]] == list(range(1, ROUNDS + 1))
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_keys_default(tmp_path):
+    """Upgrading fedpref adds run-config keys: an unfinished checkpoint written before a key
+    existed ran with its default, and resumes; a non-default value of the new key is refused."""
+    from fedpref.server import checkpoint
+
+    config = FederatedConfig.from_run_config({"catalogue-size": 20, "devices": 4}).to_run_config()
+    older = {k: v for k, v in checkpoint.comparable(config).items() if k != "stragglers"}
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(config=older, completed_round=2, finished=False, arrays={}))
+    assert checkpoint.resumable(tmp_path, config).completed_round == 2
+    with pytest.raises(CheckpointError, match="differs in stragglers"):
+        checkpoint.resumable(tmp_path, {**config, "stragglers": 0.2})

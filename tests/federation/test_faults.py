@@ -1,0 +1,98 @@
+"""Dropouts and stragglers: a round goes on with the devices that answered within its timeout,
+when at least min-replies did, and records how many dropped out and how many came late."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from fedpref.client.app import straggles
+from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.simulations.fast import run_fast
+from fedpref.simulations.inprocess import run_inprocess
+
+N = 16
+
+
+@pytest.fixture(scope="module")
+def population(tmp_path_factory, synthetic_population):
+    return synthetic_population(tmp_path_factory.mktemp("faults"), N, 300, 15, 7)
+
+
+def config_of(population, out, **overrides) -> FederatedConfig:
+    run_config = {"history-dir": str(population), "results-dir": str(out), "num-server-rounds": 3, "fraction-train": 0.75,
+                  "evaluate-every": 3, "dim": 8, "local-epochs": 1, "private-epochs": 1, "checkpoint-dir": "none"}
+    run_config.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return FederatedConfig.from_run_config(run_config)
+
+
+def test_dropouts_and_stragglers_are_left_out_counted_and_the_same_in_the_in_process_and_fast_engines(population, tmp_path):
+    faults = dict(dropout=0.25, stragglers=0.25, straggler_delay=30.0, round_timeout=10.0)
+    inprocess = run_inprocess(config_of(population, tmp_path / "inprocess", **faults), n_devices=N)
+    fast = run_fast(config_of(population, tmp_path / "fast", **faults), threads=1)
+    cohort = FederatedConfig.from_run_config({"catalogue-size": 2, "devices": N, "fraction-train": 0.75}).cohort_size(N)
+    for a, b in zip(inprocess["rounds"], fast["rounds"], strict=True):
+        assert (a["replies"], a.get("dropped", 0), a.get("late", 0)) == (b["replies"], b.get("dropped", 0), b.get("late", 0))
+        assert a["replies"] + a.get("dropped", 0) + a.get("late", 0) == cohort
+    assert sum(r.get("late", 0) for r in fast["rounds"]) > 0 and sum(r.get("dropped", 0) for r in fast["rounds"]) > 0
+    assert abs(inprocess["rounds"][-1]["test-hr"] - fast["rounds"][-1]["test-hr"]) <= 0.07  # one device's hit in 16, at most
+    # A straggler within the timeout is waited for.
+    patient = run_inprocess(config_of(population, tmp_path / "patient", stragglers=0.25, straggler_delay=30.0, round_timeout=60.0), n_devices=N)
+    assert all("late" not in row and row["replies"] == cohort for row in patient["rounds"])
+
+
+def test_a_round_with_fewer_replies_than_min_replies_is_skipped_with_a_log_line_and_the_model_kept(population, tmp_path, caplog):
+    config = config_of(population, tmp_path / "run", dropout=0.5, min_replies=8, num_server_rounds=2)
+    with caplog.at_level(logging.WARNING):
+        result = run_inprocess(config, n_devices=N)
+    skipped = [row for row in result["rounds"] if row.get("skipped")]
+    assert skipped, "with half the devices leaving, some round should fall below 8 replies"
+    for row in skipped:
+        assert "fewer than min-replies 8" in row["skipped"] and "epsilon" not in row
+        assert f"round {row['round']} skipped" in caplog.text
+    kept = [row for row in result["rounds"] if not row.get("skipped")]
+    assert all(row["replies"] >= 8 for row in kept)
+    if not kept:  # every round skipped: the final model is the initial one
+        initial = config.model_spec.build(1, 300, seed=config.seed).get_shared()
+        final = np.load(tmp_path / "run" / "final_model.npz")
+        for name in initial:
+            np.testing.assert_array_equal(final[name], initial[name])
+
+
+def test_every_round_skipped_leaves_the_initial_model(population, tmp_path):
+    config = config_of(population, tmp_path / "run", min_replies=N + 1, num_server_rounds=2)
+    result = run_inprocess(config, n_devices=N)
+    assert all(row.get("skipped") for row in result["rounds"])
+    initial = config.model_spec.build(1, 300, seed=config.seed).get_shared()
+    final = np.load(tmp_path / "run" / "final_model.npz")
+    for name in initial:
+        np.testing.assert_array_equal(final[name], initial[name])
+
+
+def test_fault_settings_out_of_range_are_refused_with_the_key():
+    for key, value in (("stragglers", 1.0), ("straggler-delay", -1.0), ("round-timeout", -5.0), ("min-replies", 0)):
+        with pytest.raises(RunConfigError, match=key):
+            FederatedConfig.from_run_config({key: value})
+
+
+def test_on_the_simulation_engine_the_server_stops_waiting_for_a_straggler_at_the_timeout(population, tmp_path):
+    """The real clock: a straggling ClientApp sleeps; Flower's grid returns at round-timeout
+    with the replies it has, and the straggler's reply is left out of the round."""
+    from fedpref.simulations.federated import run_flower_simulation
+
+    import random
+
+    base = {"num_server_rounds": 1, "fraction_train": 0.25, "fraction_evaluate": 0.0, "stragglers": 0.2, "straggler_delay": 40.0, "round_timeout": 12.0}
+
+    def cohort(seed):  # the 4 devices round 1 samples (fedpref.server.app.StableGrid: ids in key order, seeded draw)
+        return random.Random(seed).sample(range(N), 4)
+
+    # A seed with which exactly one of the 4 devices of round 1 straggles.
+    seed = next(s for s in range(500) if sum(straggles(config_of(population, tmp_path, seed=s, **base), u, 1) for u in cohort(s)) == 1)
+    config = config_of(population, tmp_path / "flower", seed=seed, **base)
+    result = run_flower_simulation(config, n_devices=N)
+    row = result["rounds"][0]
+    assert (row["replies"], row.get("late"), row.get("dropped", 0)) == (3, 1, 0)

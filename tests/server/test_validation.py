@@ -15,6 +15,7 @@ from fedpref.client.guard import encode_update
 from fedpref.models.federation import FederatedConfig
 from fedpref.server.app import make_strategy
 from fedpref.server.validation import check_evaluate_reply, check_train_reply, default_max_bytes
+from fedpref.simulations.hostile import KINDS, malform, rebuilt, reply_message
 
 C = 1.0
 SHAPES = {"item_embedding.weight": (30, 4), "item_bias.weight": (30, 1)}
@@ -34,12 +35,7 @@ def _task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
 
 
-def _message(node: int, content: RecordDict) -> Message:
-    ask = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    ask.metadata.__dict__["_message_id"] = f"ask-{node}"
-    reply = Message(content, reply_to=ask)
-    reply.metadata.__dict__["_src_node_id"] = node
-    return reply
+_message = reply_message
 
 
 def _honest(node: int, sent: dict, seed: int, *, scale: float = 3.0, examples: int = 5, dp: bool = False) -> Message:
@@ -55,69 +51,24 @@ def _check(reply: Message, sent: dict, dp: bool = False) -> str | None:
     return check_train_reply(reply, sent, bound=C, max_bytes=default_max_bytes(sent), dp=dp)
 
 
-def _rebuilt(reply: Message, arrays=None, metrics=None, extra: dict | None = None) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord(arrays if arrays is not None else dict(reply.content["arrays"].items())),
-        "metrics": MetricRecord(metrics if metrics is not None else dict(reply.content["metrics"].items())),
-    })
-    for key, record in (extra or {}).items():
-        content[key] = record
-    return _message(reply.metadata.src_node_id, content)
+# -- the hostile kit (fedpref.simulations.hostile), its choices drawn by hypothesis ---------
 
+class HypothesisDraw:
+    def __init__(self, data: st.DataObject) -> None:
+        self.data = data
 
-# -- one mutation per way a reply can be wrong -------------------------------------------
+    def choice(self, options):
+        return self.data.draw(st.sampled_from(list(options)))
 
-def _weights(reply: Message) -> dict[str, np.ndarray]:
-    return {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+    def integer(self, low, high):
+        return self.data.draw(st.integers(low, high))
+
+    def real(self, low, high):
+        return self.data.draw(st.floats(low, high))
 
 
 def _mutate(reply: Message, sent: dict, kind: str, data: st.DataObject) -> Message:
-    weights = _weights(reply)
-    names = sorted(weights)
-    name = data.draw(st.sampled_from(names), label="array")
-    if kind == "renamed":
-        weights[name + data.draw(st.sampled_from([".x", "_", "2"]))] = weights.pop(name)
-    elif kind == "missing":
-        weights.pop(name)
-    elif kind == "extra-array":
-        weights["user_embedding.weight"] = np.zeros((1, 4), np.float32)
-    elif kind == "shape":
-        a = weights[name]
-        new_shape = data.draw(st.sampled_from([(a.size,), (a.shape[0] + 1, a.shape[1]), (a.shape[0] - 1, a.shape[1]), a.shape[::-1]]))
-        weights[name] = np.resize(a, new_shape) if new_shape != a.shape[::-1] or a.shape[0] != a.shape[1] else np.resize(a, (a.size,))
-    elif kind == "dtype":
-        weights[name] = weights[name].astype(data.draw(st.sampled_from([np.float64, np.float16, np.int32, np.int8])))
-    elif kind == "non-finite":
-        a = weights[name]
-        index = data.draw(st.integers(0, a.size - 1), label="index")
-        a.reshape(-1)[index] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-    elif kind == "norm":
-        factor = data.draw(st.floats(1.001, 1e6), label="factor")
-        weights = {k: (sent[k].astype(np.float64) + (w.astype(np.float64) - sent[k]) / _norm(reply, sent) * C * factor).astype(np.float32) for k, w in weights.items()}
-    elif kind == "corrupt-data":
-        array = reply.content["arrays"][name]
-        cut = data.draw(st.integers(1, 16), label="cut")
-        arrays = dict(reply.content["arrays"].items())
-        arrays[name] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data[:-cut])
-        return _rebuilt(reply, arrays=arrays)
-    elif kind in ("weight", "metric"):
-        metrics = dict(reply.content["metrics"].items())
-        key = "num-examples" if kind == "weight" else "train-loss"
-        metrics[key] = data.draw(st.sampled_from([0, -3, float("nan"), float("inf"), -1.5] if kind == "weight" else [float("nan"), float("inf"), float("-inf")]))
-        return _rebuilt(reply, metrics=metrics)
-    elif kind == "oversized":
-        blob = b"\0" * data.draw(st.integers(70_000, 300_000), label="bytes")
-        return _rebuilt(reply, extra={"config": ConfigRecord({"padding": blob})})
-    elif kind == "extra-record":
-        return _rebuilt(reply, extra={"more": ArrayRecord({"x": Array(np.zeros(3, np.float32))})})
-    return _rebuilt(reply, arrays={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
-
-
-def _norm(reply: Message, sent: dict) -> float:
-    return float(np.sqrt(sum(np.sum((v.numpy().astype(np.float64) - sent[k]) ** 2) for k, v in reply.content["arrays"].items())))
-
-
-KINDS = ["renamed", "missing", "extra-array", "shape", "dtype", "non-finite", "norm", "corrupt-data", "weight", "metric", "oversized", "extra-record"]
+    return malform(reply, sent, kind, HypothesisDraw(data), bound=C)
 
 
 def _aggregate(replies: list[Message], strategy_name: str, dp: bool = False) -> tuple[dict | None, dict]:
@@ -146,7 +97,7 @@ def test_replies_from_the_devices_guard_pass():
         assert _check(_honest(seed, sent, seed, dp=True), sent, dp=True) is None
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_each_kind_of_malformed_reply_names_its_fault(kind):
     sent = _global()
 
@@ -160,7 +111,7 @@ def test_each_kind_of_malformed_reply_names_its_fault(kind):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=4), honest=st.integers(1, 4),
+@given(data=st.data(), kinds=st.lists(st.sampled_from(list(KINDS)), min_size=1, max_size=4), honest=st.integers(1, 4),
        strategy_name=st.sampled_from(["fedavg", "fedadam"]))
 def test_every_malformed_update_is_rejected_and_leaves_the_model_unchanged(data, kinds, honest, strategy_name):
     sent = _global()
@@ -179,7 +130,7 @@ def test_every_malformed_update_is_rejected_and_leaves_the_model_unchanged(data,
 
 def test_under_dp_a_device_may_not_claim_more_weight():
     sent = _global()
-    heavy = _rebuilt(_honest(3, sent, 3, dp=True), metrics={"num-examples": 50})
+    heavy = rebuilt(_honest(3, sent, 3, dp=True), metrics={"num-examples": 50})
     assert "under DP" in _check(heavy, sent, dp=True)
     _, seen = _aggregate([_honest(n, sent, n, dp=True) for n in range(3)] + [heavy], "fedavg", dp=True)
     assert seen["rejected"] == 1 and seen["replies"] == 3
@@ -187,7 +138,7 @@ def test_under_dp_a_device_may_not_claim_more_weight():
 
 def test_a_round_with_only_bad_replies_leaves_the_model_and_says_so():
     sent = _global()
-    bad = _rebuilt(_honest(1, sent, 1), metrics={"num-examples": float("nan")})
+    bad = rebuilt(_honest(1, sent, 1), metrics={"num-examples": float("nan")})
     arrays, seen = _aggregate([bad], "fedadam")
     assert arrays is None and seen["rejected"] == 1 and "fewer than min-replies 1" in seen["skipped"]
 

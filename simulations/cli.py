@@ -672,6 +672,102 @@ def audit(
     console.print(f"{seconds:.1f} s; wrote {out}/audit.json, audit.csv, audit.png")
 
 
+@app.command()
+def poison(
+    dataset: Dataset = "movielens-small",
+    format: Format = None,
+    rating_threshold: Threshold = None,
+    population: Annotated[Optional[Path], typer.Option(help="An existing population folder (`fedpref population --out DIR`) instead of --dataset.")] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds per run.")] = 30,
+    fraction_train: Annotated[float, typer.Option(help="Share of devices that train each round (a median or trimmed mean holds every one's update: mind the memory).")] = 0.1,
+    evaluate_every: Annotated[int, typer.Option(help="Evaluation every this many rounds; the test figure is the round chosen on validation.")] = 10,
+    fractions: Annotated[str, typer.Option(help="Comma-separated shares of compromised devices (0: the clean run).")] = "0,0.01,0.05,0.1",
+    defences: Annotated[str, typer.Option(help="Comma-separated defences: none, median, trimmed-mean, norm-bound.")] = "none,median,trimmed-mean,norm-bound",
+    norm_bound: Annotated[Optional[float], typer.Option(help="The norm-bound defence's bound (default: --norm-quantile of the clean run's honest update norms).")] = None,
+    norm_quantile: Annotated[float, typer.Option(help="Quantile of the clean run's honest update norms that bounds updates under norm-bound: 0.1, 0.25, 0.5, 0.75, 0.9 or 1.")] = 0.5,
+    target: Annotated[Optional[int], typer.Option(help="The item pushed (default: drawn by seed from the least popular half of the items with an interaction).")] = None,
+    run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"clip-norm=1 trim-fraction=0.2\".")] = "",
+    seed: Seed = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/poison-<dataset>).")] = None,
+    engine: Annotated[str, typer.Option(help="fast: a cohort's devices computed at once (compiled); inprocess: the real ClientApp, devices one by one.")] = "fast",
+    threads: Annotated[Optional[int], typer.Option(help="fast engine: devices trained at once (default: the machine's cores).")] = None,
+    rerun: Annotated[bool, typer.Option("--rerun/--reuse", help="Run again the runs whose results the folder already holds (default: reuse them).")] = False,
+    progress: Progress = True,
+) -> None:
+    """Poisoning: compromised devices push one unpopular item into everyone's top 10; its reach
+    with and without each defence, and what each defence costs in HR@10."""
+    from fedpref.models.federation import FederatedConfig, RunConfigError
+
+    from .poison import DEFENCES, NORM_QUANTILES, choose_target, defence_overrides, poison_sweep
+    from .population import read_meta, write_population
+
+    try:
+        shares = _floats(fractions)
+    except ValueError:
+        _fail(f"--fractions takes numbers separated by commas, got {fractions!r}")
+    chosen = [d.strip() for d in defences.split(",") if d.strip()]
+    unknown = [d for d in chosen if d not in DEFENCES]
+    if unknown or not chosen:
+        _fail(f"unknown defence(s) {unknown}; choose from {', '.join(DEFENCES)}")
+    if not shares or any(not 0.0 <= f < 1.0 for f in shares):
+        _fail(f"attack fractions must lie in [0, 1), got {shares}")
+    if engine not in ("fast", "inprocess"):
+        _fail(f"unknown engine {engine!r}; choose fast or inprocess")
+    if norm_quantile not in NORM_QUANTILES:
+        _fail(f"--norm-quantile must be one of {', '.join(f'{q:g}' for q in NORM_QUANTILES)}, got {norm_quantile}")
+    if norm_bound is not None and not norm_bound > 0:
+        _fail(f"--norm-bound must be positive, got {norm_bound}")
+    if population is not None:
+        try:
+            meta = read_meta(population)
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+        folder, dataset = population, str(meta.get("name", population.name))
+    else:
+        split = _load_split(dataset, format, rating_threshold, seed)
+        meta = {"n_users": split.n_users, "n_items": split.n_items}
+    n_users, n_items = int(meta["n_users"]), int(meta["n_items"])
+    out = out or Path("results") / f"poison-{_slug(dataset)}"
+    out.mkdir(parents=True, exist_ok=True)
+    if population is None:
+        folder = write_population(split, out / "population")
+    if target is not None and not 0 <= target < n_items:
+        _fail(f"--target must be an item index in [0, {n_items}), got {target}")
+    base = {"num-server-rounds": rounds, "fraction-train": fraction_train, "evaluate-every": evaluate_every, **_run_config_overrides(run_config)}
+    try:
+        for defence in chosen:
+            config = FederatedConfig.from_run_config({**base, "history-dir": str(folder.resolve()), **defence_overrides(defence, 1.0)})
+            if engine == "fast":
+                from .fast import check_fast
+
+                check_fast(config)
+            if config.model != "mf" or config.secagg:
+                raise RunConfigError("the poisoning simulation crafts plain matrix factorisation updates: use model=mf without secagg")
+    except RunConfigError as exc:
+        _fail(str(exc))
+    target = choose_target(folder, seed) if target is None else target
+    total = len(chosen) * len(set(shares)) + (0 if ("none" in chosen and 0.0 in shares) else 1)
+    with progress_bar(total, f"poisoning ({n_users:,} devices, {rounds} rounds a run, item {target})", progress) as advance:
+        def on_run(row: dict) -> None:
+            line = (f"{row['fraction']:.0%} compromised, {row['defence']}: target HR@10 {row['target-hr']:.4f}, "
+                    f"test HR@10 {row['test-hr'] if row['test-hr'] is not None else float('nan'):.4f}, {row['rejected']} rejected")
+            advance(line)
+            if not progress or not console.is_terminal:
+                console.print(line)
+
+        report = poison_sweep(folder, base, out, fractions=shares, defences=chosen, target=target, seed=seed, engine=engine, threads=threads,
+                              norm_bound=norm_bound, norm_quantile=norm_quantile, on_run=on_run, rerun=rerun)
+    bound = f"; norm bound {report['norm-bound']:.3g} ({report['norm-bound-from']})" if report.get("norm-bound") else ""
+    table = Table(title=f"poisoning: item {report['target']} ({report['target-interactions']} interactions) pushed by compromised devices{bound}")
+    for col in ("attackers", "defence", "target HR@10", "test HR@10", "full HR@10", "rejected", "seconds"):
+        table.add_column(col, justify="left" if col == "defence" else "right")
+    for r in report["rows"]:
+        table.add_row(f"{r['fraction']:.0%} ({r['attackers']})", r["defence"], f"{r['target-hr']:.4f}",
+                      *("n/a" if r[m] is None else f"{r[m]:.4f}" for m in ("test-hr", "test-full-hr")), str(r["rejected"]), f"{r['seconds']:.0f}")
+    console.print(table)
+    console.print(f"{report['seconds']:.0f} s of runs; wrote {out}/sweep.json, sweep.md and sweep.png")
+
+
 @app.command("privacy-sweep")
 def privacy_sweep(
     dataset: Dataset = "movielens-small",
@@ -760,3 +856,27 @@ def privacy_sweep(
                       "" if r["delta"] == "" else f"{r['delta']:.2g}", f"{r['test_hr']:.4f}", f"{r['test_full_hr']:.4f}", f"{r['seconds']:.0f}")
     console.print(table)
     console.print(f"wrote {out}/sweep.csv and sweep.png")
+
+
+@app.command()
+def reliability(
+    parts: Annotated[str, typer.Option(help="Comma-separated parts: dropout, secagg, straggler, validation, poison, crashes (default: all).")] = "all",
+    work: Annotated[Path, typer.Option(help="Where each part keeps its runs and its figures (<part>.json).")] = Path("results/reliability"),
+    out: Annotated[Path, typer.Option(help="The page to write.")] = Path("docs/RELIABILITY.md"),
+    reuse: Annotated[bool, typer.Option("--reuse/--rerun", help="Read a part's figures from WORK/<part>.json when there (rewrite the page without rerunning).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="fast engine: devices trained at once (default: the machine's cores).")] = None,
+) -> None:
+    """The reliability record: dropouts, stragglers, malformed and poisoned updates, crashes; writes docs/RELIABILITY.md."""
+    from .reliability import PARTS, run_parts, write_page
+
+    chosen = list(PARTS) if parts == "all" else [p.strip() for p in parts.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(PARTS))
+    if unknown:
+        _fail(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)} (or all)")
+    started = time.perf_counter()
+    figures = run_parts(chosen, work, reuse=reuse, on_event=console.print, threads=threads)
+    if parts != "all":  # the page shows every part: read the others' figures when there
+        figures = {**run_parts([p for p in PARTS if p not in chosen and (work / f"{p}.json").exists()], work, reuse=True, on_event=lambda _: None), **figures}
+        figures = {p: figures[p] for p in PARTS if p in figures}
+    page = write_page(figures, out, "fedpref reliability")
+    console.print(f"{time.perf_counter() - started:.0f} s; wrote {page}")

@@ -1,0 +1,426 @@
+"""The reliability record: every fault and bad input fedpref was put through, how many trials,
+and what happened; written to ``docs/RELIABILITY.md`` by ``fedpref reliability``.
+
+Each part runs its trials and keeps its figures as JSON in the work folder
+(``results/reliability/<part>.json``); ``--reuse`` writes the page from the JSON already there,
+so that one part can be rerun alone. The parts:
+
+- ``dropout``: a synthetic population on the fast engine, with none, 30% dropout, 30% stragglers
+  past the round's timeout, and 30% dropout with a min-replies the dropouts sometimes breach;
+- ``secagg``: secure aggregation (in-process engine) with dropouts within and beyond SecAgg+'s
+  tolerance: rounds go on or are skipped, the run never crashes;
+- ``straggler``: Flower's Simulation Engine with a real clock: a sleeping ClientApp is left out
+  when the round's timeout passes;
+- ``validation``: every kind of malformed reply (:mod:`fedpref.simulations.hostile`), many
+  trials each: rejected, and the aggregate equal to the honest replies' alone; honest replies
+  never rejected;
+- ``poison``: the poisoning sweep (:mod:`fedpref.simulations.poison`);
+- ``crashes``: SIGKILL during device-store writes and during server runs
+  (:mod:`fedpref.simulations.crashes`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedpref.models.federation import FederatedConfig
+
+PARTS = ("dropout", "secagg", "straggler", "validation", "poison", "crashes")
+
+
+def _population(folder: Path, spec: str, seed: int = 0) -> Path:
+    """The device histories of ``spec`` (a data-set source, e.g. synthetic:10000x2000), written once."""
+    from .data.registry import load_dataset
+    from .population import write_population
+    from .split import leave_one_out
+
+    target = folder / "population"
+    if (target / "meta.json").exists():
+        return target
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = leave_one_out(load_dataset(spec, seed=seed), seed=seed)
+    return write_population(split, target)
+
+
+def _summary(result: dict, cohort: int) -> dict:
+    rows = result["rounds"]
+    trained = [r for r in rows if "replies" in r]
+    chosen = result["chosen"]
+    return {
+        "test-hr": chosen.get("test-hr"),
+        "test-ndcg": chosen.get("test-ndcg"),
+        "test-full-hr": chosen.get("test-full-hr"),
+        "chosen-round": result["chosen_round"],
+        "rounds": len(rows),
+        "cohort": cohort,
+        "mean-replies": float(np.mean([r["replies"] for r in trained])) if trained else 0.0,
+        "dropped": sum(r.get("dropped", 0) for r in rows),
+        "late": sum(r.get("late", 0) for r in rows),
+        "rejected": sum(r.get("rejected", 0) for r in rows),
+        "skipped-rounds": sum(1 for r in rows if r.get("skipped") or r.get("secagg-skipped")),
+        "seconds": result.get("engine_seconds", result.get("seconds")),
+    }
+
+
+def dropout_part(work: Path, *, dataset: str = "synthetic:10000x2000", rounds: int = 30, fraction: float = 0.1,
+                 threads: int | None = None, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
+    """30% dropout, 30% stragglers and a min-replies breach against no fault, fast engine."""
+    from .fast import run_fast
+
+    population = _population(work / "dropout", dataset, seed)
+    n = json.loads((population / "meta.json").read_text())["n_users"]
+    base = {"history-dir": str(population), "num-server-rounds": rounds, "fraction-train": fraction, "seed": seed, "checkpoint-dir": "none"}
+    cohort = FederatedConfig.from_run_config(base).cohort_size(n)
+    settings = [
+        ("no fault", {}),
+        ("30% drop out", {"dropout": 0.3}),
+        ("30% answer 30 s late, round-timeout 10 s", {"stragglers": 0.3, "straggler-delay": 30.0, "round-timeout": 10.0}),
+        (f"30% drop out, min-replies {int(0.7 * cohort)} (70% of the cohort)", {"dropout": 0.3, "min-replies": int(0.7 * cohort)}),
+    ]
+    rows = []
+    for name, extra in settings:
+        config = FederatedConfig.from_run_config({**base, **extra, "results-dir": str(work / "dropout" / f"run-{len(rows)}")})
+        result = run_fast(config, threads=threads)
+        row = {"setting": name, "run-config": extra, **_summary(result, cohort)}
+        row["seconds-per-round"] = row["seconds"] / rounds
+        rows.append(row)
+        if on_run:
+            on_run(row)
+    return {"dataset": dataset, "devices": n, "rounds": rounds, "cohort": cohort, "engine": "fast", "rows": rows}
+
+
+def secagg_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
+    """Secure aggregation with dropouts within and beyond SecAgg+'s tolerance (30%)."""
+    from .inprocess import run_inprocess
+
+    n = 40
+    population = _population(work / "secagg", f"synthetic:{n}x400", seed)
+    base = {"history-dir": str(population), "num-server-rounds": 4, "fraction-train": 0.5, "evaluate-every": 4, "dim": 16,
+            "secagg": True, "secagg-min-cohort": 10, "secagg-dropout-tolerance": 0.3, "seed": seed, "checkpoint-dir": "none"}
+    rows = []
+    for dropout in (0.0, 0.15, 0.5):
+        config = FederatedConfig.from_run_config({**base, "dropout": dropout, "results-dir": str(work / "secagg" / f"dropout-{dropout:g}")})
+        try:
+            result = run_inprocess(config, n_devices=n)
+            row = {"dropout": dropout, "crashed": False, **_summary(result, config.cohort_size(n)),
+                   "dropped-per-round": [r.get("dropped", 0) for r in result["rounds"]]}
+        except Exception as exc:  # the record says so; the test suite fails on it
+            row = {"dropout": dropout, "crashed": True, "error": f"{type(exc).__name__}: {exc}"}
+        rows.append(row)
+        if on_run:
+            on_run(row)
+    return {"devices": n, "cohort": FederatedConfig.from_run_config(base).cohort_size(n), "tolerance": 0.3, "engine": "inprocess", "rows": rows}
+
+
+def straggler_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
+    """Flower's Simulation Engine, real clock: stragglers sleep, the server stops at round-timeout."""
+    from fedpref.client.app import straggles
+
+    from .federated import run_flower_simulation
+
+    n = 16
+    population = _population(work / "straggler", f"synthetic:{n}x300", seed)
+    run_config = {"history-dir": str(population), "num-server-rounds": 2, "fraction-train": 0.5, "fraction-evaluate": 0.0, "dim": 8,
+                  "local-epochs": 1, "stragglers": 0.25, "straggler-delay": 40.0, "round-timeout": 15.0, "seed": seed,
+                  "checkpoint-dir": "none", "results-dir": str(work / "straggler" / "run")}
+    config = FederatedConfig.from_run_config(run_config)
+    started = time.perf_counter()
+    result = run_flower_simulation(config, n_devices=n)
+    seconds = time.perf_counter() - started
+    rows = [{"round": r["round"], "replies": r.get("replies", 0), "late": r.get("late", 0), "dropped": r.get("dropped", 0)} for r in result["rounds"]]
+    row = {"rows": rows, "seconds": seconds, "devices": n, "cohort": config.cohort_size(n),
+           "stragglers-in-population-per-round": [sum(straggles(config, u, r) for u in range(n)) for r in (1, 2)],
+           "engine": "flower", "round-timeout": 15.0, "straggler-delay": 40.0}
+    if on_run:
+        on_run(row)
+    return row
+
+
+def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
+    """Every kind of malformed reply, ``trials`` each: rejected by the server's checks, and the
+    round's aggregate equal to the honest replies' alone."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpref.client.guard import encode_update
+    from fedpref.server.app import make_strategy
+    from fedpref.server.validation import check_train_reply, default_max_bytes
+
+    from .hostile import KINDS, NumpyDraw, malform, reply_message
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    rng = np.random.default_rng(seed)
+    bound, shapes = 1.0, {"item_embedding.weight": (200, 16), "item_bias.weight": (200, 1)}
+    sent = {name: rng.normal(0, 0.1, shape).astype(np.float32) for name, shape in shapes.items()}
+    config = FederatedConfig.from_run_config({"catalogue-size": 200, "devices": 8, "dim": 16, "clip-norm": bound, "strategy": "fedavg"})
+
+    def honest(node: int) -> object:
+        scale = float(rng.choice([0.01, 0.1, 1.0, 10.0]))
+        update = {k: rng.normal(0, scale, a.shape).astype(np.float32) * (rng.random(a.shape[0]) < 0.1)[:, None] for k, a in sent.items()}
+        weights, _, _ = encode_update(sent, update, bound)
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                              "metrics": MetricRecord({"num-examples": int(rng.integers(1, 500)), "train-loss": float(rng.random())})})
+        return reply_message(node, content)
+
+    def aggregate(replies):
+        seen = {}
+        strategy = make_strategy(config, 8, lambda r, info: seen.update(info))
+        strategy._sent_global, strategy._asked = sent, len(replies)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return {k: arrays[k].numpy() for k in arrays}, seen
+
+    check = lambda reply: check_train_reply(reply, sent, bound=bound, max_bytes=default_max_bytes(sent), dp=False)  # noqa: E731
+    honest_rejected = sum(check(honest(i)) is not None for i in range(honest_trials))
+    rows = []
+    draw = NumpyDraw(rng)
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    for kind, what in KINDS.items():
+        rejected = unchanged = 0
+        reasons: dict[str, int] = {}
+        for t in range(trials):
+            good = [honest(n) for n in range(3)]
+            bad = malform(honest(99), sent, kind, draw, bound=bound)
+            reason = check(bad)
+            if reason is not None:
+                rejected += 1
+                short = _reason_kind(reason)
+                reasons[short] = reasons.get(short, 0) + 1
+            with_bad, seen = aggregate(good[:1] + [bad] + good[1:])
+            alone, _ = aggregate(good)
+            unchanged += int(seen["rejected"] == 1 and all(np.array_equal(with_bad[k], alone[k]) for k in alone))
+        row = {"kind": kind, "what": what, "trials": trials, "rejected": rejected, "model-unchanged": unchanged, "reasons": reasons}
+        rows.append(row)
+        if on_run:
+            on_run(row)
+    return {"honest-trials": honest_trials, "honest-rejected": honest_rejected, "rows": rows}
+
+
+def _reason_kind(reason: str) -> str:
+    """A validation reason without its particulars (array names, sizes, values)."""
+    head = reason.split(":")[0]
+    return re.sub(r"\s+", " ", re.sub(r"'[^']*'|\b[-+\d.,e]+\b", "", head)).strip()
+
+
+def run_parts(parts: list[str], work: Path, *, reuse: bool, on_event: Callable[[str], None] = print, **options) -> dict:
+    """Run (or, with ``reuse``, read) each part's figures; returns {part: figures}."""
+    work.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for part in parts:
+        path = work / f"{part}.json"
+        if reuse and path.exists():
+            figures[part] = json.loads(path.read_text())
+            on_event(f"{part}: read {path}")
+            continue
+        on_event(f"{part}: running")
+        started = time.perf_counter()
+        figures[part] = _RUNNERS[part](work, on_event=on_event, **options)
+        figures[part]["part-seconds"] = round(time.perf_counter() - started, 1)
+        path.write_text(json.dumps(figures[part], indent=2, default=float) + "\n")
+        on_event(f"{part}: done in {figures[part]['part-seconds']} s, wrote {path}")
+    return figures
+
+
+def _dropout(work, on_event, threads=None, **_):
+    return dropout_part(work, threads=threads, on_run=lambda r: on_event(f"  {r['setting']}: test HR@10 {r['test-hr']:.4f}"))
+
+
+def _secagg(work, on_event, **_):
+    return secagg_part(work, on_run=lambda r: on_event(f"  dropout {r['dropout']}: {'crashed' if r['crashed'] else str(r['skipped-rounds']) + ' rounds skipped'}"))
+
+
+def _straggler(work, on_event, **_):
+    return straggler_part(work, on_run=lambda r: on_event(f"  {r['rows']}"))
+
+
+def _validation(work, on_event, **_):
+    return validation_part(on_run=lambda r: on_event(f"  {r['kind']}: {r['rejected']}/{r['trials']} rejected"))
+
+
+def _poison(work, on_event, threads=None, **_):
+    from .poison import reliability_figures
+
+    return reliability_figures(work / "poison", threads=threads, on_event=on_event)
+
+
+def _crashes(work, on_event, **_):
+    from .crashes import resume_kill_trials, store_kill_trials
+
+    return {"store": store_kill_trials(200, work / "crashes-store"), "resume": resume_kill_trials(20, work / "crashes-resume")}
+
+
+_RUNNERS = {"dropout": _dropout, "secagg": _secagg, "straggler": _straggler, "validation": _validation, "poison": _poison, "crashes": _crashes}
+
+
+# -- the page -------------------------------------------------------------------------
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_page(figures: dict, path: Path, command: str) -> Path:
+    """docs/RELIABILITY.md from the parts' figures."""
+    lines = [
+        "# Reliability: faults and hostile input",
+        "",
+        f"Written by `{command}` (fedpref.simulations.reliability) on {time.strftime('%Y-%m-%d')}, "
+        f"{platform.machine()} with {__import__('os').cpu_count()} cores. Every figure below comes from that command; "
+        "each part keeps its figures in `results/reliability/<part>.json`, and `--reuse` rewrites this page from them.",
+        "",
+        "| fault or bad input | trials | what happened |",
+        "| --- | ---: | --- |",
+    ]
+    lines += _overview(figures)
+    for part in PARTS:
+        if part in figures:
+            lines += ["", *_SECTIONS[part](figures[part])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _overview(figures: dict) -> list[str]:
+    rows = []
+    if "dropout" in figures:
+        d = figures["dropout"]
+        base = d["rows"][0]
+        for r in d["rows"][1:]:
+            rows.append(f"| {r['setting']} ({d['devices']:,} devices, {d['cohort']:,} a round) | {d['rounds']} rounds | "
+                        f"test HR@10 {r['test-hr']:.4f} against {base['test-hr']:.4f} without; {r['dropped']:,} dropped, {r['late']:,} late, "
+                        f"{r['skipped-rounds']} rounds skipped |")
+    if "secagg" in figures:
+        for r in figures["secagg"]["rows"]:
+            what = "crashed: " + r["error"] if r["crashed"] else f"{r['rounds'] - r['skipped-rounds']} rounds aggregated, {r['skipped-rounds']} skipped, no crash"
+            rows.append(f"| SecAgg+, {r['dropout']:.0%} drop out (tolerance 30%) | {r.get('rounds', '–')} rounds | {what} |")
+    if "straggler" in figures:
+        s = figures["straggler"]
+        late = sum(r["late"] for r in s["rows"])
+        rows.append(f"| stragglers on Flower's Simulation Engine (real clock, {s['straggler-delay']:.0f} s late, timeout {s['round-timeout']:.0f} s) | "
+                    f"{len(s['rows'])} rounds | {late} replies left out as late; rounds went on with {', '.join(str(r['replies']) for r in s['rows'])} replies |")
+    if "validation" in figures:
+        v = figures["validation"]
+        for r in v["rows"]:
+            rows.append(f"| malformed reply: {r['what']} | {r['trials']} | {r['rejected']} rejected, model unchanged in {r['model-unchanged']} |")
+        rows.append(f"| honest replies (the device's guard) | {v['honest-trials']} | {v['honest-rejected']} rejected |")
+    if "poison" in figures and "overview" in figures["poison"]:
+        rows += figures["poison"]["overview"]
+    if "crashes" in figures:
+        c = figures["crashes"]
+        st, rs = c["store"], c["resume"]
+        rows.append(f"| SIGKILL during device-store writes | {st['trials']} | {st.get('lost_events', '?')} committed events lost, {st.get('corrupt', '?')} stores corrupt |")
+        rows.append(f"| SIGKILL of the server at a random moment, then resume | {rs['trials']} | {rs.get('matches', '?')} resumed to the uninterrupted run's model bit for bit, {rs.get('mismatches', '?')} did not |")
+    return rows
+
+
+def _dropout_section(d: dict) -> list[str]:
+    lines = [
+        "## Dropouts and stragglers",
+        "",
+        f"{d['dataset']} ({d['devices']:,} devices), {d['cohort']:,} sampled a round, {d['rounds']} rounds, run-config defaults otherwise, "
+        f"{d['engine']} engine. A dropout leaves mid-round (an error reply); a straggler trains but answers after the round's timeout "
+        "(the fast engine keeps a simulated clock). Test metrics at the round chosen on validation.",
+        "",
+        "| setting | test HR@10 | test NDCG@10 | full HR@10 | replies a round | dropped | late | rounds skipped | s a round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in d["rows"]:
+        lines.append(f"| {r['setting']} | {_fmt(r['test-hr'])} | {_fmt(r['test-ndcg'])} | {_fmt(r['test-full-hr'])} | {r['mean-replies']:.0f} | "
+                     f"{r['dropped']:,} | {r['late']:,} | {r['skipped-rounds']} | {r['seconds-per-round']:.2f} |")
+    return lines
+
+
+def _secagg_section(s: dict) -> list[str]:
+    lines = [
+        "## Secure aggregation with dropouts",
+        "",
+        f"{s['devices']} devices, {s['cohort']} a round, SecAgg+ dropout tolerance {s['tolerance']:.0%}, {s['engine']} engine. "
+        "Beyond the tolerance a round is skipped before anything is unmasked, with a log line.",
+        "",
+        "| dropout | rounds | aggregated | skipped | dropped per round | crashed |",
+        "| ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in s["rows"]:
+        if r["crashed"]:
+            lines.append(f"| {r['dropout']:.0%} | | | | | yes: {r['error']} |")
+        else:
+            lines.append(f"| {r['dropout']:.0%} | {r['rounds']} | {r['rounds'] - r['skipped-rounds']} | {r['skipped-rounds']} | {r['dropped-per-round']} | no |")
+    return lines
+
+
+def _straggler_section(s: dict) -> list[str]:
+    lines = [
+        "## Stragglers on Flower's Simulation Engine",
+        "",
+        f"{s['devices']} devices, {s['cohort']} a round; a straggler's ClientApp sleeps {s['straggler-delay']:.0f} s before it answers, "
+        f"and the server waits {s['round-timeout']:.0f} s (run-config round-timeout). The run took {s['seconds']:.1f} s.",
+        "",
+        "| round | replies | late |",
+        "| ---: | ---: | ---: |",
+    ]
+    lines += [f"| {r['round']} | {r['replies']} | {r['late']} |" for r in s["rows"]]
+    return lines
+
+
+def _validation_section(v: dict) -> list[str]:
+    lines = [
+        "## Malformed replies",
+        "",
+        "Each trial makes one well-formed reply (the device's guard: `global + update`, clipped) malformed in one way "
+        "(`fedpref.simulations.hostile.malform`, choices from a seeded generator), checks it "
+        "(`fedpref.server.validation.check_train_reply`), then aggregates it among three honest replies with fedpref's "
+        "strategy and compares the result with the honest replies' aggregate alone. The property test "
+        "(`tests/server/test_validation.py`) does the same with hypothesis choosing.",
+        "",
+        "| kind | trials | rejected | model unchanged | reasons given |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in v["rows"]:
+        reasons = ", ".join(f"{k} ({n})" for k, n in sorted(r["reasons"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {r['what']} | {r['trials']} | {r['rejected']} | {r['model-unchanged']} | {reasons} |")
+    lines += ["", f"Honest replies: {v['honest-trials']} trials, {v['honest-rejected']} rejected."]
+    return lines
+
+
+def _poison_section(p: dict) -> list[str]:
+    return p.get("section", ["## Poisoning", "", "(no figures)"])
+
+
+def _crashes_section(c: dict) -> list[str]:
+    st, rs = c["store"], c["resume"]
+    lines = [
+        "## Crashes",
+        "",
+        "**Device store.** Each trial starts a process that writes events in small committed batches and reports each "
+        "commit, and kills it with SIGKILL at a random moment; the store is then reopened and checked.",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in st.items() if k != "failures"}, indent=2, default=float),
+        "```",
+        "",
+        "**Server resume.** Each trial starts a run, kills its process with SIGKILL at a random moment, runs it again "
+        "(it resumes from its checkpoint) and compares the final model, the rounds and epsilon with an uninterrupted run's.",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in rs.items() if k != "failures"}, indent=2, default=float),
+        "```",
+    ]
+    return lines
+
+
+_SECTIONS = {"dropout": _dropout_section, "secagg": _secagg_section, "straggler": _straggler_section,
+             "validation": _validation_section, "poison": _poison_section, "crashes": _crashes_section}

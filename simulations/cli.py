@@ -865,6 +865,7 @@ def reliability(
     out: Annotated[Path, typer.Option(help="The page to write.")] = Path("docs/RELIABILITY.md"),
     reuse: Annotated[bool, typer.Option("--reuse/--rerun", help="Read a part's figures from WORK/<part>.json when there (rewrite the page without rerunning).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="fast engine: devices trained at once (default: the machine's cores).")] = None,
+    validation_trials: Annotated[int, typer.Option(help="validation: trials per kind of malformed reply.")] = 300,
 ) -> None:
     """The reliability record: dropouts, stragglers, malformed and poisoned updates, crashes; writes docs/RELIABILITY.md."""
     from .reliability import PARTS, run_parts, write_page
@@ -874,7 +875,9 @@ def reliability(
     if unknown:
         _fail(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)} (or all)")
     started = time.perf_counter()
-    figures = run_parts(chosen, work, reuse=reuse, on_event=console.print, threads=threads)
+    if validation_trials < 1:
+        _fail(f"--validation-trials must be at least 1, got {validation_trials}")
+    figures = run_parts(chosen, work, reuse=reuse, on_event=console.print, threads=threads, validation_trials=validation_trials)
     if parts != "all":  # the page shows every part: read the others' figures when there
         figures = {**run_parts([p for p in PARTS if p not in chosen and (work / f"{p}.json").exists()], work, reuse=True, on_event=lambda _: None), **figures}
         figures = {p: figures[p] for p in PARTS if p in figures}

@@ -244,8 +244,8 @@ def _straggler(work, on_event, **_):
     return straggler_part(work, on_run=lambda r: on_event(f"  {r['rows']}"))
 
 
-def _validation(work, on_event, **_):
-    return validation_part(on_run=lambda r: on_event(f"  {r['kind']}: {r['rejected']}/{r['trials']} rejected"))
+def _validation(work, on_event, validation_trials=300, **_):
+    return validation_part(trials=validation_trials, on_run=lambda r: on_event(f"  {r['kind']}: {r['rejected']}/{r['trials']} rejected"))
 
 
 def _poison(work, on_event, threads=None, **_):

@@ -132,12 +132,26 @@ class Event:
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # Python's sqlite3 would run CREATE TABLE outside the transaction, committing each table on
+    # its own: a device killed while its store is first created would leave tables without a
+    # schema version. SQLAlchemy's recipe for pysqlite: no implicit transactions, and an
+    # explicit BEGIN for each of SQLAlchemy's (_begin below), so DDL is transactional too.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout = 10000")
     cursor.execute("PRAGMA secure_delete = ON")
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA synchronous = NORMAL")
     cursor.close()
+
+
+def _holds_rows(conn, tables: set[str]) -> bool:
+    return any(conn.execute(text(f'SELECT 1 FROM "{table}" LIMIT 1')).first() for table in tables)
+
+
+def _begin(conn) -> None:
+    if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":  # VACUUM runs outside any transaction
+        conn.exec_driver_sql("BEGIN")
 
 
 class EventStore:
@@ -164,6 +178,7 @@ class EventStore:
                 raise StoreError(f"the folder of the store {file} does not exist: create {file.parent} first")
             engine = create_engine(f"sqlite:///{file}", connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _begin)
         return engine
 
     def _check_schema(self) -> None:
@@ -172,6 +187,10 @@ class EventStore:
                 tables = {row[0] for row in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
                 if tables and "settings" not in tables:
                     raise StoreError(f"{self.path} is an SQLite file but not a fedpref device store (tables: {sorted(tables)})")
+                if tables and not conn.execute(select(settings_table.c.key).limit(1)).first() and not _holds_rows(conn, tables):
+                    # Tables and no row at all: a creation interrupted by a version of fedpref whose
+                    # schema DDL was not transactional. Nothing was stored: finish creating it.
+                    tables = set()
                 if not tables:
                     metadata.create_all(conn)
                     conn.execute(insert(settings_table).values(key="schema_version", value=str(SCHEMA_VERSION)))

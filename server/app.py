@@ -495,6 +495,21 @@ def _numpy_arrays(arrays: ArrayRecord | None) -> dict | None:
     return None if arrays is None else {k: arrays[k].numpy() for k in arrays}
 
 
+def _close_abandoned(store: RunStore, run_name: str, checkpoint_dir: str) -> None:
+    """A run of this name left "running" with this checkpoint folder, which holds no unfinished
+    checkpoint of it, was killed before its first checkpoint (a live run keeps one there): mark
+    it failed, so that the operator does not see it running for ever."""
+    previous = store.latest_run(run_name)
+    if previous is None or previous["status"] != "running":
+        return
+    theirs = store.run_config(previous["id"])
+    same_folder = Path(checkpoint_dir).resolve() == Path(
+        theirs.get("checkpoint-dir") or str(Path(theirs.get("results-dir") or ".") / "checkpoint")).resolve()
+    if same_folder:
+        log(WARNING, "run %s (%r) was left running without a checkpoint: marked failed, a new run starts", previous["id"], run_name)
+        store.finish_run(previous["id"], "failed", note="abandoned: its server stopped before its first checkpoint; a new run took its place")
+
+
 def _open_run_store(config: FederatedConfig):
     url = config.run_store or (default_url(config.results_dir) if config.results_dir else "")
     return RunStore(url) if url else None
@@ -550,6 +565,8 @@ def main(grid: Grid, context: Context) -> None:
         if store is not None and run_id is not None:
             store.resume_run(run_id, resumed.completed_round)
     elif store is not None:
+        if checkpoint_dir:
+            _close_abandoned(store, run_name, checkpoint_dir)
         run_id = store.start_run(
             name=run_name, config=config.to_run_config(), devices=n_devices, items=n_items, rounds_planned=num_rounds,
             flower_run_id=int(context.run_id), dp=config.dp, secure_aggregation=config.secagg,
@@ -644,9 +661,9 @@ def main(grid: Grid, context: Context) -> None:
 
     writer = checkpoint.Writer(checkpoint_dir) if checkpoint_dir else None
 
-    def snapshot(completed: int, arrays: dict, finished: bool) -> None:
+    def snapshot(completed: int, arrays: dict, finished: bool, wait: bool = False) -> None:
         states = grid.device_states() if hasattr(grid, "device_states") else None
-        writer.save(wait=finished, checkpoint=checkpoint.Checkpoint(
+        writer.save(wait=finished or wait, checkpoint=checkpoint.Checkpoint(
             config=checkpoint.comparable(config.to_run_config()), completed_round=completed, finished=finished, arrays=arrays,
             strategy=_strategy_state(strategy), sampler=stable.rng.getstate(), numpy_random=np.random.get_state(),
             ledger=ledger if privacy is not None else None, rounds=rounds, best={"round": best["round"], "arrays": _numpy_arrays(best["arrays"])},
@@ -675,6 +692,11 @@ def main(grid: Grid, context: Context) -> None:
             secure.rounds.update(resumed.secure_rounds)
         if resumed.devices is not None and hasattr(grid, "restore_device_states"):
             grid.restore_device_states(resumed.devices)
+    if checkpoint_dir and resumed is None:
+        # Round 0: the run's start (its run-store id, the popularity histogram, the random
+        # states), so that a server killed in round 1 resumes this run instead of leaving it
+        # "running" in the run store and starting another.
+        snapshot(0, dict(start_arrays), finished=False, wait=True)
     try:
         if first_round <= num_rounds:
             strategy.start(

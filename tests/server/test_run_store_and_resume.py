@@ -78,30 +78,37 @@ def run_server(config: dict, kill_at: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(config), str(kill_at), str(N_DEVICES)], capture_output=True, text=True, timeout=600)
 
 
-def test_a_killed_server_resumes_to_the_model_of_an_uninterrupted_run(population, tmp_path):
-    whole = run_config(population, tmp_path / "whole")
-    run_inprocess(FederatedConfig.from_run_config(whole), n_devices=N_DEVICES)
+@pytest.fixture(scope="module")
+def uninterrupted(population, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole")
+    run_inprocess(FederatedConfig.from_run_config(run_config(population, folder)), n_devices=N_DEVICES)
+    return folder
 
+
+# Killed once round 3's update is aggregated (resumes from round 2's checkpoint), and once round
+# 1's is (before any round's checkpoint: resumes from the run's start, round 0).
+@pytest.mark.parametrize("kill_at", [KILL_AFTER_TRAINING, 1])
+def test_a_killed_server_resumes_to_the_model_of_an_uninterrupted_run(population, uninterrupted, tmp_path, kill_at):
     broken = run_config(population, tmp_path / "killed")
-    first = run_server(broken, KILL_AFTER_TRAINING)
+    first = run_server(broken, kill_at)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert not (tmp_path / "killed" / "rounds.json").exists()
     second = run_server(broken, 0)  # the same command again
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from the checkpoint" in second.stderr + second.stdout
 
-    a = np.load(tmp_path / "whole" / "final_model.npz")
+    a = np.load(uninterrupted / "final_model.npz")
     b = np.load(tmp_path / "killed" / "final_model.npz")
     for name in a.files:
         np.testing.assert_array_equal(a[name], b[name])
-    ra = json.loads((tmp_path / "whole" / "rounds.json").read_text())
+    ra = json.loads((uninterrupted / "rounds.json").read_text())
     rb = json.loads((tmp_path / "killed" / "rounds.json").read_text())
     assert rb["privacy"]["epsilon"] == pytest.approx(ra["privacy"]["epsilon"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(rb["rounds"]) == strip(ra["rounds"])
 
     (run,) = RunStore(str(tmp_path / "killed" / "runs.sqlite")).runs()
-    assert run["status"] == "completed" and run["resumed_from_round"] == KILL_AFTER_TRAINING - 1
+    assert run["status"] == "completed" and run["resumed_from_round"] == kill_at - 1
     assert [r["round"] for r in RunStore(str(tmp_path / "killed" / "runs.sqlite")).rounds(run["id"])] == list(range(1, ROUNDS + 1))
 
 
@@ -125,3 +132,23 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_keys_default(t
     assert checkpoint.resumable(tmp_path, config).completed_round == 2
     with pytest.raises(CheckpointError, match="differs in stragglers"):
         checkpoint.resumable(tmp_path, {**config, "stragglers": 0.2})
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_marked_failed_when_its_folder_starts_again(population, tmp_path):
+    """A run left "running" in the store whose checkpoint folder holds nothing of it cannot be
+    resumed: the next run in that folder marks it failed (an operator would otherwise see it
+    running for ever). A running run of the same name in another folder may be alive: left alone."""
+    def ghost_then_run(name, ghost_folder):
+        config = FederatedConfig.from_run_config(run_config(population, tmp_path / name, **{"num-server-rounds": 1}))
+        (tmp_path / name).mkdir()
+        store = RunStore(str(tmp_path / name / "runs.sqlite"))
+        ghost = store.start_run(name=name, config={**config.to_run_config(), "results-dir": str(tmp_path / ghost_folder)},
+                                devices=N_DEVICES, items=150, rounds_planned=1)
+        run_inprocess(config, n_devices=N_DEVICES)
+        return store, ghost
+
+    store, ghost = ghost_then_run("run", "run")
+    assert store.run(ghost)["status"] == "failed" and "abandoned" in store.run(ghost)["note"]
+    assert [r["status"] for r in store.runs()] == ["completed", "failed"]
+    store, ghost = ghost_then_run("other", "elsewhere")
+    assert store.run(ghost)["status"] == "running"

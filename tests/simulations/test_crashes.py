@@ -115,20 +115,20 @@ def test_the_store_command_writes_its_report(tmp_path):
     out = tmp_path / "crashes-store.json"
     run = CliRunner().invoke(build_app(), ["store", "--trials", "2", "--out", str(out), "--seed", "5", "--no-progress"])
     report = json.loads(out.read_text())
-    assert report["trials"] == 2 and run.exit_code == (1 if report["failures"] else 0), run.output
+    assert report["trials"] == 2 and report["failures"] == [] and run.exit_code == 0, run.output
     assert "2 trials" in run.output and "events lost" in run.output
 
 
 @pytest.fixture(scope="module")
 def resume_trials(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume")
-    return folder, resume_kill_trials(2, folder, seed=2)
+    return folder, resume_kill_trials(1, folder, seed=2)  # (tests/server/test_run_store_and_resume.py kills at set points)
 
 
 def test_a_server_killed_at_random_resumes_to_the_uninterrupted_model(resume_trials):
     _, result = resume_trials
-    assert result["trials"] == 2 and result["matches"] == 2 and result["mismatches"] == 0, result["failures"]
-    assert result["kills"] >= 1 and sum(result["kill_points"].values()) >= 2
+    assert result["trials"] == 1 and result["matches"] == 1 and result["mismatches"] == 0, result["failures"]
+    assert result["kills"] >= 1 and sum(result["kill_points"].values()) >= 1
     assert result["stale_running_runs"] == 0  # a kill before round 1's end resumes the same run (round 0's checkpoint)
     for trial in result["trial_details"]:
         assert trial["final_returncode"] == 0 and trial["run_store"]["statuses"][0] == "completed"

@@ -174,17 +174,15 @@ def _as_error(reply: Message, reason: str) -> Message:
     return error
 
 
-def _in_devices_dtype(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
-    """``arrays`` cast back to the dtype the devices sent. FedAdam and FedYogi step with a
-    NumPy float64 scalar, which promotes float32 arrays to float64: the next round would
-    send every device twice the bytes, and devices would send twice as many back."""
-    sent = next((r.content["arrays"] for r in replies if not r.has_error()), None)
-    if sent is None:
-        return arrays
+def _in_sent_dtype(arrays: ArrayRecord, sent_global: dict[str, np.ndarray]) -> ArrayRecord:
+    """``arrays`` cast back to the dtype of the global model the server sent (the dtype devices
+    send back: validation rejects any other). FedAdam and FedYogi step with a NumPy float64
+    scalar, and FedMedian and FedTrimmedAvg aggregate in float64: either would turn the model
+    float64, and every device would receive and send twice the bytes."""
     out = {}
     for name, array in arrays.items():
-        dtype = sent[name].dtype if name in sent else array.dtype
-        out[name] = array if array.dtype == dtype else Array(array.numpy().astype(dtype))
+        dtype = sent_global[name].dtype if name in sent_global else array.dtype
+        out[name] = array if np.dtype(array.dtype) == dtype else Array(array.numpy().astype(dtype))
     return ArrayRecord(out)
 
 
@@ -376,7 +374,7 @@ def make_strategy(
             else:
                 arrays, metrics = super().aggregate_train(server_round, replies)
             if arrays is not None:
-                arrays = _in_devices_dtype(arrays, replies)
+                arrays = _in_sent_dtype(arrays, self._sent_global)
             info = {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step,
                     "replies": devices, "dropped": dropped, "late": late, "rejected": rejected, "skipped": skipped}
             if central_noise:

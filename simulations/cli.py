@@ -760,7 +760,7 @@ def poison(
     bound = f"; norm bound {report['norm-bound']:.3g} ({report['norm-bound-from']})" if report.get("norm-bound") else ""
     table = Table(title=f"poisoning: item {report['target']} ({report['target-interactions']} interactions) pushed by compromised devices{bound}")
     for col in ("attackers", "defence", "target HR@10", "test HR@10", "full HR@10", "rejected", "seconds"):
-        table.add_column(col, justify="left" if col == "defence" else "right")
+        table.add_column(col, justify="left" if col == "defence" else "right", no_wrap=col == "defence")
     for r in report["rows"]:
         table.add_row(f"{r['fraction']:.0%} ({r['attackers']})", r["defence"], f"{r['target-hr']:.4f}",
                       *("n/a" if r[m] is None else f"{r[m]:.4f}" for m in ("test-hr", "test-full-hr")), str(r["rejected"]), f"{r['seconds']:.0f}")

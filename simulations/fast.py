@@ -172,7 +172,7 @@ class FastGrid(Grid):
         # A median, a trimmed mean or a server-side norm bound needs each device's update: then
         # every device answers with its own reply (as on the Flower path), not a partial aggregate.
         self.per_device = config.aggregation != "mean" or config.server_norm_bound > 0
-        self.keep_updates = keep_updates or self.per_device
+        self.keep_updates = keep_updates  # (per-device replies keep this round's updates only, in the round's results)
         self.updates: dict[int, dict[int, dict[str, np.ndarray]]] = {}
         self.timings: list[dict] = []  # per training round: devices, seconds training, seconds in all
         self._ids = list(range(NODE_ID_BASE, NODE_ID_BASE + self.n))
@@ -386,7 +386,7 @@ class FastGrid(Grid):
                 for name in shared:
                     acc[name] += weight * recovered[name]
             out.norm[k], out.clipped[k] = norm, clipped
-            if self.keep_updates:
+            if self.keep_updates or self.per_device:
                 out.kept[k] = recovered
         return acc
 

@@ -124,9 +124,10 @@ class InProcessGrid(Grid):
         return [r for r in replies if r.has_error() or r.metadata.src_node_id not in late]  # a dropout's error comes at once
 
 
-def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=None) -> dict:
+def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=None, grid: Grid | None = None) -> dict:
     """Run ``config`` on ``n_devices`` in-process devices; returns the server's rounds.json.
-    ``before_delivery(message, device_index)`` is called before each message is delivered."""
+    ``before_delivery(message, device_index)`` is called before each message is delivered.
+    ``grid``: another grid to run the server on (one that wraps an ``InProcessGrid``)."""
     from fedpref.client.app import app as client_app
     from fedpref.server.app import main as server_main
 
@@ -138,7 +139,7 @@ def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=No
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    grid = InProcessGrid(client_app, n_devices, run_config, before_delivery=before_delivery)
+    grid = grid or InProcessGrid(client_app, n_devices, run_config, before_delivery=before_delivery)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     start = time.perf_counter()
     server_main(grid, context)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -223,6 +224,24 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"'[^']*'|\b[-+\d.,e]+\b", "", head)).strip()
 
 
+POISON_RUN_CONFIG = {"num-server-rounds": 50, "fraction-train": 0.2, "evaluate-every": 10}
+
+
+def poison_part(work: Path, *, threads: int | None = None, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
+    """The poisoning sweep on movielens-small (fedpref.simulations.poison): 0, 1, 5 and 10% of
+    the devices push one unpopular item, under no defence, the median, the trimmed mean and a
+    server-side norm bound; then the same attack kept to an honest update's norm (the median of
+    the clean run's), against no defence."""
+    from .poison import poison_sweep
+
+    population = _population(work / "poison", "movielens-small", seed)
+    sweep = poison_sweep(population, POISON_RUN_CONFIG, work / "poison" / "sweep", seed=seed, threads=threads, on_run=on_run)
+    quiet = poison_sweep(population, POISON_RUN_CONFIG, work / "poison" / "honest-norm", seed=seed, threads=threads, on_run=on_run,
+                         defences=["none"], attack_options={"norm": sweep["honest-norms"]["q50"]})
+    return {"sweep": sweep, "honest-norm": quiet, "run-config": POISON_RUN_CONFIG, "dataset": "movielens-small",
+            "plot": str(work / "poison" / "sweep" / "sweep.png")}
+
+
 def run_parts(parts: list[str], work: Path, *, reuse: bool, on_event: Callable[[str], None] = print, **options) -> dict:
     """Run (or, with ``reuse``, read) each part's figures; returns {part: figures}."""
     work.mkdir(parents=True, exist_ok=True)
@@ -259,9 +278,8 @@ def _validation(work, on_event, validation_trials=300, **_):
 
 
 def _poison(work, on_event, threads=None, **_):
-    from .poison import reliability_figures
-
-    return reliability_figures(work / "poison", threads=threads, on_event=on_event)
+    return poison_part(work, threads=threads, on_run=lambda r: on_event(
+        f"  {r['fraction']:.0%} attackers, {r['defence']}: target HR@10 {r['target-hr']:.4f}, test HR@10 {r['test-hr']:.4f}"))
 
 
 def _crashes(work, on_event, **_):
@@ -299,6 +317,10 @@ def write_page(figures: dict, path: Path, command: str) -> Path:
     for part in PARTS:
         if part in figures:
             lines += ["", *_SECTIONS[part](figures[part])]
+    plot = Path(figures.get("poison", {}).get("plot", ""))
+    if plot.is_file():
+        (path.parent / "img").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, path.parent / "img" / "poisoning.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -327,8 +349,15 @@ def _overview(figures: dict) -> list[str]:
         for r in v["rows"]:
             rows.append(f"| malformed reply: {r['what']} | {r['trials']} | {r['rejected']} rejected, model unchanged in {r['model-unchanged']} |")
         rows.append(f"| honest replies (the device's guard) | {v['honest-trials']} | {v['honest-rejected']} rejected |")
-    if "poison" in figures and "overview" in figures["poison"]:
-        rows += figures["poison"]["overview"]
+    if "poison" in figures:
+        p = figures["poison"]["sweep"]
+        clean = next(r for r in p["rows"] if r["fraction"] == 0 and r["defence"] == "none")
+        for r in p["rows"]:
+            if r["fraction"] == 0:
+                what = f"no attack: target HR@10 {r['target-hr']:.3f}, test HR@10 {r['test-hr']:.4f} ({r['test-hr'] - clean['test-hr']:+.4f} against no defence)"
+            else:
+                what = f"target HR@10 {r['target-hr']:.3f} (without attack {clean['target-hr']:.3f}); test HR@10 {r['test-hr']:.4f}; {r['rejected']} rejected"
+            rows.append(f"| poisoning: {r['fraction']:.0%} of devices push one item, defence {r['defence']} | 1 run of {p['run-config']['num-server-rounds']} rounds | {what} |")
     if "crashes" in figures:
         c = figures["crashes"]
         st, rs = c["store"], c["resume"]
@@ -408,7 +437,29 @@ def _validation_section(v: dict) -> list[str]:
 
 
 def _poison_section(p: dict) -> list[str]:
-    return p.get("section", ["## Poisoning", "", "(no figures)"])
+    from .poison import markdown_table
+
+    sweep, quiet = p["sweep"], p["honest-norm"]
+    settings = ", ".join(f"{k}={v}" for k, v in p["run-config"].items())
+    return [
+        "## Poisoning",
+        "",
+        f"{p['dataset']}, fast engine, run-config defaults and {settings} (a cohort of {int(sweep['devices'] * p['run-config']['fraction-train'])}), "
+        "one seed, one target. A compromised device reads the global model it receives, takes the 100 items of highest bias "
+        "as what people like, fits a few fake users to them, and spends its whole clipping budget C on the target's row and "
+        "bias in their direction (`fedpref.simulations.poison.TargetBoost`): a well-formed update within C, which validation "
+        "accepts. Target HR@10: the share of honest users who never touched the target with the target in their top 10 of "
+        "a full ranking. Test HR@10: the honest users' (sampled, 99 negatives) at the round chosen on validation.",
+        "",
+        markdown_table(sweep),
+        "",
+        "![target hit rate and test HR@10 against the share of attackers, per defence](img/poisoning.png)",
+        "",
+        f"**The same attack kept to an honest update's norm** ({sweep['honest-norms']['q50']:.3g}, "
+        "the median of the clean run's honest norms), no defence: what a norm bound cannot tell from an honest device.",
+        "",
+        markdown_table(quiet),
+    ]
 
 
 def _crashes_section(c: dict) -> list[str]:

@@ -220,8 +220,9 @@ def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int =
 
 def _reason_kind(reason: str) -> str:
     """A validation reason without its particulars (array names, sizes, values)."""
-    head = reason.split(":")[0]
-    return re.sub(r"\s+", " ", re.sub(r"'[^']*'|\b[-+\d.,e]+\b", "", head)).strip()
+    head = re.split(r":|,? got ", reason)[0]
+    head = re.sub(r"'[^']*'|(?<![\w-])[-+]?\d[\d.,e+-]*", "", head)
+    return re.sub(r"\s+", " ", head).strip(" ,")
 
 
 POISON_RUN_CONFIG = {"num-server-rounds": 50, "fraction-train": 0.2, "evaluate-every": 10}

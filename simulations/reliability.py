@@ -353,12 +353,17 @@ def _overview(figures: dict) -> list[str]:
     if "poison" in figures:
         p = figures["poison"]["sweep"]
         clean = next(r for r in p["rows"] if r["fraction"] == 0 and r["defence"] == "none")
-        for r in p["rows"]:
-            if r["fraction"] == 0:
-                what = f"no attack: target HR@10 {r['target-hr']:.3f}, test HR@10 {r['test-hr']:.4f} ({r['test-hr'] - clean['test-hr']:+.4f} against no defence)"
-            else:
-                what = f"target HR@10 {r['target-hr']:.3f} (without attack {clean['target-hr']:.3f}); test HR@10 {r['test-hr']:.4f}; {r['rejected']} rejected"
-            rows.append(f"| poisoning: {r['fraction']:.0%} of devices push one item, defence {r['defence']} | 1 run of {p['run-config']['num-server-rounds']} rounds | {what} |")
+        for defence in dict.fromkeys(r["defence"] for r in p["rows"]):
+            mine = sorted((r for r in p["rows"] if r["defence"] == defence), key=lambda r: r["fraction"])
+            attacked = [r for r in mine if r["fraction"] > 0]
+            unattacked = next((r for r in mine if r["fraction"] == 0), None)
+            shares = " / ".join(f"{r['fraction']:.0%}" for r in attacked)
+            reach = " / ".join(f"{r['target-hr']:.3f}" for r in attacked)
+            cost = f"; test HR@10 without attack {unattacked['test-hr']:.4f} ({unattacked['test-hr'] - clean['test-hr']:+.4f})" if unattacked else ""
+            rejected = sum(r["rejected"] for r in mine)
+            rows.append(f"| poisoning: {shares} of devices push one item; defence {defence} | {len(mine)} runs of "
+                        f"{p['run-config']['num-server-rounds']} rounds | target in honest users' top 10: {reach} "
+                        f"(without attack {clean['target-hr']:.3f}){cost}; {rejected} rejected |")
     if "crashes" in figures:
         c = figures["crashes"]
         st, rs = c["store"], c["resume"]
@@ -456,6 +461,8 @@ def _poison_section(p: dict) -> list[str]:
         "",
         "![target hit rate and test HR@10 against the share of attackers, per defence](img/poisoning.png)",
         "",
+        *_poison_reading(p),
+        "",
         f"**The same attack kept to an honest update's norm** ({sweep['honest-norms']['q50']:.3g}, "
         "the median of the clean run's honest norms), no defence: what a norm bound cannot tell from an honest device.",
         "",
@@ -463,26 +470,71 @@ def _poison_section(p: dict) -> list[str]:
     ]
 
 
+def _poison_reading(p: dict) -> list[str]:
+    """What the sweep's figures say, with its numbers."""
+    sweep, quiet = p["sweep"], p["honest-norm"]
+    cohort = int(sweep["devices"] * p["run-config"]["fraction-train"])
+    trim = float(sweep["run-config"].get("trim-fraction", 0.1))
+    row = {(r["defence"], r["fraction"]): r for r in sweep["rows"]}
+    fractions = sorted(f for f in {r["fraction"] for r in sweep["rows"]} if f > 0)
+    reach = lambda defence, rows=row: " / ".join(f"{rows[(defence, f)]['target-hr']:.2f}" for f in fractions if (defence, f) in rows)  # noqa: E731
+    test = lambda defence: " / ".join(f"{row[(defence, f)]['test-hr']:.3f}" for f in [0.0, *fractions] if (defence, f) in row)  # noqa: E731
+    shares = " / ".join(f"{f:.0%}" for f in fractions)
+    quiet_rows = {(r["defence"], r["fraction"]): r for r in quiet["rows"]}
+    return [
+        f"Reading it (attackers {shares}; one seed, one target):",
+        "",
+        f"- **No defence.** The attack reaches {reach('none')} of the honest users' top 10, and test HR@10 hardly moves "
+        f"({test('none')} at 0 / {shares}): accuracy does not show it.",
+        f"- **Median.** A coordinate's median update is 0 unless more than half of the round's {cohort} devices changed it: "
+        "an item row that fewer than half of them touched (through their history or their sampled negatives) does not "
+        f"move. Test HR@10 {test('median')}: it stops the attack, and the attackers, who change one row only, pull "
+        "accuracy down further; the median is itself open to devices that send nothing.",
+        f"- **Trimmed mean** (cutting {int(trim * cohort)} of {cohort} values at each end of every coordinate): it holds while "
+        f"a round's attackers (about {' / '.join(f'{f * cohort:.1f}' for f in fractions)} expected) are fewer than the cut, "
+        f"and fails past it ({reach('trimmed-mean')}); it costs test HR@10 {row[('none', 0.0)]['test-hr'] - row[('trimmed-mean', 0.0)]['test-hr']:.3f} without attack.",
+        f"- **Norm bound** ({sweep.get('norm-bound') or 0:.3g}): it scales the attack down like any update, and weighs every "
+        f"device the same, which by itself lifts test HR@10 ({test('norm-bound')}); the target still reaches {reach('norm-bound')}.",
+        f"- **An attack within an honest norm** ({sweep['honest-norms']['q50']:.3g}) still reaches {reach('none', quiet_rows)} "
+        "with no defence: what no norm bound can tell from an honest device.",
+        "",
+        "No defence here both stops the attack and keeps accuracy.",
+    ]
+
+
 def _crashes_section(c: dict) -> list[str]:
     st, rs = c["store"], c["resume"]
-    lines = [
+    kills = "; ".join(f"{where}: {n}" for where, n in sorted(rs.get("kill_points", {}).items()))
+    return [
         "## Crashes",
         "",
-        "**Device store.** Each trial starts a process that writes events in small committed batches and reports each "
-        "commit, and kills it with SIGKILL at a random moment; the store is then reopened and checked.",
+        "**Device store** (`fedpref.simulations.crashes.store_kill_trials`). Each trial starts a process that writes events "
+        "in committed batches of 1 to 20 and reports each commit, and kills it with SIGKILL at a random moment; the store "
+        "is then reopened and checked: it opens, SQLite's integrity check passes, every reported event is there, batches are "
+        "whole, and nothing is there that was never written.",
         "",
-        "```json",
-        json.dumps({k: v for k, v in st.items() if k != "failures"}, indent=2, default=float),
-        "```",
+        "| trials | kills mid-write | kills before the first commit | events committed | lost | never written but found | torn batches | stores that would not open or failed the integrity check |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {st['trials']} | {st['kills_mid_write']} | {st['kills_before_first_commit']} | {st['events_committed_total']:,} | "
+        f"{st['lost_events']} | {st['unexpected_events']} | {st['partial_batches']} | {st['open_errors'] + st['corrupt']} |",
         "",
-        "**Server resume.** Each trial starts a run, kills its process with SIGKILL at a random moment, runs it again "
-        "(it resumes from its checkpoint) and compares the final model, the rounds and epsilon with an uninterrupted run's.",
+        f"({st['committed_not_reported']} batches were committed after the process's last report, before the kill: found, "
+        f"as a commit should be. {st['wal_left_by_kill']} kills left a write-ahead log, which the next opening replayed.) "
+        "These trials kill the process, not the machine: the store syncs in WAL mode with `synchronous=NORMAL`, so a power "
+        "loss could still lose the last commits.",
         "",
-        "```json",
-        json.dumps({k: v for k, v in rs.items() if k != "failures"}, indent=2, default=float),
-        "```",
+        "**Server resume** (`fedpref.simulations.crashes.resume_kill_trials`). One uninterrupted run (in-process engine, "
+        f"{rs['devices']} devices, {rs['rounds']} rounds, DP, FedAdam, half the devices a round), then per trial the same run "
+        "killed with SIGKILL at a random moment (and in some trials killed again on its rerun), run again until it ends, "
+        "and compared with the uninterrupted run: the final model bit for bit, every round's metrics, epsilon, and the run "
+        "store's run completed with every round.",
+        "",
+        "| trials | kills | second kills | resumed to the same model, rounds and epsilon | did not | runs left running in the store |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {rs['trials']} | {rs['kills']} | {rs['second_kills']} | {rs['matches']} | {rs['mismatches']} | {rs['stale_running_runs']} |",
+        "",
+        f"Where the kills landed: {kills}.",
     ]
-    return lines
 
 
 _SECTIONS = {"dropout": _dropout_section, "secagg": _secagg_section, "straggler": _straggler_section,

@@ -18,7 +18,11 @@ by :class:`FastGrid`, a Flower ``Grid`` that answers a round's training messages
   (:data:`fedpref.models.federation.PARTIAL_AGGREGATE`);
 - evaluation messages are answered the same way (:func:`fedpref.simulations.compiled.device_evaluate`).
 
-Simulated availability and dropout decline the same devices as on the Flower path. Private
+Simulated availability and dropout decline the same devices as on the Flower path; stragglers
+(run-config ``stragglers``) train but are left out when ``straggler-delay`` is past the round's
+timeout, on a simulated clock. With a median, a trimmed mean or a server-side norm bound
+(run-config ``aggregation``, ``server-norm-bound``) every device answers with its own reply, as
+on the Flower path, since those need each update. Private
 vectors live in one array (optionally a memory-mapped file, for populations of millions);
 nothing else is kept per device. Not covered: secure aggregation, the update encodings and
 device stores (run those on the Flower or the in-process engine; the fast engine says so).

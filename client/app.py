@@ -208,8 +208,12 @@ def answers_late(config: FederatedConfig, user: int, server_round: int, timeout:
 SIMULATED_CLOCK = "simulated-clock"  # node config: the engine drops late replies itself; the device does not sleep
 
 
-def _maybe_straggle(context: Context, config: FederatedConfig, user: int, server_round: int) -> None:
-    if straggles(config, user, server_round) and not context.node_config.get(SIMULATED_CLOCK):
+def _maybe_straggle(context: Context, config: FederatedConfig, server_round: int) -> None:
+    """A simulated straggler sleeps before it answers; a real device (node config ``store``)
+    never does what a simulation key asks."""
+    if config.stragglers <= 0 or "store" in context.node_config or context.node_config.get(SIMULATED_CLOCK):
+        return
+    if straggles(config, device_index(context), server_round):
         time.sleep(config.straggler_delay)
 
 
@@ -302,7 +306,7 @@ def _train_secure(msg: Message, context: Context) -> Message:
         noise=_noise_details(config, z, noise_std),
     )
     if task.config.get(TASK) != POPULARITY_TASK:
-        _maybe_straggle(context, config, device_index(context), int(task.config.get("server-round", 1)))
+        _maybe_straggle(context, config, int(task.config.get("server-round", 1)))
     parameters = ndarrays_to_parameters([np.asarray(sent[name], dtype=np.float64) for name in names])
     reply = FitRes(Status(Code.OK, ""), parameters, num_examples=1, metrics={})
     return Message(fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
@@ -395,7 +399,7 @@ def train(msg: Message, context: Context) -> Message:
         noise=_noise_details(config, config.dp_noise_multiplier, 0.0),
     )
     content = RecordDict({"arrays": ArrayRecord({name: _array(v) for name, v in weights.items()}), "metrics": sent})
-    _maybe_straggle(context, config, device_index(context), server_round)
+    _maybe_straggle(context, config, server_round)
     return Message(content, reply_to=msg)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
@@ -153,25 +153,16 @@ def population_meta(config: FederatedConfig) -> dict:
     return json.loads(meta.read_text())
 
 
-def _decoded(reply: Message, sent_global: dict, encoding: str) -> Message:
-    """A reply carrying an encoded update, turned into the float32 weights ``global + update``
-    that Flower's strategies average. A reply that cannot be decoded counts as dropped."""
-    if reply.has_error():
-        return reply
+def _decode(reply: Message, sent_global: dict, encoding: str) -> str | None:
+    """Turn a reply carrying an encoded update into the float32 weights ``global + update`` that
+    Flower's strategies average (in place); the reason if it cannot be decoded (it is rejected)."""
     try:
         arrays = reply.content["arrays"]
         update = decode({k: arrays[k].numpy() for k in arrays}, list(sent_global), encoding)
     except (EncodingError, KeyError) as exc:
-        return _as_error(reply, f"undecodable {encoding} update: {exc}")
+        return f"undecodable {encoding} update: {exc}"
     reply.content["arrays"] = ArrayRecord({k: Array((sent_global[k].astype(np.float32) + update[k]).astype(sent_global[k].dtype)) for k in sent_global})
-    return reply
-
-
-def _as_error(reply: Message, reason: str) -> Message:
-    log(WARNING, "dropping a reply from node %s: %s", reply.metadata.src_node_id, reason)
-    error = Message(Error(code=0, reason=reason), reply_to=reply)
-    error.metadata.__dict__["_src_node_id"] = reply.metadata.src_node_id
-    return error
+    return None
 
 
 def _in_sent_dtype(arrays: ArrayRecord, sent_global: dict[str, np.ndarray]) -> ArrayRecord:
@@ -344,8 +335,7 @@ def make_strategy(
             max_bytes = config.max_reply_bytes or default_max_bytes(self._sent_global)
             replies, rejected = _validated(replies, lambda r: check_size(r, max_bytes))
             if config.update_encoding != "float32":
-                replies = [_decoded(r, self._sent_global, config.update_encoding) for r in replies]
-                replies, undecodable = _validated(replies, lambda r: r.error.reason if r.has_error() else None)
+                replies, undecodable = _validated(replies, lambda r: _decode(r, self._sent_global, config.update_encoding))
                 rejected += undecodable
             if not partial_train:
                 replies, forged = _validated(replies, lambda r: "a device may not send a partial aggregate" if _partial(r) is not None else None)

@@ -54,6 +54,17 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _read_population(folder: Path) -> tuple[dict, Path, str]:
+    """A population folder's meta.json, the folder, and its data set's name (a clear error if it is not one)."""
+    from .population import read_meta
+
+    try:
+        meta = read_meta(folder)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    return meta, folder, str(meta.get("name", folder.name))
+
+
 def _load_split(dataset: str, format: str | None, threshold: float | None, seed: int) -> LeaveOneOutSplit:
     """Load and split, showing every :class:`DataWarning` and turning data errors into messages."""
     try:
@@ -699,7 +710,7 @@ def poison(
     from fedpref.models.federation import FederatedConfig, RunConfigError
 
     from .poison import DEFENCES, NORM_QUANTILES, choose_target, defence_overrides, poison_sweep
-    from .population import read_meta, write_population
+    from .population import write_population
 
     try:
         shares = _floats(fractions)
@@ -718,11 +729,7 @@ def poison(
     if norm_bound is not None and not norm_bound > 0:
         _fail(f"--norm-bound must be positive, got {norm_bound}")
     if population is not None:
-        try:
-            meta = read_meta(population)
-        except FileNotFoundError as exc:
-            _fail(str(exc))
-        folder, dataset = population, str(meta.get("name", population.name))
+        meta, folder, dataset = _read_population(population)
     else:
         split = _load_split(dataset, format, rating_threshold, seed)
         meta = {"n_users": split.n_users, "n_items": split.n_items}
@@ -801,13 +808,8 @@ def privacy_sweep(
     if engine not in ("inprocess", "fast"):
         _fail(f"unknown engine {engine!r}; choose inprocess or fast")
     if population is not None:
-        from .population import read_meta
-
-        try:
-            meta = read_meta(population)
-        except FileNotFoundError as exc:
-            _fail(str(exc))
-        n_users, split, folder, dataset = int(meta["n_users"]), None, population, str(meta.get("name", population.name))
+        meta, folder, dataset = _read_population(population)
+        n_users, split = int(meta["n_users"]), None
     else:
         split = _load_split(dataset, format, rating_threshold, seed)
         n_users = split.n_users

@@ -51,12 +51,12 @@ from fedpref.client.app import DECLINED, answers_late, drops_out
 from fedpref.client.device import initial_privates, local_round
 from fedpref.client.guard import encode_update
 from fedpref.models.availability import AvailabilityPattern
+from fedpref.simulations.inprocess import NODE_ID_BASE, reply_from
 from fedpref.simulations.compiled import LOSS_KINDS, device_evaluate, device_round, unsupported
 from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError
 from fedpref.models.metrics import ndcg
 from fedpref.models.train import LocalData
 
-NODE_ID_BASE = 1000  # device i is node NODE_ID_BASE + i (as in the in-process engine)
 
 
 def _keep_freed_memory() -> None:
@@ -458,14 +458,10 @@ class FastGrid(Grid):
 
     # -- replies --------------------------------------------------------------------
     def _reply(self, msg: Message, content: RecordDict) -> Message:
-        reply = Message(content, reply_to=msg)
-        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-        return reply
+        return reply_from(msg, content)
 
     def _error(self, msg: Message, reason: str) -> Message:
-        reply = Message(Error(code=DECLINED, reason=reason), reply_to=msg)
-        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-        return reply
+        return reply_from(msg, Error(code=DECLINED, reason=reason))
 
 
 class _Results:

@@ -17,6 +17,8 @@ from typing import Protocol
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from .inprocess import reply_from
+
 KINDS = {
     "renamed": "an array under another name",
     "missing": "a shared array left out",
@@ -59,9 +61,7 @@ def reply_message(node: int, content: RecordDict) -> Message:
     """``content`` as a reply from ``node`` to a training message."""
     ask = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     ask.metadata.__dict__["_message_id"] = f"ask-{node}"
-    reply = Message(content, reply_to=ask)
-    reply.metadata.__dict__["_src_node_id"] = node
-    return reply
+    return reply_from(ask, content)
 
 
 def rebuilt(reply: Message, arrays=None, metrics=None, extra: dict | None = None) -> Message:

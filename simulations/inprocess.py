@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -29,7 +29,14 @@ from fedpref.client.app import SIMULATED_CLOCK, answers_late
 from fedpref.models.federation import FederatedConfig, RunConfigError
 
 
-NODE_ID_BASE = 1000  # device i (partition i) is node NODE_ID_BASE + i
+NODE_ID_BASE = 1000  # device i (partition i) is node NODE_ID_BASE + i (in every engine that plays its devices)
+
+
+def reply_from(msg: Message, content: RecordDict | Error) -> Message:
+    """A reply to ``msg`` from the device it was sent to, as a SuperLink would deliver it."""
+    reply = Message(content, reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+    return reply
 
 
 class InProcessGrid(Grid):
@@ -98,11 +105,9 @@ class InProcessGrid(Grid):
                 self._before_delivery(msg, node - NODE_ID_BASE)
             try:
                 reply = self._client_app(msg, self._contexts[node])
+                reply.metadata.__dict__["_src_node_id"] = node
             except Exception as exc:  # a failing device is an error reply, not a crash of the run
-                from flwr.app import Error
-
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = node
+                reply = reply_from(msg, Error(code=0, reason=f"{type(exc).__name__}: {exc}"))
             self._replies[message_id] = reply
             ids.append(message_id)
         return ids

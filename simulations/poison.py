@@ -56,7 +56,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from fedpref.client.guard import encode_update
 from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError
 
-NODE_ID_BASE = 1000  # device i is node NODE_ID_BASE + i (both engines)
+from .inprocess import NODE_ID_BASE, reply_from
+
 DEFENCES = ("none", "median", "trimmed-mean", "norm-bound")
 FRACTIONS = (0.0, 0.01, 0.05, 0.10)
 NORM_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)  # of the clean run's honest update norms, kept in its row
@@ -276,15 +277,10 @@ class PoisonGrid(Grid):
             bound = float(config[KEY_CLIPPING_NORM])
         sent, metrics = self.attack.update(shared, bound, user, server_round)
         self.crafted[server_round] = self.crafted.get(server_round, 0) + 1
-        content = RecordDict({"arrays": ArrayRecord({name: Array(np.asarray(v)) for name, v in sent.items()}), "metrics": MetricRecord(metrics)})
-        reply = Message(content, reply_to=msg)
-        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-        return reply
+        return reply_from(msg, RecordDict({"arrays": ArrayRecord({name: Array(np.asarray(v)) for name, v in sent.items()}), "metrics": MetricRecord(metrics)}))
 
     def _error(self, msg: Message, reason: str) -> Message:
-        reply = Message(Error(code=ATTACK_ERROR, reason=reason), reply_to=msg)
-        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-        return reply
+        return reply_from(msg, Error(code=ATTACK_ERROR, reason=reason))
 
     # -- what the honest devices did ---------------------------------------------------
     def _after_training(self, sent: list[Message], replies: list[Message]) -> None:

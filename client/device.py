@@ -269,10 +269,13 @@ class Device:
 
     def update_model(self, server: str, public_key, *, cache_dir: str | Path | None = None, timeout: float = 30.0):
         """Fetch the latest published global model from ``server`` (``http(s)://host:port``),
-        verify its SHA-256 and its Ed25519 signature with ``public_key`` (PEM, or its path)
-        before use, and install it. An unchanged model costs no download (ETag); a model that
-        fails verification is refused and the device keeps the one it has. The request is
-        recorded in the record of what left (it carries no personal data).
+        verify its Ed25519 signature with ``public_key`` (PEM, or its path), its expiry, its
+        sequence (never older than the model installed) and its SHA-256 before use, and install
+        it. An unchanged model costs no download (ETag); a model that fails a check is refused
+        and the device keeps the one it has. When the server has nothing newer than a model
+        that has expired, this raises ``ModelExpiredError`` and the device keeps recommending
+        from that model: :attr:`model_expired` says it is stale. The request is recorded in the
+        record of what left (it carries no personal data).
         Returns :class:`fedpref.client.model_fetch.FetchResult`."""
         from .model_fetch import fetch_latest
 
@@ -280,7 +283,7 @@ class Device:
             if self.store.path == IN_MEMORY:
                 raise ValueError("an in-memory device needs cache_dir= for the models it fetches")
             cache_dir = Path(self.store.path + ".models")
-        result = fetch_latest(server, public_key, cache_dir=cache_dir, timeout=timeout)
+        result = fetch_latest(server, public_key, cache_dir=cache_dir, timeout=timeout, now=self.clock())
         self.log_sent({
             "time": self.clock(), "server": server, "message": "model-fetch", "arrays": [], "metrics": [], "configs": [],
             "bytes": 0, "downloaded_bytes": result.downloaded_bytes, "model_version": result.version, "not_modified": result.not_modified,
@@ -289,7 +292,22 @@ class Device:
             meta = result.model.meta
             spec = ModelSpec(kind=meta.get("kind", "mf"), dim=int(meta.get("dim", 64)), mlp_layers=tuple(meta.get("mlp_layers", (64, 32, 16))))
             self.install_global(result.arrays, spec, version=result.version)
+        self.store.set_setting("model-expires", json.dumps({"version": result.version, "expires": result.manifest.expires}))
         return result
+
+    @property
+    def model_expired(self) -> bool:
+        """Whether the installed global model came from :meth:`update_model` and is past its
+        signed expiry (the server has published nothing newer that this device could fetch)."""
+        from fedpref.models.published import parse_time
+
+        text = self.store.get_setting("model-expires")
+        if not text:
+            return False
+        fetched = json.loads(text)
+        if fetched.get("version") != self.store.get_setting("model-version"):
+            return False  # another model was installed since (a federation's, or install_global)
+        return self.clock() >= parse_time(fetched["expires"]).timestamp()
 
     def popularity(self) -> np.ndarray | None:
         return self._cached("popularity", lambda: self.store.get_arrays("popularity").get("counts"))

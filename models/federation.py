@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from .availability import AvailabilityPattern
 from .encoding import ENCODINGS
 from .preference import ModelSpec
+from .published import DEFAULT_EXPIRY_DAYS, MAX_EXPIRY_DAYS
 from .train import LOSSES, TrainConfig, default_config
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
@@ -97,6 +98,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "resume": True,  # an unfinished checkpoint of the same config is resumed from its last completed round
     "publish-dir": "",  # publish every round's global model here, signed (empty: do not publish)
     "publish-key": "",  # the Ed25519 signing key (PEM) for publish-dir (`fedpref signing-key` makes one)
+    "publish-expiry-days": DEFAULT_EXPIRY_DAYS,  # a published model expires this long after it is published: devices then refuse it
 }
 
 
@@ -181,6 +183,7 @@ class FederatedConfig:
     resume: bool
     publish_dir: str
     publish_key: str
+    publish_expiry_days: float
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FederatedConfig:
@@ -311,6 +314,12 @@ class FederatedConfig:
             raise bad(
                 "publish-dir" if not self.publish_dir else "publish-key",
                 "publishing needs both publish-dir (where) and publish-key (the Ed25519 signing key; `fedpref signing-key --out FILE` makes one)",
+            )
+        if not (math.isfinite(self.publish_expiry_days) and 0.0 < self.publish_expiry_days <= MAX_EXPIRY_DAYS):
+            raise bad(
+                "publish-expiry-days",
+                f"must lie in (0, {MAX_EXPIRY_DAYS:g}] days, got {self.publish_expiry_days}: devices refuse a published model once it "
+                "expires, so choose longer than the time between two runs",
             )
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"the share of devices that drop out must lie in [0, 1), got {self.dropout}")

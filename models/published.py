@@ -14,9 +14,16 @@ A published version is two documents:
   no zip timestamps: parsing reads numbers, never code.
 
 - the **manifest** (``<version>.json``): version, SHA-256 and size of the model file, round,
-  run, creation time, the signing key's id and an Ed25519 signature (base64) over every other
-  field. A device checks the signature with the operator's public key, then the model file's
-  hash against the manifest, before it uses either (``fedpref.client.model_fetch``).
+  run, creation time, a sequence number, an expiry time, the signing key's id and an Ed25519
+  signature (base64) over every other field. A device fetches the manifest first and checks
+  its signature with the operator's public key, that it has not expired, and that its sequence
+  is not lower than that of the model the device already installed; only then does it download
+  the model file, at most ``size`` bytes, and check its hash (``fedpref.client.model_fetch``).
+
+  The sequence increases with every version a publish folder signs, across runs: it is what
+  lets a device refuse a validly signed but older model (a rollback). The expiry bounds how
+  long a device accepts a model: a server that stops publishing, or answers "not modified" for
+  ever, cannot keep a device on an old model without the device noticing.
 
 This module holds only the format (no keys, no I/O): the server signs and the client verifies
 with ``cryptography``; both build the bytes to sign with :meth:`Manifest.signed_bytes`.
@@ -29,6 +36,7 @@ import binascii
 import hashlib
 import json
 import math
+import datetime
 import re
 import struct
 from dataclasses import asdict, dataclass, field
@@ -38,7 +46,7 @@ import numpy as np
 
 MAGIC = b"FPMODEL1"  # the first 8 bytes of every model file; the digit is the format's version
 MODEL_FORMAT = 1
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: with a sequence number and an expiry (format 1 had neither)
 MODEL_SUFFIX = ".model"
 MANIFEST_SUFFIX = ".json"
 LATEST = "latest"  # <folder>/latest.json and GET /models/latest: reserved, never a version
@@ -47,8 +55,11 @@ LATEST_MANIFEST = LATEST + MANIFEST_SUFFIX
 # could climb out of the folder ("..", "/") or need quoting.
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_HEADER_BYTES = 1 << 20  # a header lists names and shapes: a megabyte is a malformed file
+MAX_MANIFEST_BYTES = 1 << 16  # a manifest is under a kilobyte: 64 KiB is not a manifest, and is never read further
 ALLOWED_DTYPE_KINDS = "biuf"  # bool, signed and unsigned integers, floats: plain numbers only
-SIGNATURE_CONTEXT = b"fedpref model manifest v1\n"  # a manifest signature cannot be replayed as anything else
+DEFAULT_EXPIRY_DAYS = 30.0  # how long after publication a device may use a model, unless the publisher says otherwise
+MAX_EXPIRY_DAYS = 3650.0  # ten years: longer would make the expiry meaningless
+SIGNATURE_CONTEXT = b"fedpref model manifest v2\n"  # a manifest signature cannot be replayed as anything else
 SIGNATURE_BYTES = 64  # Ed25519
 
 # HTTP: the routes a server serves (fedpref.server.model_http) and a device fetches.
@@ -82,6 +93,19 @@ def canonical_json(value: Any) -> bytes:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata must be plain JSON (str, int, finite float, bool, None, lists, dicts with str keys): {exc}") from None
+
+
+def parse_time(text: str) -> datetime.datetime:
+    """An ISO 8601 time with its UTC offset (``2026-01-31T12:00:00.000+00:00``); ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"a time must be an ISO 8601 string, got {text!r}")
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00+00:00)") from None
+    if moment.utcoffset() is None:
+        raise ValueError(f"{text!r} has no UTC offset: write it as e.g. 2026-01-31T12:00:00+00:00")
+    return moment
 
 
 def sha256_hex(data: bytes) -> str:
@@ -238,6 +262,8 @@ class Manifest:
     created: str
     round: int
     run: str
+    sequence: int  # >= 1, higher for every version the publish folder signs, across runs
+    expires: str  # ISO 8601 with a UTC offset: a device refuses the model from then on
     key_id: str  # key_id() of the public key that verifies the signature
     signature: str = ""  # base64 of the 64-byte Ed25519 signature over signed_bytes()
     format: int = MANIFEST_FORMAT
@@ -262,6 +288,15 @@ class Manifest:
         """The model file's HTTP entity tag: its SHA-256, quoted."""
         return f'"{self.sha256}"'
 
+    @property
+    def expires_at(self) -> float:
+        """The expiry in seconds since the epoch."""
+        return parse_time(self.expires).timestamp()
+
+    def expired(self, now: float) -> bool:
+        """Whether the model may no longer be used at ``now`` (seconds since the epoch)."""
+        return now >= self.expires_at
+
     def to_json(self) -> bytes:
         """The manifest as stored and served: indented canonical JSON with a final newline."""
         return json.dumps(asdict(self), sort_keys=True, indent=2).encode() + b"\n"
@@ -269,19 +304,26 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes | str) -> Manifest:
         """Parse and check a manifest's shape (not its signature); raises PublishedFormatError saying what is wrong."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise PublishedFormatError(f"manifest has {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have: it is not a fedpref manifest")
         try:
             raw = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PublishedFormatError(f"manifest is not valid JSON ({exc}): fetch the manifest (.json), not the model file") from None
         if not isinstance(raw, dict):
             raise PublishedFormatError("manifest is not a JSON object")
+        if type(raw.get("format")) is int and raw["format"] == 1:
+            raise PublishedFormatError(
+                "manifest format 1 has no sequence number or expiry, so a device cannot tell it from an older model "
+                f"replayed to it: it is refused; publish the model again with this fedpref (it signs format {MANIFEST_FORMAT})"
+            )
         names = {f for f in cls.__dataclass_fields__}
         missing, unknown = names - set(raw), set(raw) - names
         if missing or unknown:
             raise PublishedFormatError(f"manifest fields do not match format {MANIFEST_FORMAT}: missing {sorted(missing)}, unknown {sorted(unknown)}")
         if raw["format"] != MANIFEST_FORMAT:
             raise PublishedFormatError(f"manifest format {raw['format']!r} is not {MANIFEST_FORMAT}: update the device, or republish")
-        types = {"version": str, "sha256": str, "size": int, "created": str, "round": int, "run": str, "key_id": str, "signature": str}
+        types = {"version": str, "sha256": str, "size": int, "created": str, "round": int, "run": str, "sequence": int, "expires": str, "key_id": str, "signature": str}
         for name, kind in types.items():
             if not isinstance(raw[name], kind) or isinstance(raw[name], bool):
                 raise PublishedFormatError(f"manifest field {name!r} must be a {kind.__name__}, got {raw[name]!r}")
@@ -295,6 +337,12 @@ class Manifest:
             raise PublishedFormatError(f"manifest key_id {raw['key_id']!r} is not 16 lowercase hex digits")
         if raw["size"] < 0 or raw["round"] < 0:
             raise PublishedFormatError(f"manifest size and round must be non-negative, got {raw['size']} and {raw['round']}")
+        if raw["sequence"] < 1:
+            raise PublishedFormatError(f"manifest sequence must be a positive integer, got {raw['sequence']}")
+        try:
+            parse_time(raw["expires"])
+        except ValueError as exc:
+            raise PublishedFormatError(f"manifest expires: {exc}") from None
         try:
             signature = base64.b64decode(raw["signature"], validate=True)
         except (binascii.Error, ValueError):

@@ -563,7 +563,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         run_id = None
 
-    publisher = ModelPublisher(config.publish_dir, config.publish_key) if config.publish_dir else None
+    publisher = ModelPublisher(config.publish_dir, config.publish_key, expiry_days=config.publish_expiry_days) if config.publish_dir else None
     if publisher is not None and resumed is None:
         taken = [v for v in publisher.versions() if v.startswith(f"{run_name}-r")]
         if taken:  # a published version never changes: a new run may not reuse the names

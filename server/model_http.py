@@ -6,11 +6,13 @@
     GET /models/{version}           a published model file
     GET /models/{version}/manifest  its manifest
 
-Model responses carry ``ETag: "<sha256>"`` and ``X-Fedpref-Version`` / ``-Key-Id`` /
-``-Signature``; a request whose ``If-None-Match`` names the current ETag gets 304 with no body,
-so a device whose model is current downloads nothing. The routes are public: the signature,
-not the transport, is what a device trusts, so mount this router outside any operator
-authentication (``app.include_router(model_router(folder))``).
+Model responses carry ``ETag: "<sha256 of the model file>"`` and ``X-Fedpref-Version`` /
+``-Key-Id`` / ``-Signature``; manifest responses carry ``ETag: "<sha256 of the manifest>"``.
+A request whose ``If-None-Match`` names the current ETag gets 304 with no body, so a device
+whose model is current downloads nothing. A device asks for the latest manifest first and then
+for the model file by its version (``fedpref.client.model_fetch``). The routes are public: the
+signature, not the transport, is what a device trusts, so mount this router outside any
+operator authentication (``app.include_router(model_router(folder))``).
 """
 
 # No "from __future__ import annotations": FastAPI reads the route functions' annotations as objects.
@@ -31,6 +33,7 @@ from fedpref.models.published import (
     Manifest,
     PublishedFormatError,
     check_version,
+    sha256_hex,
 )
 
 NOTHING_PUBLISHED = "no model has been published yet: the server publishes one after each training round; try again later"
@@ -73,7 +76,7 @@ def model_router(folder: str | Path) -> APIRouter:
         try:
             return Manifest.from_json(raw), raw
         except PublishedFormatError as exc:
-            raise HTTPException(500, detail=f"the published manifest {path.name} is damaged ({exc}); republish it") from None
+            raise HTTPException(500, detail=f"the published manifest {path.name} cannot be served ({exc})") from None
 
     def model_response(request: Request, version: str | None) -> Response:
         manifest, _ = read_manifest(version)
@@ -92,9 +95,12 @@ def model_router(folder: str | Path) -> APIRouter:
             raise HTTPException(500, detail=f"the model file of published version {manifest.version!r} is missing; republish it") from None
         return Response(content=data, media_type=MODEL_MEDIA_TYPE, headers=headers)
 
-    def manifest_response(version: str | None) -> Response:
+    def manifest_response(request: Request, version: str | None) -> Response:
         _, raw = read_manifest(version)
-        return Response(content=raw, media_type="application/json", headers={"Cache-Control": LATEST_CACHE if version is None else VERSION_CACHE})
+        headers = {"ETag": f'"{sha256_hex(raw)}"', "Cache-Control": LATEST_CACHE if version is None else VERSION_CACHE}
+        if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
+            return Response(status_code=304, headers=headers)
+        return Response(content=raw, media_type="application/json", headers=headers)
 
     # "latest" before "{version}": routes match in order, and "latest" is never a version.
     @router.get("/latest", summary="The latest published model file")
@@ -102,15 +108,15 @@ def model_router(folder: str | Path) -> APIRouter:
         return model_response(request, None)
 
     @router.get("/latest/manifest", summary="The manifest of the latest published model")
-    def latest_manifest() -> Response:
-        return manifest_response(None)
+    def latest_manifest(request: Request) -> Response:
+        return manifest_response(request, None)
 
     @router.get("/{version}", summary="A published model file")
     def version_model(version: str, request: Request) -> Response:
         return model_response(request, version)
 
     @router.get("/{version}/manifest", summary="The manifest of a published model")
-    def version_manifest(version: str) -> Response:
-        return manifest_response(version)
+    def version_manifest(version: str, request: Request) -> Response:
+        return manifest_response(request, version)
 
     return router

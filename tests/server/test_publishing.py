@@ -4,6 +4,7 @@ fails a check, keeping the model they had."""
 
 import base64
 import dataclasses
+import datetime
 import json
 import os
 import socket
@@ -254,6 +255,22 @@ def test_a_matching_if_none_match_gets_304_and_no_body(publisher, routes, if_non
     assert routes.get("/models/latest", headers={"If-None-Match": '"' + "0" * 64 + '"'}).status_code == 200
 
 
+def test_a_manifest_answers_304_to_its_own_etag(publisher, routes):
+    publish(publisher, 1)
+    raw = (publisher.folder / "latest.json").read_bytes()
+    etag = f'"{sha256_hex(raw)}"'
+
+    first = routes.get("/models/latest/manifest")
+    again = routes.get("/models/latest/manifest", headers={"If-None-Match": etag})
+    by_version = routes.get("/models/run7-r0001/manifest", headers={"If-None-Match": etag})
+
+    assert (first.status_code, first.content, first.headers["etag"]) == (200, raw, etag)
+    assert (again.status_code, again.content) == (304, b"")
+    assert (by_version.status_code, by_version.headers["cache-control"]) == (304, "public, max-age=31536000, immutable")
+    publish(publisher, 2)
+    assert routes.get("/models/latest/manifest", headers={"If-None-Match": etag}).status_code == 200
+
+
 @pytest.mark.parametrize(
     "path, detail",
     [
@@ -282,13 +299,72 @@ def test_the_publisher_keeps_every_version_and_refuses_to_overwrite_one(publishe
     assert publisher.latest() == v2 and publisher.manifest("run7-r0001") == v1
     assert (publisher.folder / "latest.json").read_bytes() == (publisher.folder / "run7-r0002.json").read_bytes()
     assert v1.run == "7" and v1.size == (publisher.folder / "run7-r0001.model").stat().st_size
-    assert sorted(p.name for p in publisher.folder.iterdir()) == ["latest.json", "run7-r0001.json", "run7-r0001.model", "run7-r0002.json", "run7-r0002.model"]  # no temp files left
+    assert sorted(p.name for p in publisher.folder.iterdir()) == [  # no temp files left
+        ".publish.lock", ".sequence", "latest.json", "run7-r0001.json", "run7-r0001.model", "run7-r0002.json", "run7-r0002.model"
+    ]
     with pytest.raises(FileExistsError, match="'run7-r0001' is already published"):
         publisher.publish(model_arrays(3), version="run7-r0001", round=3, run=7)
     assert publisher.manifest("run7-r0001") == v1
     for bad in ("latest", "../x", "a/b", "", "-r1"):
         with pytest.raises(ValueError, match="cannot name a model version"):
             publisher.publish(model_arrays(3), version=bad, round=3, run=7)
+
+
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def test_the_sequence_increases_across_runs_restarts_and_a_lost_sequence_file(tmp_path, keys):
+    folder = tmp_path / "published"
+    first = ModelPublisher(folder, keys[0], clock=lambda: T0)
+    a = [first.publish(model_arrays(r), version=f"a-r{r:04d}", round=r, run="a") for r in (1, 2)]
+    restarted = ModelPublisher(folder, keys[0], clock=lambda: T0)  # another run, another process
+    b = restarted.publish(model_arrays(1), version="b-r0001", round=1, run="b")
+    assert [m.sequence for m in a + [b]] == [1, 2, 3]
+    sequence_file = folder / ".sequence"
+    assert json.loads(sequence_file.read_bytes()) == {"sequence": 3, "key_id": first.key_id}
+    assert stat.S_IMODE(sequence_file.stat().st_mode) == 0o600
+
+    sequence_file.unlink()  # lost: latest.json still holds the highest
+    assert restarted.publish(model_arrays(2), version="b-r0002", round=2, run="b").sequence == 3 + 1
+
+    sequence_file.write_text("{damaged")
+    with pytest.raises(ValueError, match="sequence file .* is damaged: restore it from a backup, or remove it"):
+        restarted.publish(model_arrays(3), version="b-r0003", round=3, run="b")
+    assert restarted.versions() == ["a-r0001", "a-r0002", "b-r0001", "b-r0002"]  # nothing published
+
+
+def test_a_version_expires_expiry_days_after_it_is_published(tmp_path, keys):
+    publisher = ModelPublisher(tmp_path / "published", keys[0], expiry_days=7.5, clock=lambda: T0)
+    manifest = publisher.publish(model_arrays(1), version="v1", round=1, run="7")
+    assert manifest.created == "2026-01-01T00:00:00.000+00:00"
+    assert manifest.expires == "2026-01-08T12:00:00.000+00:00"
+    assert manifest.expires_at == T0 + 7.5 * 86400
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert ModelPublisher(tmp_path / "default", keys[0]).expiry_days == 30
+    for bad in (0, -1, float("nan"), float("inf"), 3651, True, "30"):
+        with pytest.raises(ValueError, match="expiry_days must be a number of days in \\(0, 3650\\]"):
+            ModelPublisher(tmp_path / "bad", keys[0], expiry_days=bad)
+
+
+def test_a_manifest_published_before_sequence_numbers_is_refused_with_the_reason(publisher, routes, keys):
+    # A folder published by an earlier fedpref: format 1, no sequence, no expiry, signed as v1.
+    manifest = publish(publisher, 1)
+    legacy = {k: v for k, v in json.loads(manifest.to_json()).items() if k not in ("sequence", "expires")}
+    legacy["format"] = 1
+    for name in ("run7-r0001.json", "latest.json"):
+        (publisher.folder / name).write_text(json.dumps(legacy))
+    (publisher.folder / ".sequence").unlink()
+    model_bytes = (publisher.folder / "run7-r0001.model").read_bytes()
+    reason = "manifest format 1 has no sequence number or expiry, so a device cannot tell it from an older model replayed to it"
+
+    with pytest.raises(ModelVerificationError, match=f"manifest check failed: {reason}"):
+        verify_model(model_bytes, json.dumps(legacy), keys[1])
+    answer = routes.get("/models/latest/manifest")
+    assert answer.status_code == 500 and reason in answer.json()["detail"]
+    # The publisher still knows the version (a new run may not reuse its name) and publishes on.
+    assert publisher.versions() == ["run7-r0001"]
+    assert publish(publisher, 2).sequence == 1
+    assert Manifest.from_json(routes.get("/models/latest/manifest").content).version == "run7-r0002"
 
 
 def test_the_signing_key_is_private_and_its_public_half_lies_next_to_it(keys, tmp_path):
@@ -393,7 +469,12 @@ def test_malformed_manifests_are_refused_with_the_reason(publisher, keys):
         (json.dumps({**good, "size": "12"}), "'size' must be a int"),
         (json.dumps({**good, "signature": "!!"}), "signature is not base64"),
         (json.dumps({**good, "signature": base64.b64encode(b"short").decode()}), "has 5 bytes, an Ed25519 signature has 64"),
-        (json.dumps({**good, "format": 9}), "manifest format 9 is not 1"),
+        (json.dumps({**good, "format": 9}), "manifest format 9 is not 2"),
+        (json.dumps({**good, "sequence": 0}), "sequence must be a positive integer, got 0"),
+        (json.dumps({**good, "sequence": True}), "'sequence' must be a int"),
+        (json.dumps({**good, "expires": "2026-02-01T00:00:00"}), "has no UTC offset"),
+        (json.dumps({**good, "expires": "soon"}), "'soon' is not an ISO 8601 time"),
+        (json.dumps({**good, "run": "x" * (64 << 10)}), "more than the 65536 a manifest may have"),
     ]
     for raw, reason in cases:
         with pytest.raises(PublishedFormatError, match=reason):

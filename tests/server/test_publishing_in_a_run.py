@@ -2,6 +2,7 @@
 store; a device fetches the latest over HTTP, verifies it, recommends from it, pays nothing
 for an unchanged model, and refuses a tampered one."""
 
+import datetime
 import socket
 import threading
 import time
@@ -14,12 +15,14 @@ from fastapi import FastAPI
 from fedpref.client import Device
 from fedpref.client.model_fetch import ModelVerificationError
 from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.models.published import Manifest, parse_time
 from fedpref.server.model_http import model_router
 from fedpref.server.publish import generate_signing_key
 from fedpref.server.runstore import RunStore
 from fedpref.simulations.inprocess import run_inprocess
 
 N_DEVICES, ROUNDS = 8, 3
+EXPIRY_DAYS = 7
 
 
 @pytest.fixture()
@@ -29,6 +32,7 @@ def published(tmp_path, synthetic_population):
     config = FederatedConfig.from_run_config({
         "history-dir": str(population), "results-dir": str(tmp_path / "run"), "num-server-rounds": ROUNDS, "dim": 8,
         "local-epochs": 1, "private-epochs": 1, "evaluate-every": 3, "publish-dir": str(tmp_path / "models"), "publish-key": str(private),
+        "publish-expiry-days": EXPIRY_DAYS,
     })
     run_inprocess(config, n_devices=N_DEVICES)
     return tmp_path, public
@@ -61,6 +65,9 @@ def test_every_round_is_published_signed_and_recorded(published):
     assert [m["version"] for m in models] == [f"run-r{r:04d}" for r in range(1, ROUNDS + 1)]
     assert all(len(m["sha256"]) == 64 and m["signature"] for m in models)
     assert [r["model_version"] for r in store.rounds(run["id"])] == [m["version"] for m in models]
+    manifests = [Manifest.from_json((tmp_path / "models" / f"{m['version']}.json").read_bytes()) for m in models]
+    assert [m.sequence for m in manifests] == list(range(1, ROUNDS + 1))
+    assert all(parse_time(m.expires) - parse_time(m.created) == datetime.timedelta(days=EXPIRY_DAYS) for m in manifests)
     assert (tmp_path / "models" / "latest.json").exists()
     final = np.load(tmp_path / "run" / "final_model.npz")
     assert set(final.files) == {"item_embedding.weight", "item_bias.weight"}
@@ -110,3 +117,9 @@ def test_a_new_run_may_not_reuse_published_names(published, synthetic_population
 def test_publishing_needs_a_key():
     with pytest.raises(RunConfigError, match="publish-key"):
         FederatedConfig.from_run_config({"publish-dir": "models"})
+
+
+@pytest.mark.parametrize("days", [0, -1, "nan", 3651])
+def test_a_published_model_must_expire_and_within_ten_years(days):
+    with pytest.raises(RunConfigError, match="'publish-expiry-days': must lie in \\(0, 3650\\] days"):
+        FederatedConfig.from_run_config({"publish-expiry-days": days})

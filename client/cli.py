@@ -155,10 +155,16 @@ def forget(store: StoreOption, yes: Annotated[bool, typer.Option("--yes", help="
 
 @device_app.command()
 def page(store: StoreOption, port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 0) -> None:
-    """Serve the person's privacy page on 127.0.0.1 until Ctrl-C."""
+    """Serve the person's privacy page on 127.0.0.1 until Ctrl-C, and print its one-time link."""
     device = _open(store)
-    handle = device.serve_privacy_page(port=port)
-    console.print(f"privacy page: {handle.url}  (Ctrl-C to stop)")
+    try:
+        handle = device.serve_privacy_page(port=port)
+    except RuntimeError as exc:
+        device.close()
+        _fail(str(exc))
+    console.print(f"privacy page of {store} on 127.0.0.1:{handle.port} (Ctrl-C to stop). Open this link in a browser on "
+                  "this device; it works once, and whoever opens it can see and change this data, so share it with no one:")
+    print(handle.url, flush=True)  # alone on its line, never folded
     try:
         while handle.thread.is_alive():
             time.sleep(0.5)

@@ -7,42 +7,218 @@ recommendations, and has export and erase buttons. It loads nothing from the net
     handle = device.serve_privacy_page()      # or: fedpref device page --store prefs.sqlite
     print(handle.url); ...; handle.stop()
 
-It binds to 127.0.0.1 only, answers only requests whose Host is the loopback address (so that
-a web page elsewhere cannot reach it through DNS rebinding), and every change needs the
-page's own random token in a header (so that another site cannot post to it).
+Who may use it. Any program on the device can connect to 127.0.0.1 (on a phone, any app), so
+the page answers only the person who was given its link:
+
+- Every launch makes its own secrets from the operating system (:mod:`secrets`). ``handle.url``
+  is a one-time link ``http://127.0.0.1:PORT/?s=SECRET``; the first request with it gets a
+  session cookie (``HttpOnly; SameSite=Strict; Path=/``) and a page that moves on to ``/``, so
+  the secret leaves the address bar. ``handle.link()`` makes another one-time link.
+- Every request without that cookie, whatever its path or method, is refused with 401 before
+  anything is read or routed; every secret is compared in constant time.
+- Every change (any method but GET and HEAD) also needs an ``Origin`` equal to the page's own
+  and the page's random token in the ``X-Fedpref-Token`` header, so that no other page, not
+  even one on another port of 127.0.0.1, can post to it.
+- It answers only requests whose Host is the loopback address (so that a web page elsewhere
+  cannot reach it through DNS rebinding).
+- Every response forbids framing (``X-Frame-Options: DENY``, ``frame-ancestors 'none'``) and
+  caching (``Cache-Control: no-store``), and the page runs under a Content-Security-Policy that
+  allows its own script and style only.
+- Widening consent (a higher level, or kinds of events not allowed before) and erasing ask the
+  person first: without ``"confirm": true`` the server answers 409 with the question to ask,
+  and changes nothing. Narrowing consent needs no confirmation.
 """
 
 # No "from __future__ import annotations": FastAPI reads the route functions' annotations as objects.
 
+import hmac
 import html
 import secrets
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from .consent import Level
+from .consent import Consent, Level
 from .device import Device, NoModelError
 
 KNOWN_KINDS = ("view", "click", "purchase", "rating")
+TOKEN_HEADER = "x-fedpref-token"
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+_LEVEL_ORDER = {Level.NONE: 0, Level.ON_DEVICE: 1, Level.FEDERATED: 2}
+_SECURITY_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+)
+
+Kind = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class ConsentChange(BaseModel):
-    level: str
-    kinds: list[str] | None = None
+    """A change of consent from the page; ``confirm`` must be true when it widens consent."""
+
+    model_config = ConfigDict(extra="forbid")
+    level: Annotated[str, StringConstraints(max_length=32)]
+    kinds: Annotated[list[Kind], Field(max_length=256)] | None = None
+    confirm: StrictBool = False
+
+
+class Confirmation(BaseModel):
+    """The body of an erase: ``{"confirm": true}`` once the person has agreed."""
+
+    model_config = ConfigDict(extra="forbid")
+    confirm: StrictBool = False
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison of a secret with what a request carried (any text: a hostile
+    request may carry characters that are not ASCII)."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+
+class PageSecrets:
+    """The secrets of one launch of the page, all from :mod:`secrets` (the OS's randomness):
+    the session (the cookie's value), the token that changes need in a header, and the
+    one-time link secrets not yet used."""
+
+    def __init__(self) -> None:
+        self.session = secrets.token_urlsafe(32)
+        self.token = secrets.token_urlsafe(32)
+        self._links: list[str] = []
+        self._lock = threading.Lock()
+
+    def new_link(self) -> str:
+        """A new one-time link secret."""
+        link = secrets.token_urlsafe(32)
+        with self._lock:
+            self._links.append(link)
+        return link
+
+    def redeem(self, candidate: str) -> bool:
+        """Whether ``candidate`` is an unused link secret; if so, it is used up. Every pending
+        secret is compared, in constant time, whichever matches."""
+        with self._lock:
+            found = None
+            for link in self._links:
+                if _same(candidate, link):
+                    found = link
+            if found is None:
+                return False
+            self._links.remove(found)
+            return True
+
+    def is_session(self, cookie: str | None) -> bool:
+        return cookie is not None and _same(cookie, self.session)
+
+    def is_token(self, header: str | None) -> bool:
+        return header is not None and _same(header, self.token)
 
 
 @dataclass
 class PageHandle:
+    """A running page: ``url`` is its first one-time link; ``link()`` makes another."""
+
     url: str
     server: object
     thread: threading.Thread
+    app: object
+    secrets: PageSecrets
+    port: int
+
+    def link(self) -> str:
+        """Another one-time link to the page (for the person to open it again, in another
+        browser or after the browser dropped its session)."""
+        return f"http://127.0.0.1:{self.port}/?s={self.secrets.new_link()}"
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def _refuse(status: int, detail: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _page_csp(nonce: str) -> str:
+    return (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+
+
+class PageGuard:
+    """ASGI middleware in front of every route of the page: the loopback Host check, the
+    one-time link, the session cookie, and for changes the Origin and the token; and the
+    security headers on every response. Requests it refuses are answered before their body is
+    read or any route is looked up, so a route added later is guarded as well."""
+
+    def __init__(self, app, *, page_secrets: PageSecrets, port: int) -> None:
+        self.app = app
+        self.secrets = page_secrets
+        self.cookie = f"fedpref-page-{port}"
+        self.origins = frozenset({f"http://127.0.0.1:{port}", f"http://localhost:{port}"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # the page has no WebSocket: refuse the handshake
+            await send({"type": "websocket.close", "code": 1008})
+            return
+
+        async def send_guarded(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in _SECURITY_HEADERS if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        from starlette.requests import Request
+
+        refusal = self.refusal(Request(scope))
+        if refusal is None:
+            await self.app(scope, receive, send_guarded)
+        else:
+            await refusal(scope, receive, send_guarded)
+
+    def refusal(self, request):
+        """The response that refuses (or answers) ``request`` here, or None to let it through."""
+        from starlette.responses import HTMLResponse, RedirectResponse
+
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            return _refuse(403, "this page answers on 127.0.0.1 only")
+        signed_in = self.secrets.is_session(request.cookies.get(self.cookie))
+        if request.method == "GET" and request.url.path == "/" and "s" in request.query_params:
+            if self.secrets.redeem(request.query_params["s"]):
+                nonce = secrets.token_urlsafe(16)
+                response = HTMLResponse(OPENING.replace("__NONCE__", nonce), headers={"content-security-policy": _page_csp(nonce)})
+                response.set_cookie(self.cookie, self.secrets.session, httponly=True, samesite="strict", path="/")
+                return response
+            if signed_in:  # an old link in a browser that is already in: just drop the secret
+                return RedirectResponse("/", status_code=303)
+            return _refuse(401, "this link has been used already or is not the page's: each link opens the page once; "
+                                "start the page again (fedpref device page --store ...) for a new link")
+        if not signed_in:
+            return _refuse(401, "this page opens only through the one-time link given when it started; "
+                                "start the page again (fedpref device page --store ...) for a new link")
+        if request.method not in SAFE_METHODS:
+            if request.headers.get("origin") not in self.origins:
+                return _refuse(403, "a change must come from the page itself (its Origin): use the page's buttons")
+            if not self.secrets.is_token(request.headers.get(TOKEN_HEADER)):
+                return _refuse(403, "missing or wrong page token: reload the page")
+        return None
 
 
 def _status(device: Device) -> dict:
@@ -67,29 +243,44 @@ def _status(device: Device) -> dict:
     }
 
 
-def make_app(device: Device, token: str | None = None):
-    """The FastAPI app of the page (``token`` guards every change)."""
-    from fastapi import FastAPI, HTTPException, Request
+def widening(current: Consent, level: Level, kinds: list[str] | None) -> list[str]:
+    """What a change from ``current`` to ``level`` and ``kinds`` would allow that ``current``
+    does not, in plain words (empty: the change widens nothing)."""
+    wider = []
+    if _LEVEL_ORDER[level] > _LEVEL_ORDER[current.level]:
+        if current.level is Level.NONE:
+            wider.append("your history will personalise recommendations on this device")
+        if level is Level.FEDERATED:
+            wider.append("this device will send size-limited model updates (never your events) to help improve the shared model")
+    if current.kinds is not None:
+        if kinds is None:
+            wider.append("events of every kind will be recorded and may be used")
+        elif added := sorted(set(kinds) - current.kinds):
+            wider.append(f"events of these kinds will be recorded and may be used: {', '.join(added)}")
+    return wider
+
+
+def _needs_confirmation(question: str, how: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"detail": f"{question} Nothing was changed; {how}", "question": question}, status_code=409)
+
+
+def make_app(device: Device, *, port: int, page_secrets: PageSecrets | None = None):
+    """The FastAPI app of the page on 127.0.0.1:``port``, behind :class:`PageGuard`."""
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import HTMLResponse, JSONResponse
 
-    token = token or secrets.token_urlsafe(24)
+    page_secrets = page_secrets or PageSecrets()
     app = FastAPI(title="fedpref: your data on this device", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(PageGuard, page_secrets=page_secrets, port=port)
     lock = threading.Lock()
 
-    @app.middleware("http")
-    async def loopback_only(request: Request, call_next):
-        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            return JSONResponse({"detail": "this page answers on 127.0.0.1 only"}, status_code=403)
-        return await call_next(request)
-
-    def check(request: Request) -> None:
-        if not secrets.compare_digest(request.headers.get("x-fedpref-token", ""), token):
-            raise HTTPException(403, "missing or wrong page token: reload the page")
-
     @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
-        return PAGE.replace("__TOKEN__", html.escape(token, quote=True))
+    def page() -> HTMLResponse:
+        nonce = secrets.token_urlsafe(16)
+        body = PAGE.replace("__TOKEN__", html.escape(page_secrets.token, quote=True)).replace("__NONCE__", nonce)
+        return HTMLResponse(body, headers={"content-security-policy": _page_csp(nonce)})
 
     @app.get("/api/status")
     def status() -> dict:
@@ -97,14 +288,20 @@ def make_app(device: Device, token: str | None = None):
             return _status(device)
 
     @app.post("/api/consent")
-    def consent(change: ConsentChange, request: Request) -> dict:
-        check(request)
+    def consent(change: ConsentChange):
         try:
             level = Level.parse(change.level)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         with lock:
-            device.set_consent(level, change.kinds, source="privacy page")
+            wider = widening(device.consent, level, change.kinds)
+            if wider and not change.confirm:
+                question = "This widens how your data may be used: " + "; ".join(wider) + ". Do you agree?"
+                return _needs_confirmation(question, 'send the change again with "confirm": true once the person has agreed.')
+            try:
+                device.set_consent(level, change.kinds, source="privacy page")
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from None
             return _status(device)
 
     @app.get("/api/export")
@@ -114,8 +311,11 @@ def make_app(device: Device, token: str | None = None):
         return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="fedpref-export.json"'})
 
     @app.post("/api/forget")
-    def forget(request: Request) -> dict:
-        check(request)
+    def forget(confirmation: Confirmation | None = None):
+        if confirmation is None or not confirmation.confirm:
+            question = ("Erase every event, your consent history, the record of what left and your private model from "
+                        "this device? This cannot be undone.")
+            return _needs_confirmation(question, 'send {"confirm": true} once the person has agreed.')
         with lock:
             device.forget()
             return _status(device)
@@ -123,15 +323,19 @@ def make_app(device: Device, token: str | None = None):
     return app
 
 
-def serve(device: Device, *, port: int = 0, token: str | None = None) -> PageHandle:
-    """Serve the page on 127.0.0.1 (``port`` 0: a free one) in a background thread."""
+def serve(device: Device, *, port: int = 0) -> PageHandle:
+    """Serve the page on 127.0.0.1 (``port`` 0: a free one) in a background thread; the
+    handle's ``url`` is the first one-time link to it."""
     import uvicorn
 
     if port == 0:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    config = uvicorn.Config(make_app(device, token), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    page_secrets = PageSecrets()
+    app = make_app(device, port=port, page_secrets=page_secrets)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                            proxy_headers=False, server_header=False, ws="none")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="fedpref-privacy-page", daemon=True)
     thread.start()
@@ -140,13 +344,23 @@ def serve(device: Device, *, port: int = 0, token: str | None = None) -> PageHan
         time.sleep(0.05)
     if not server.started:
         raise RuntimeError(f"the privacy page could not start on 127.0.0.1:{port} (is the port taken?)")
-    return PageHandle(f"http://127.0.0.1:{port}/", server, thread)
+    handle = PageHandle("", server, thread, app, page_secrets, port)
+    handle.url = handle.link()
+    return handle
+
+
+OPENING = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Opening your data on this device</title>
+<noscript><meta http-equiv="refresh" content="0;url=/"></noscript></head>
+<body><p><a href="/">Continue to your data on this device</a></p>
+<script nonce="__NONCE__">location.replace("/");</script></body></html>
+"""
 
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Your data on this device</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
+<style nonce="__NONCE__">
 body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}
 h1{font-size:1.5rem} h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
 .report{background:#f3f7f3;padding:.8rem 1rem;border-radius:6px}
@@ -173,7 +387,7 @@ label{display:block;margin:.2rem 0} #message{color:#0a5;min-height:1.2rem}
 <h2>Your data</h2>
 <p><a id="export" href="/api/export" download="fedpref-export.json"><button type="button">Export everything (JSON)</button></a>
 <button type="button" class="danger" id="forget">Erase everything</button></p>
-<script>
+<script nonce="__NONCE__">
 const token = document.body.dataset.token;
 function text(el, value){ el.textContent = value; }
 function row(cells){ const tr=document.createElement('tr'); for(const c of cells){ const td=document.createElement('td'); td.textContent=c; tr.appendChild(td);} return tr; }
@@ -196,10 +410,25 @@ function render(s){
     body.appendChild(row([new Date(e.time*1000).toLocaleString(), e.server, e.message+(e.reason?' ('+e.reason+')':''), e.round ?? '', arrays, e.bytes, norm, noise]));
   }
 }
-async function load(){ const r = await fetch('/api/status'); render(await r.json()); }
+const message = document.getElementById('message');
+async function load(){
+  const r = await fetch('/api/status');
+  if (!r.ok) { text(document.getElementById('report'), 'This page is closed: '+(await r.json()).detail); return; }
+  render(await r.json());
+}
+function send(path, body){
+  return fetch(path, {method:'POST', headers:{'content-type':'application/json','x-fedpref-token':token}, body: JSON.stringify(body)});
+}
+// A change that widens consent, and erasing, are asked first: the server answers 409 with the
+// question, and takes the change only with "confirm": true.
 async function post(path, body){
-  const r = await fetch(path, {method:'POST', headers:{'content-type':'application/json','x-fedpref-token':token}, body: JSON.stringify(body||{})});
-  if (!r.ok) { text(document.getElementById('message'), 'Not saved: '+(await r.text())); return false; }
+  let r = await send(path, body);
+  if (r.status === 409) {
+    const question = (await r.json()).question;
+    if (!confirm(question)) { text(message, 'Nothing changed.'); return false; }
+    r = await send(path, Object.assign({}, body, {confirm: true}));
+  }
+  if (!r.ok) { text(message, 'Not saved: '+(await r.text())); return false; }
   render(await r.json());
   return true;
 }
@@ -208,11 +437,10 @@ document.getElementById('consent-form').addEventListener('submit', async ev => {
   const level = document.querySelector('input[name=level]:checked').value;
   const boxes = [...document.querySelectorAll('input[name=kind]')];
   const kinds = boxes.every(b => b.checked) ? null : boxes.filter(b => b.checked).map(b => b.value);
-  if (await post('/api/consent', {level, kinds})) text(document.getElementById('message'), 'Saved.');
+  if (await post('/api/consent', {level, kinds})) text(message, 'Saved.');
 });
 document.getElementById('forget').addEventListener('click', async () => {
-  if (!confirm('Erase every event, your consent history, the record of what left and your private model from this device?')) return;
-  if (await post('/api/forget')) text(document.getElementById('message'), 'Erased.');
+  if (await post('/api/forget', {})) text(message, 'Erased.');
 });
 load();
 </script></body></html>

@@ -3,6 +3,7 @@
 from .consent import Consent, Level
 from .device import Device, NoModelError
 from .eligibility import ALWAYS, AvailabilityPattern, Conditions, EligibilityPolicy
+from .inputs import InvalidInput
 from .ledger import PrivacyReport
 from .store import EventStore, Retention, StoreError
 
@@ -14,6 +15,7 @@ __all__ = [
     "Device",
     "EligibilityPolicy",
     "EventStore",
+    "InvalidInput",
     "Level",
     "NoModelError",
     "PrivacyReport",

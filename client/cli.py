@@ -10,16 +10,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .consent import Level
 from .device import Device, NoModelError
 from .eligibility import ALWAYS
+from .inputs import InvalidInput
 from .store import StoreError
 
 device_app = typer.Typer(no_args_is_help=True, help="One device: its store, consent, privacy page, and joining a federation.")
@@ -29,26 +33,36 @@ StoreOption = Annotated[Path, typer.Option("--store", help="The device's store (
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")  # the message may quote what was given: no markup in it
     raise typer.Exit(2)
 
 
-def _open(store: Path) -> Device:
+@contextmanager
+def _refused() -> Iterator[None]:
+    """Bad input, a store that cannot be used, nothing to recommend from: the error's message
+    and exit code 2, no traceback (nothing was stored)."""
     try:
-        return Device.open(store)
-    except StoreError as exc:
+        yield
+    except (InvalidInput, StoreError, NoModelError) as exc:
         _fail(str(exc))
 
 
+def _open(store: Path) -> Device:
+    with _refused():
+        return Device.open(store)
+
+
 @device_app.command()
-def record(store: StoreOption, item: int, kind: str = "view", value: float | None = None) -> None:
+def record(
+    store: StoreOption,
+    item: Annotated[int, typer.Argument(help="The item's catalogue index (0 to 2**63 - 1).")],
+    kind: Annotated[str, typer.Option(help="The kind of event: a short name such as view, click, purchase or rating.")] = "view",
+    value: Annotated[float | None, typer.Option(help="A number that goes with it (a rating, a price).")] = None,
+) -> None:
     """Record one event (what an app does when the person views, clicks or buys an item)."""
-    with _open(store) as device:
-        try:
-            kept = device.record(item, kind, value)
-        except ValueError as exc:
-            _fail(str(exc))
-        console.print("recorded" if kept else f"not recorded: consent excludes events of kind {kind!r}")
+    with _open(store) as device, _refused():
+        kept = device.record(item, kind, value)
+        console.print("recorded" if kept else f"not recorded: consent excludes events of kind {escape(repr(kind))}")
 
 
 @device_app.command()
@@ -58,11 +72,8 @@ def consent(
     kinds: Annotated[str, typer.Option(help="Comma-separated event kinds that may be used (default: every kind).")] = "",
 ) -> None:
     """Set the person's consent (it is in force at once, also for a running SuperNode)."""
-    with _open(store) as device:
-        try:
-            now = device.set_consent(Level.parse(level), [k.strip() for k in kinds.split(",") if k.strip()] or None, source="command line")
-        except ValueError as exc:
-            _fail(str(exc))
+    with _open(store) as device, _refused():
+        now = device.set_consent(Level.parse(level), [k.strip() for k in kinds.split(",") if k.strip()] or None, source="command line")
         console.print(now.describe())
 
 
@@ -105,11 +116,8 @@ def report(store: StoreOption, as_json: Annotated[bool, typer.Option("--json", h
 @device_app.command()
 def recommend(store: StoreOption, k: int = 10) -> None:
     """The device's current recommendations (offline, from the model it keeps)."""
-    with _open(store) as device:
-        try:
-            console.print(" ".join(str(i) for i in device.recommend(k)))
-        except NoModelError as exc:
-            _fail(str(exc))
+    with _open(store) as device, _refused():
+        console.print(" ".join(str(i) for i in device.recommend(k)))
 
 
 @device_app.command()
@@ -134,9 +142,13 @@ def update(
 
 @device_app.command()
 def export(store: StoreOption, out: Annotated[Path | None, typer.Option(help="Write the JSON document here (default: print it).")] = None) -> None:
-    """Everything the device holds about the person, as one JSON document."""
+    """Everything the device holds about the person, as one JSON document (a file written
+    with --out is readable by you only)."""
     with _open(store) as device:
-        text = device.export_json(out)
+        try:
+            text = device.export_json(out)
+        except OSError as exc:
+            _fail(f"cannot write {out}: {exc.strerror}")
     if out is None:
         print(text)
     else:
@@ -145,8 +157,8 @@ def export(store: StoreOption, out: Annotated[Path | None, typer.Option(help="Wr
 
 @device_app.command()
 def forget(store: StoreOption, yes: Annotated[bool, typer.Option("--yes", help="Erase without asking.")] = False) -> None:
-    """Erase everything the device holds about the person."""
-    if not yes and not typer.confirm(f"Erase every event, consent decision, record and the private model in {store}?"):
+    """Erase everything the device holds about the person (and the models it fetched)."""
+    if not yes and not typer.confirm(f"Erase every event, consent decision, record, the private model and the fetched models of {store}?"):
         raise typer.Exit(1)
     with _open(store) as device:
         device.forget()
@@ -237,13 +249,18 @@ def join(
         _fail(f"no key at {auth_key}: create one with `fedpref device keys --out DIR`")
     if root_certificates is not None and not root_certificates.exists():
         _fail(f"no CA certificate at {root_certificates}")
-    with _open(store) as device:
+    if auth_key is not None:
+        from .keys import public_key_of
+
+        try:
+            public_key = public_key_of(auth_key)
+        except ValueError as exc:
+            _fail(str(exc))
+    with _open(store) as device, _refused():
         if device_index is None:
-            found = device.store.get_setting("device-key")
-            if found is None:
-                found = str(int.from_bytes(os.urandom(4), "big") >> 1)
-                device.store.set_setting("device-key", found)
-            device_index = int(found)
+            device_index = device.device_key()
+        if auth_key is not None:
+            device.remember_supernode_key(public_key)  # so that the export shows what identifies the device
         level = device.consent.level.value
     try:
         command = supernode_command(superlink=superlink, store=store, root_certificates=root_certificates, auth_key=auth_key, insecure=insecure, device_index=device_index, port=port)

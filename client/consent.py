@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from .inputs import InvalidInput, shown
+
 
 class Level(str, Enum):
     NONE = "none"
@@ -29,7 +31,7 @@ class Level(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"unknown consent level {value!r}; choose one of: {', '.join(level.value for level in cls)}") from None
+            raise InvalidInput("level", f"unknown consent level {shown(value)}; choose one of: {', '.join(level.value for level in cls)}") from None
 
 
 @dataclass(frozen=True)

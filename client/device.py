@@ -19,9 +19,14 @@ takes effect at once. See docs/device.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 import time as _time
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -36,10 +41,34 @@ from fedpref.models.train import LocalData, local_update
 from .cold_start import load_popularity, popular_items
 from .consent import Consent, Level
 from .eligibility import Conditions, EligibilityPolicy
+from .inputs import (
+    InvalidInput,
+    check_arrays,
+    check_count,
+    check_flag,
+    check_item,
+    check_kind,
+    check_kinds,
+    check_text,
+    check_time,
+    check_value,
+    shown,
+)
 from .ledger import PrivacyReport, privacy_report
-from .store import IN_MEMORY, Event, EventStore, Retention
+from .store import IN_MEMORY, OWNER_ONLY, Event, EventStore, Retention, make_private
 
-EXPORT_FORMAT = "fedpref-device-export/1"
+EXPORT_FORMAT = "fedpref-device-export/2"
+PRIVATE_FOLDER = 0o700  # the mode of every folder the device creates
+MAX_EPOCHS = 10_000
+# The settings the export shows in their own sections; any other is shown as it is stored.
+EXPORTED_SETTINGS = frozenset({
+    "schema_version", "created", "generation", "instance", "model", "model-version", "run-config", "policy",
+    "conditions", "device-key", "supernode-key", "model-expires",
+})
+PRIVATE_KEY_NOTE = (
+    "not exported: the private key of this device's SuperNode key is a credential that proves the device to the "
+    "server, not data about you; it stays in the file given to `fedpref device join --auth-key`, readable by you only"
+)
 
 
 class NoModelError(RuntimeError):
@@ -113,7 +142,7 @@ class Device:
         self.seed = seed
         self.user = user  # seeds the first private vector (a simulation's device index)
         self._cache: dict = {}
-        self._generation = -1
+        self._generation: tuple | None = None
         if popularity is not None:
             self.install_popularity(load_popularity(popularity) if isinstance(popularity, str | Path) else popularity)
 
@@ -137,7 +166,7 @@ class Device:
         self.close()
 
     def _cached(self, key: str, make):
-        generation = self.store.generation()
+        generation = self.store.change_marker()
         if generation != self._generation:
             self._cache.clear()
             self._generation = generation
@@ -147,25 +176,35 @@ class Device:
 
     # -- events -------------------------------------------------------------------
     def record(self, item: int, kind: str = "view", value: float | None = None, time: float | None = None) -> bool:
-        """Store one event. Returns False (and stores nothing) when the person's consent
-        excludes this kind of event."""
-        return self.record_many([(item, kind, value, time)]) == 1
+        """Store one event: ``item`` a catalogue index, ``kind`` a short name, ``value`` an
+        optional finite number, ``time`` its Unix time (None: now; at most
+        :data:`~fedpref.client.inputs.CLOCK_SKEW` seconds ahead of the device's clock).
+        Returns False (and stores nothing) when the person's consent excludes this kind of
+        event; raises :class:`~fedpref.client.inputs.InvalidInput` for bad input."""
+        consent, now = self.consent, self.clock()
+        event = self._checked_event(item, kind, value, time, now, "")
+        return self.store.add_events([event] if consent.allows_kind(event.kind) else []) == 1
 
     def record_many(self, events) -> int:
-        """Store ``(item, kind, value, time)`` tuples (value and time may be None); returns how many were kept."""
-        consent = self.consent
-        now = self.clock()
+        """Store ``(item, kind, value, time)`` tuples (value and time may be None); returns how
+        many were kept. Every event is checked first: one bad event raises
+        :class:`~fedpref.client.inputs.InvalidInput` naming it (``events[7].time``), and none is
+        stored."""
+        consent, now = self.consent, self.clock()
         kept = []
-        for item, kind, value, when in events:
-            if not isinstance(item, int | np.integer) or item < 0:
-                raise ValueError(f"item must be a catalogue index (an integer >= 0), got {item!r}")
-            if not isinstance(kind, str) or not kind:
-                raise ValueError(f"kind must be a non-empty string such as 'view' or 'purchase', got {kind!r}")
-            if value is not None and not math.isfinite(float(value)):
-                raise ValueError(f"value must be a finite number or None, got {value!r}")
-            if consent.allows_kind(kind):
-                kept.append(Event(int(item), kind, None if value is None else float(value), now if when is None else float(when)))
+        for i, entry in enumerate(events):
+            if not isinstance(entry, tuple | list) or len(entry) != 4:
+                raise InvalidInput(f"events[{i}]", f"must be a tuple (item, kind, value, time); got {shown(entry)}")
+            event = self._checked_event(*entry, now, f"events[{i}].")
+            if consent.allows_kind(event.kind):
+                kept.append(event)
         return self.store.add_events(kept)
+
+    @staticmethod
+    def _checked_event(item, kind, value, when, now: float, where: str) -> Event:
+        return Event(
+            check_item(item, f"{where}item"), check_kind(kind, f"{where}kind"), check_value(value, f"{where}value"), check_time(when, now, f"{where}time")
+        )
 
     def events(self) -> list[Event]:
         """The stored events the person's consent allows to be used."""
@@ -186,11 +225,11 @@ class Device:
 
     def set_consent(self, level: str | Level, kinds=None, *, source: str = "app") -> Consent:
         """Record the person's decision; it is in force at once. ``kinds``: the event kinds
-        that may be used (None for every kind)."""
+        that may be used: None for every kind, one kind name, or a list of them.
+        ``source``: where the decision was made (app, privacy page, command line)."""
         level = Level.parse(level)
-        if kinds is not None:
-            kinds = [str(k) for k in kinds]
-        self.store.add_consent(level.value, kinds, source)
+        kinds = check_kinds(kinds)
+        self.store.add_consent(level.value, kinds, check_text(source, "source", 64))
         return self.consent
 
     def consent_history(self) -> list[dict]:
@@ -202,11 +241,19 @@ class Device:
         return EligibilityPolicy.from_json(self.store.get_setting("policy"))
 
     def set_policy(self, policy: EligibilityPolicy) -> None:
+        if not isinstance(policy, EligibilityPolicy):
+            raise InvalidInput("policy", f"must be an EligibilityPolicy (or ALWAYS); got {shown(policy)}")
+        for name in ("require_charging", "require_unmetered", "require_idle"):
+            check_flag(getattr(policy, name), f"policy.{name}")
+        age = policy.max_report_age_s
+        if age is not None and not (isinstance(age, int | float) and not isinstance(age, bool) and math.isfinite(age) and age > 0):
+            raise InvalidInput("policy.max_report_age_s", f"must be a positive number of seconds, or None for no limit; got {shown(age)}")
         self.store.set_setting("policy", policy.to_json())
 
     def report_conditions(self, *, charging: bool, unmetered: bool, idle: bool) -> None:
         """What the app knows about the device now (the SuperNode reads it before training)."""
-        self.store.set_setting("conditions", Conditions(charging, unmetered, idle, self.clock()).to_json())
+        flags = [check_flag(charging, "charging"), check_flag(unmetered, "unmetered"), check_flag(idle, "idle")]
+        self.store.set_setting("conditions", Conditions(*flags, self.clock()).to_json())
 
     @property
     def conditions(self) -> Conditions | None:
@@ -226,14 +273,31 @@ class Device:
         return ModelSpec(kind=spec["kind"], dim=spec["dim"], mlp_layers=tuple(spec["mlp_layers"]))
 
     def install_global(self, shared: Params, spec: ModelSpec | None = None, *, version: str | None = None) -> None:
-        """Keep ``shared`` as the latest global model (for recommendations, also offline)."""
+        """Keep ``shared`` as the latest global model (for recommendations, also offline).
+
+        Each array must have the shape the model ``spec`` (default: the one installed, else
+        ``ModelSpec()``) gives it for the catalogue (one row per item) and hold finite
+        floating-point numbers; they are kept in the model's dtype (float32). Anything else
+        raises :class:`~fedpref.client.inputs.InvalidInput` and the model installed stays."""
+        if spec is not None and not isinstance(spec, ModelSpec):
+            raise InvalidInput("spec", f"must be a ModelSpec (or None for the model installed); got {shown(spec)}")
         spec = spec or self.model_spec or ModelSpec()
-        expected = spec.build(1, 2, init=False).shared_names
-        if set(shared) != set(expected):
-            raise ValueError(f"a {spec.kind} global model has arrays {sorted(expected)}, got {sorted(shared)}")
-        self.store.put_arrays("global", {k: np.asarray(v) for k, v in shared.items()})
-        self.store.set_setting("model", json.dumps({"kind": spec.kind, "dim": spec.dim, "mlp_layers": list(spec.mlp_layers)}))
-        self.store.set_setting("model-version", str(version) if version is not None else "")
+        version = "" if version is None else check_text(version, "version")
+        names = spec.build(1, 2, init=False).shared_names
+        if not isinstance(shared, Mapping) or set(shared) != set(names):
+            given = sorted(map(str, shared)) if isinstance(shared, Mapping) else shown(shared)
+            raise InvalidInput("shared", f"a {spec.kind} global model has arrays {sorted(names)}, got {given}")
+        try:
+            first = np.shape(shared[names[0]])
+        except (TypeError, ValueError):
+            first = ()
+        if len(first) < 1 or first[0] < 2:
+            raise InvalidInput(f"shared[{names[0]!r}]", f"must have one row per catalogue item (at least 2); got shape {first}")
+        model = spec.build(1, first[0], init=False)
+        expected = {name: (tuple(p.shape), np.dtype(str(p.dtype).removeprefix("torch."))) for name, p in model.named_parameters() if name in names}
+        arrays = check_arrays(shared, expected, "shared")
+        model_setting = json.dumps({"kind": spec.kind, "dim": spec.dim, "mlp_layers": list(spec.mlp_layers)})
+        self.store.put_arrays("global", arrays, settings={"model": model_setting, "model-version": version})
 
     def global_model(self) -> Params:
         return self._cached("global", lambda: self.store.get_arrays("global"))
@@ -248,12 +312,16 @@ class Device:
         return int(shared[first].shape[0])
 
     def private(self) -> Params:
-        """The private arrays (created, seeded, the first time)."""
+        """The private arrays (created, seeded, the first time, and again when the model
+        installed is of another kind or dimension than the one they were fitted to)."""
         def make():
+            spec = self.model_spec or ModelSpec()
             found = self.store.get_arrays("private")
-            if found:
+            model = spec.build(1, 2, init=False)
+            shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if name in model.private_names}
+            if found and {name: a.shape for name, a in found.items()} == shapes:
                 return found
-            return initial_private(self.model_spec or ModelSpec(), self.seed, self.user)
+            return initial_private(spec, self.seed, self.user)
 
         return self._cached("private", make)
 
@@ -262,9 +330,13 @@ class Device:
 
     def install_popularity(self, counts: np.ndarray) -> None:
         """Keep the published (DP) popularity histogram for cold-start recommendations."""
-        counts = np.asarray(counts, dtype=np.float64)
-        if counts.ndim != 1 or not np.isfinite(counts).all():
-            raise ValueError("popularity must be one finite count per item")
+        try:
+            given = np.asarray(counts)
+        except (TypeError, ValueError):
+            given = np.asarray(None)
+        if given.dtype.kind not in "iuf" or given.ndim != 1 or not len(given) or not np.isfinite(given).all():
+            raise InvalidInput("popularity", f"must be one finite count per catalogue item (a 1-D array of numbers); got {shown(counts)}")
+        counts = given.astype(np.float64)
         self.store.put_arrays("popularity", {"counts": counts})
 
     def update_model(self, server: str, public_key, *, cache_dir: str | Path | None = None, timeout: float = 30.0):
@@ -282,7 +354,10 @@ class Device:
         if cache_dir is None:
             if self.store.path == IN_MEMORY:
                 raise ValueError("an in-memory device needs cache_dir= for the models it fetches")
-            cache_dir = Path(self.store.path + ".models")
+            cache_dir = self.models_folder()
+            _private_folder(cache_dir, tighten=True)
+        elif not Path(cache_dir).exists():
+            _private_folder(Path(cache_dir), tighten=False)
         result = fetch_latest(server, public_key, cache_dir=cache_dir, timeout=timeout, now=self.clock())
         self.log_sent({
             "time": self.clock(), "server": server, "message": "model-fetch", "arrays": [], "metrics": [], "configs": [],
@@ -309,6 +384,10 @@ class Device:
             return False  # another model was installed since (a federation's, or install_global)
         return self.clock() >= parse_time(fetched["expires"]).timestamp()
 
+    def models_folder(self) -> Path | None:
+        """``<store>.models``: where :meth:`update_model` keeps the models it fetched (None in memory)."""
+        return None if self.store.path == IN_MEMORY else Path(self.store.path + ".models")
+
     def popularity(self) -> np.ndarray | None:
         return self._cached("popularity", lambda: self.store.get_arrays("popularity").get("counts"))
 
@@ -322,11 +401,36 @@ class Device:
             config = replace(config, model=spec.kind, dim=spec.dim)
         return config
 
+    # -- what identifies the device to a server ---------------------------------------
+    def device_key(self) -> int:
+        """The stable key this device gives a federation's server (its ``query`` reply; the
+        server orders devices by it): a random number made the first time and kept in the
+        store (``forget()`` erases it: the next one is new)."""
+        found = self.store.get_setting("device-key")
+        if found is None:
+            found = str(int.from_bytes(os.urandom(4), "big") >> 1)
+            self.store.set_setting("device-key", found)
+        return int(found)
+
+    def remember_supernode_key(self, public_key: str) -> dict:
+        """Keep the public half of this device's SuperNode authentication key (one OpenSSH
+        line, see :mod:`fedpref.client.keys`), the key the SuperLink knows the device by, so that
+        the export can show it. Returns ``{"public_key", "fingerprint"}``."""
+        from .keys import fingerprint
+
+        try:
+            found = {"public_key": public_key.strip(), "fingerprint": fingerprint(public_key)}
+        except (AttributeError, ValueError) as exc:
+            raise InvalidInput("public_key", f"must be an OpenSSH public key line, as in the .pub file `fedpref device keys` writes ({exc})") from None
+        self.store.set_setting("supernode-key", json.dumps(found, sort_keys=True))
+        return found
+
     # -- training -----------------------------------------------------------------
     def join_run(self, config: FederatedConfig, shared: Params, *, version: str | None = None) -> None:
-        """Keep a federation's settings and the global model it sent (the ClientApp calls this)."""
-        self.store.set_setting("run-config", json.dumps(config.to_run_config(), sort_keys=True))
+        """Keep a federation's settings and the global model it sent (the ClientApp calls this).
+        A model :meth:`install_global` refuses changes neither."""
         self.install_global(shared, config.model_spec, version=version)
+        self.store.set_setting("run-config", json.dumps(config.to_run_config(), sort_keys=True))
 
     def train_federated(self, shared: Params, config: FederatedConfig, server_round: int, rng: np.random.Generator) -> tuple[Params, dict]:
         """A federated round on this device's history: returns the (unclipped) update.
@@ -341,7 +445,10 @@ class Device:
 
     def personalize(self, epochs: int | None = None) -> int:
         """Fit the private vector to the local history with the global model frozen, on the
-        device, with no server. Returns the number of events used."""
+        device, with no server. ``epochs``: passes over the history (None: the run's setting,
+        at least 5). Returns the number of events used."""
+        if epochs is not None:
+            epochs = check_count(epochs, "epochs", minimum=1, maximum=MAX_EPOCHS)
         if not self.consent.uses_history:
             raise PermissionError("consent is 'none': the history may not be used; ask for 'on-device' first")
         shared = self.global_model()
@@ -394,8 +501,7 @@ class Device:
         seen items left out by default. A device with consent but no history yet gets the
         published popularity (or the global model alone when there is none); with consent
         ``none`` the history is not used: the global model alone ranks."""
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+        k = check_count(k, "k", minimum=1)
         history = self.history_items()
         seen = history if exclude_seen else np.zeros(0, dtype=np.int64)
         has_model = bool(self.global_model())
@@ -438,12 +544,24 @@ class Device:
         return serve(self, port=port)
 
     def export(self) -> dict:
-        """Everything stored about the person, as one JSON-ready document."""
-        conditions = self.conditions
+        """Everything the store holds about the person, as one JSON-ready document: every
+        event, consent decision, record of what left, training and setting, the private
+        model's values, the global model's version, specification and arrays (their shapes,
+        dtypes and SHA-256: the values are the published model's), the last run's settings,
+        and the keys that identify the device to a server. The SuperNode key's private half is
+        not in it (:data:`PRIVATE_KEY_NOTE` says why)."""
+        settings = self.store.settings()
+        conditions = Conditions.from_json(settings.get("conditions"))
+        supernode_key = json.loads(settings["supernode-key"]) if "supernode-key" in settings else {}
         return {
             "format": EXPORT_FORMAT,
             "exported_at": self.clock(),
-            "store_schema_version": self.store.schema_version,
+            "store": {
+                "schema_version": int(settings["schema_version"]),
+                "created": float(settings["created"]) if "created" in settings else None,
+                "changes": int(settings.get("generation", "0")),  # how many changes since it was created (or erased)
+                "instance": settings.get("instance"),  # a random token, new when the store is erased
+            },
             "consent": self.consent.to_dict(),
             "consent_history": self.consent_history(),
             "events": [asdict(e) for e in self.store.events()],
@@ -453,20 +571,75 @@ class Device:
                 name: {"shape": list(a.shape), "dtype": str(a.dtype), "values": a.ravel().tolist()}
                 for name, a in self.store.get_arrays("private").items()
             },
-            "eligibility": {"policy": asdict(self.policy), "conditions": None if conditions is None else asdict(conditions)},
+            "global_model": {
+                "version": settings.get("model-version") or None,
+                "spec": json.loads(settings["model"]) if "model" in settings else None,
+                "arrays": _described(self.store.get_arrays("global")),
+                # the signed expiry of the model last fetched from a server (update_model)
+                "fetched": json.loads(settings["model-expires"]) if settings.get("model-expires") else None,
+            },
+            "popularity": _described(self.store.get_arrays("popularity")),
+            "run_config": json.loads(settings["run-config"]) if settings.get("run-config") else None,
+            "eligibility": {"policy": asdict(EligibilityPolicy.from_json(settings.get("policy"))), "conditions": None if conditions is None else asdict(conditions)},
             "retention": asdict(self.store.retention),
+            "device_key": {
+                "index": int(settings["device-key"]) if "device-key" in settings else None,
+                "supernode_public_key": supernode_key.get("public_key"),
+                "supernode_key_fingerprint": supernode_key.get("fingerprint"),
+                "supernode_private_key": PRIVATE_KEY_NOTE,
+            },
+            "other_settings": {key: value for key, value in settings.items() if key not in EXPORTED_SETTINGS},
         }
 
     def export_json(self, path: str | Path | None = None) -> str:
+        """The export as JSON text; with ``path``, also written there, readable by its owner
+        only (mode 0600; an existing file is replaced)."""
         text = json.dumps(self.export(), indent=2)
         if path is not None:
-            Path(path).write_text(text)
+            _write_private(Path(path), text.encode())
         return text
 
     def forget(self) -> None:
         """Erase everything stored about the person: events, consent history, the record of
-        what left, the private model, conditions and policy. The device starts again with
-        consent ``none``. The global model (not about the person) is kept."""
+        what left, the private model, conditions and policy, the last run's settings, the
+        device key and the public half of its SuperNode key, the installed model's version;
+        reset the store's change counter and creation time; and remove the ``<store>.models``
+        folder of fetched models. The device starts again with consent ``none``. The global
+        model's arrays (the published model, not about the person) are kept, so
+        recommendations keep working."""
         self.store.erase()
         self._cache.clear()
-        self._generation = -1
+        self._generation = None
+        models = self.models_folder()
+        if models is not None and models.is_dir() and not models.is_symlink():
+            shutil.rmtree(models)
+
+
+def _described(arrays: Params) -> dict:
+    """Name, shape, dtype and SHA-256 of each array (for arrays that are published, not personal)."""
+    return {
+        name: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()}
+        for name, a in arrays.items()
+    }
+
+
+def _private_folder(folder: Path, *, tighten: bool) -> None:
+    """Create ``folder`` with mode 0700 (whatever the umask); ``tighten``: also an existing one."""
+    existed = folder.is_dir()
+    folder.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
+    if tighten or not existed:
+        make_private(folder, PRIVATE_FOLDER)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` whole, mode 0600: a temporary file of the same folder (mkstemp makes it
+    0600), then renamed over ``path``, so that a reader never sees half a file."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), OWNER_ONLY)
+            f.write(data)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise

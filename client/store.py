@@ -14,7 +14,13 @@ the update guard:
 The file is in WAL mode, so the app writing events and the SuperNode process reading them
 share it safely. ``secure_delete`` is on, so that erased rows are overwritten rather than left
 in free pages: :meth:`EventStore.erase` plus a checkpoint and ``VACUUM`` leaves no byte of
-them in the file (a test reads the file to check).
+them in the file (a test reads the file to check), and it resets the change counter, the
+creation time and the AUTOINCREMENT counters, which would tell how much there was.
+
+The file, and its ``-wal`` and ``-shm`` companions, are readable and writable by their owner
+only (mode 0600, whatever the umask): the store creates the file with that mode before SQLite
+opens it (SQLite gives its companions the database file's mode), and tightens the mode of an
+existing store and its companions when it opens one.
 
 Built on SQLAlchemy Core (the project's database layer; the run store uses it too).
 """
@@ -22,6 +28,9 @@ Built on SQLAlchemy Core (the project's database layer; the run store uses it to
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import stat
 import threading
 import time as _time
 from collections.abc import Iterable, Sequence
@@ -99,6 +108,7 @@ arrays_table = Table(
     Column("data", LargeBinary, nullable=False),
 )
 PERSONAL_TABLES = (events_table, consent_table, sent_table, trainings_table)
+FRESH_SETTINGS = ("created", "generation", "instance")  # set when a store is created, and again when it is erased
 
 # Migrations from version v to v + 1, applied in order when an older store is opened.
 MIGRATIONS: dict[int, Sequence[str]] = {}
@@ -129,6 +139,36 @@ class Event:
     kind: str
     value: float | None
     time: float
+
+
+OWNER_ONLY = 0o600  # the mode of every file the device writes about its person
+COMPANIONS = ("-wal", "-shm", "-journal")  # the files SQLite keeps next to a database
+
+
+def make_private(path: str | Path, mode: int = OWNER_ONLY) -> None:
+    """Set ``path``'s mode to ``mode`` (0600 for a file, 0700 for a folder), when this user
+    owns it (the mode of someone else's file cannot be changed; SQLite says if it cannot use it)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def _create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if it does not exist (SQLite then makes a database of
+    it, and gives its companions its mode); set the mode of an existing one and its companions
+    (a store written by an older fedpref may be 0644)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, OWNER_ONLY)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != OWNER_ONLY:
+            os.fchmod(fd, OWNER_ONLY)  # explicitly: the umask only ever narrows os.open's mode
+    finally:
+        os.close(fd)
+    for suffix in COMPANIONS:
+        make_private(f"{path}{suffix}")
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -176,6 +216,10 @@ class EventStore:
                 raise StoreError(f"{file} is a folder: give the path of the device's store file, e.g. {file / 'device.sqlite'}")
             if not file.parent.exists():
                 raise StoreError(f"the folder of the store {file} does not exist: create {file.parent} first")
+            try:
+                _create_private_file(file)
+            except OSError as exc:
+                raise StoreError(f"cannot open the store {file}: {exc.strerror}") from None
             engine = create_engine(f"sqlite:///{file}", connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _begin)
@@ -194,8 +238,7 @@ class EventStore:
                 if not tables:
                     metadata.create_all(conn)
                     conn.execute(insert(settings_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
-                    conn.execute(insert(settings_table).values(key="created", value=repr(self.clock())))
-                    conn.execute(insert(settings_table).values(key="generation", value="0"))
+                    self._start_afresh(conn)
                     return
                 found = conn.execute(select(settings_table.c.value).where(settings_table.c.key == "schema_version")).scalar()
                 version = int(found) if found is not None else 0
@@ -213,14 +256,37 @@ class EventStore:
         except DatabaseError as exc:
             raise StoreError(f"{self.path} is not a readable SQLite file: {exc.orig}") from None
 
+    def _start_afresh(self, conn) -> None:
+        """The settings of a new store: its creation time, the change counter at 0, and a new
+        random instance token (so that a reader's cache of what was before cannot pass for
+        current when the counter comes back to a value it had)."""
+        conn.execute(delete(settings_table).where(settings_table.c.key.in_(FRESH_SETTINGS)))
+        conn.execute(insert(settings_table), [
+            {"key": "created", "value": repr(self.clock())},
+            {"key": "generation", "value": "0"},
+            {"key": "instance", "value": secrets.token_hex(16)},
+        ])
+
     @staticmethod
     def _bump(conn) -> None:
         conn.execute(text("UPDATE settings SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"))
 
     def generation(self) -> int:
         """A counter that every change of events, consent, arrays or settings moves (from any
-        process): readers compare it to know whether what they cached is still current."""
+        process), back to 0 when the store is erased."""
         return int(self.get_setting("generation", "0"))
+
+    def change_marker(self) -> tuple[str, int]:
+        """``(instance, generation)``, read at once: readers compare it to know whether what
+        they cached is still current (the instance changes when the store is erased)."""
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(select(settings_table.c.key, settings_table.c.value).where(settings_table.c.key.in_(["instance", "generation"]))).all())
+        return found.get("instance", ""), int(found.get("generation", "0"))
+
+    def settings(self) -> dict[str, str]:
+        """Every setting, by key."""
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(settings_table.c.key, settings_table.c.value).order_by(settings_table.c.key)).all())
 
     @property
     def schema_version(self) -> int:
@@ -234,9 +300,14 @@ class EventStore:
 
     def set_setting(self, key: str, value: str) -> None:
         with self._lock, self.engine.begin() as conn:
-            conn.execute(delete(settings_table).where(settings_table.c.key == key))
-            conn.execute(insert(settings_table).values(key=key, value=value))
+            self._set_settings(conn, {key: value})
             self._bump(conn)
+
+    @staticmethod
+    def _set_settings(conn, values: dict[str, str]) -> None:
+        if values:
+            conn.execute(delete(settings_table).where(settings_table.c.key.in_(list(values))))
+            conn.execute(insert(settings_table), [{"key": k, "value": v} for k, v in values.items()])
 
     # -- events -------------------------------------------------------------------
     def add_events(self, events: Iterable[Event]) -> int:
@@ -336,7 +407,8 @@ class EventStore:
         return [{"time": r.time, "purpose": r.purpose, "events": r.events, "round": r.round} for r in rows]
 
     # -- arrays -------------------------------------------------------------------
-    def put_arrays(self, scope: str, arrays: dict[str, np.ndarray]) -> None:
+    def put_arrays(self, scope: str, arrays: dict[str, np.ndarray], *, settings: dict[str, str] | None = None) -> None:
+        """Replace the arrays of ``scope`` (and set ``settings``) in one transaction."""
         rows = [
             {"scope": scope, "name": name, "dtype": str(a.dtype), "shape": json.dumps(list(a.shape)), "data": np.ascontiguousarray(a).tobytes()}
             for name, a in arrays.items()
@@ -345,6 +417,7 @@ class EventStore:
             conn.execute(delete(arrays_table).where(arrays_table.c.scope == scope))
             if rows:
                 conn.execute(insert(arrays_table), rows)
+            self._set_settings(conn, settings or {})
             self._bump(conn)
 
     def get_arrays(self, scope: str) -> dict[str, np.ndarray]:
@@ -357,17 +430,22 @@ class EventStore:
     # -- erasure ------------------------------------------------------------------
     def erase(self, *, keep_global: bool = True) -> None:
         """Delete every personal row (events, consent history, the record of what left,
-        trainings, the private model, the reported conditions and policy), then rewrite the
-        file so that no byte of them is left in it, its WAL or its free pages."""
+        trainings, the private model, the reported conditions and policy, the last run's
+        settings, the device key and its SuperNode key's public half, the installed model's
+        version), start the store afresh (creation time now, change counter 0, a new instance
+        token), then rewrite the file so that no byte of them is left in it, its WAL or its
+        free pages. ``keep_global=False`` also deletes the global model and its specification."""
         with self._lock:
             with self.engine.begin() as conn:
                 for table in PERSONAL_TABLES:
                     conn.execute(delete(table))
                 scopes = ["private"] if keep_global else ["private", "global"]
                 conn.execute(delete(arrays_table).where(arrays_table.c.scope.in_(scopes)))
-                conn.execute(delete(settings_table).where(settings_table.c.key.not_in(["schema_version", "created", "generation", "model"])))
-                self._bump(conn)
-                # AUTOINCREMENT counters would tell how many rows there were.
+                kept = ["schema_version", "model"] if keep_global else ["schema_version"]
+                conn.execute(delete(settings_table).where(settings_table.c.key.not_in(kept)))
+                # The change counter and the creation time would tell how much there was, and since when.
+                self._start_afresh(conn)
+                # So would the AUTOINCREMENT counters.
                 if conn.execute(text("SELECT name FROM sqlite_master WHERE name='sqlite_sequence'")).first():
                     conn.execute(text("DELETE FROM sqlite_sequence"))
             if self.path != IN_MEMORY:

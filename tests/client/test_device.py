@@ -148,7 +148,7 @@ def test_recommend_personalises_on_device_and_leaves_seen_items_out():
     assert len(top) == 10 and not set(top) & set(range(10))
     assert sum(i < 20 for i in top) == 10  # the unseen items of the first cluster
     assert set(device.recommend(10, exclude_seen=False)) & set(range(10))
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="k: must be an integer at least 1"):
         device.recommend(0)
 
 
@@ -206,7 +206,7 @@ def filled_device(path) -> Device:
 def test_export_holds_everything_about_the_person_as_one_json_document(tmp_path):
     device = filled_device(tmp_path / "device.sqlite")
     doc = json.loads(device.export_json(tmp_path / "export.json"))
-    assert doc["format"] == "fedpref-device-export/1"
+    assert doc["format"] == "fedpref-device-export/2"
     assert [e["kind"] for e in doc["events"]] == [MARK_KIND] * 12 and doc["events"][0]["value"] == MARK_VALUE
     assert doc["consent"]["level"] == "federated" and len(doc["consent_history"]) == 1
     assert doc["record_of_what_left"][0]["server"] == MARK_SERVER

@@ -77,17 +77,29 @@ UNAUTHORIZED = f"missing or wrong API key: send it as '{API_KEY_HEADER}: <key>' 
 class FlowerControlError(RuntimeError):
     """``flwr`` could not do what was asked. ``status_code`` is the HTTP status the API answers:
     404 unknown run, 409 run already finished, 422 bad run config, 502 the SuperLink refused,
-    503 the SuperLink or the ``flwr`` command cannot be reached, 504 ``flwr`` timed out."""
+    503 the SuperLink or the ``flwr`` command cannot be reached, 504 ``flwr`` timed out.
 
-    def __init__(self, message: str, status_code: int = 502) -> None:
+    ``message`` is what the API answers (no local file paths); ``details`` is what only the
+    server's log gets (the CLI's own output, paths and all)."""
+
+    def __init__(self, message: str, status_code: int = 502, details: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        self.details = details
 
 
 _FLOWER_CODE = re.compile(r"\[code: (\d+)\]")
+# An absolute file-system path in a message: /x/y, ~/x, C:\x (not a URL's //host/..., nor a/b).
+_LOCAL_PATH = re.compile(r"(?<![\w:/.~-])(?:~|[A-Za-z]:)?[/\\][^\s'\"()<>\[\]{},;|]*")
 _FLOWER_CODE_STATUS = {16: 404, 17: 404, 30: 404, 31: 404, 18: 409, 15: 422, 33: 422}  # flwr.supercore.error.ApiErrorCode
 _RUN_CONFIG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+
+def without_paths(message: str) -> str:
+    """``message`` with every absolute file-system path replaced by ``<path>``: what an error
+    answer may say (the full message goes to the server's log)."""
+    return _LOCAL_PATH.sub("<path>", message)
 
 
 def _status_for(message: str) -> int:
@@ -193,7 +205,8 @@ class FlowerControl:
     def resolve_executable(self) -> str:
         found = shutil.which(self.executable, path=self.environment()["PATH"])
         if found is None:
-            raise FlowerControlError(f"the Flower CLI {self.executable!r} is not on PATH: install flwr beside fedpref (pip install 'flwr[simulation]')", 503)
+            raise FlowerControlError(f"the Flower CLI {Path(self.executable).name!r} is not on PATH: install flwr beside fedpref (pip install 'flwr[simulation]')",
+                                     503, details=f"not found: {self.executable}")
         return found
 
     def run_config_defaults(self) -> dict[str, Any] | None:
@@ -223,7 +236,7 @@ class FlowerControl:
                 problems.append((str(key), "a run-config key is 1 to 200 letters, digits, '_', '-' or '.'"))
                 continue
             if defaults is not None and key not in defaults:
-                problems.append((key, f"the app in {self.app_dir} declares no run-config key {key!r} (see [tool.flwr.app.config] in its pyproject.toml)"))
+                problems.append((key, f"the Flower app declares no run-config key {key!r} (see [tool.flwr.app.config] in its pyproject.toml)"))
                 continue
             try:
                 toml_value(value)
@@ -261,23 +274,26 @@ class FlowerControl:
     def _call(self, command: list[str], timeout: float) -> dict:
         """Run one ``flwr`` command and return its JSON answer, or raise FlowerControlError with its message."""
         what = " ".join(command[1:2])
+        name = Path(command[0]).name
         try:
             done = subprocess.run(command, env=self.environment(), capture_output=True, text=True, timeout=timeout,
                                   stdin=subprocess.DEVNULL, errors="replace")
         except FileNotFoundError:
-            raise FlowerControlError(f"the Flower CLI {command[0]!r} is not installed: install flwr beside fedpref", 503) from None
+            raise FlowerControlError(f"the Flower CLI {name!r} is not installed: install flwr beside fedpref", 503, details=f"not found: {command[0]}") from None
         except OSError as exc:  # e.g. not executable
-            raise FlowerControlError(f"the Flower CLI {command[0]!r} cannot be run ({exc}): check the flwr installation", 503) from None
+            raise FlowerControlError(f"the Flower CLI {name!r} cannot be run ({type(exc).__name__}): check the flwr installation", 503,
+                                     details=f"{command[0]}: {exc}") from None
         except subprocess.TimeoutExpired:
             raise FlowerControlError(f"flwr {what} did not answer within {timeout:g} s: is the SuperLink of connection {self.connection!r} overloaded?", 504) from None
         answer = _first_json_object(done.stdout)
         if answer is None:
-            tail = (done.stderr.strip() or done.stdout.strip())[-600:]
-            raise FlowerControlError(f"flwr {what} answered no JSON (exit status {done.returncode}): {tail or 'no output'}", 502)
+            tail = (done.stderr.strip() or done.stdout.strip())[-2000:]
+            raise FlowerControlError(f"flwr {what} answered no JSON (exit status {done.returncode}): its output is in the operator API's log", 502,
+                                     details=tail or "no output")
         if not answer.get("success", False):
             raw = str(answer.get("error-message") or "no message")
             message = raw.strip().split("\n\n")[-1].strip() or raw.strip()
-            raise FlowerControlError(f"flwr {what}: {message}", _status_for(message))
+            raise FlowerControlError(f"flwr {what}: {without_paths(message)}", _status_for(message), details=raw)
         return answer
 
     # -- the operations -----------------------------------------------------------------------
@@ -545,8 +561,8 @@ def _flower_call(function: Callable, *args: Any) -> Any:
     try:
         return function(*args)
     except FlowerControlError as exc:
-        log.warning("Flower control failed (%s): %s", exc.status_code, exc.message)
-        raise HTTPException(exc.status_code, detail=exc.message) from None
+        log.warning("Flower control failed (%s): %s%s", exc.status_code, exc.message, f"\n{exc.details}" if exc.details else "")
+        raise HTTPException(exc.status_code, detail=without_paths(exc.message)) from None
 
 
 class _RunStoreCollector:

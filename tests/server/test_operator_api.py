@@ -442,6 +442,38 @@ def test_run_config_values_survive_flowers_own_parser():
             toml_value(bad)
 
 
+# -- error answers --------------------------------------------------------------------------------
+
+SECRET_PATHS = ("/root/.flwr/config.toml", "/opt/fedpref-secret/site-packages/flwr/cli/run.py", "/opt/fedpref-secret")
+
+
+@pytest.mark.parametrize("body", [
+    failure("Using SuperLink: fedpref\n\nAn unexpected error occurred while reading the Flower configuration file (/root/.flwr/config.toml). "
+            "SuperLink connection 'fedpref' not found"),
+    "print('Traceback (most recent call last):\\n  File \"/opt/fedpref-secret/site-packages/flwr/cli/run.py\", line 1', file=sys.stderr); sys.exit(1)\n",
+    failure("\n[code: 9] No permissions to read /opt/fedpref-secret/site-packages/flwr/cli/run.py"),
+], ids=["config file", "traceback", "SuperLink message"])
+def test_error_answers_name_no_local_paths_and_the_log_keeps_them(monkeypatch, tmp_path, store, caplog, body):
+    control = flower_failing_with(tmp_path, body)
+    settings = clean_settings(monkeypatch, api_keys=KEY)
+    with caplog.at_level(logging.WARNING, logger="fedpref.server.api"), TestClient(create_app(settings, run_store=store, flower=control)) as client:
+        answers = [client.post("/api/runs/flower/7/stop", headers=AUTH), client.get("/api/flower/runs", headers=AUTH)]
+    for response in answers:
+        assert response.status_code in (502, 503), response.text
+        assert not [p for p in SECRET_PATHS + (str(tmp_path),) if p in response.text], response.text
+        assert response.json()["detail"].startswith(("flwr stop", "flwr ls"))
+    assert any(p in caplog.text for p in SECRET_PATHS), "the server's log lost the details"
+
+
+def test_a_missing_flwr_is_named_without_its_folder(monkeypatch, store, tmp_path):
+    missing = FlowerControl(executable=str(tmp_path / "secret-folder" / "flwr"), app_dir=ROOT)
+    settings = clean_settings(monkeypatch, api_keys=KEY)
+    with TestClient(create_app(settings, run_store=store, flower=missing)) as client:
+        response = client.get("/api/flower/runs", headers=AUTH)
+    assert response.status_code == 503 and "'flwr' is not on PATH" in response.json()["detail"]
+    assert "secret-folder" not in response.text and str(tmp_path) not in response.text
+
+
 def flower_failing_with(flwr_dir: Path, body: str, timeout: float = 20) -> FlowerControl:
     script = fake_flwr(flwr_dir, body)
     return FlowerControl("fedpref", app_dir=ROOT, executable=str(script), timeout=timeout, run_timeout=timeout)
@@ -456,7 +488,7 @@ def flower_failing_with(flwr_dir: Path, body: str, timeout: float = 20) -> Flowe
     (failure("\nAn unexpected error occurred while reading the Flower configuration file (/x/config.toml). SuperLink connection 'fedpref' not found"),
      503, "reading the Flower configuration file"),
     ("print('Traceback (most recent call last): boom', file=sys.stderr); sys.exit(1)\n", 502,
-     "flwr stop answered no JSON (exit status 1): Traceback (most recent call last): boom"),
+     "flwr stop answered no JSON (exit status 1): its output is in the operator API's log"),
     ("time.sleep(10)\n", 504, "flwr stop did not answer within 0.5 s"),
 ])
 def test_a_failing_flwr_cli_becomes_an_error_answer_with_its_message(monkeypatch, tmp_path, store, body, status, message):

@@ -11,8 +11,20 @@ Who may call what:
   dashboard's page and its script (``/dashboard``: an empty shell that asks for a key and then
   calls the API with it), and the published models (``/models/...``, only when
   ``publish_dir`` is set: devices trust the signature, not the transport);
-- everything else (``/api/...`` and ``/metrics``) needs one of the configured keys, either as
-  ``X-API-Key: <key>`` or as ``Authorization: Bearer <key>`` (what Prometheus scrapers send).
+- everything else (``/api/...``, ``/metrics`` and any path no route serves) needs one of the
+  configured keys, either as ``X-API-Key: <key>`` or as ``Authorization: Bearer <key>`` (what
+  Prometheus scrapers send). An operator key (``FEDPREF_API_KEYS``) may do everything; a
+  read-only key (``FEDPREF_READ_API_KEYS``) may only ``GET`` (runs, rounds, ``/metrics``, what
+  the dashboard shows) and gets 403 on a route that starts or stops a run.
+
+An ASGI guard in front of every route checks the key, and the size a request declares for its
+body, before anything reads the body: a request without a right key is answered 401 unread, a
+body declared or streamed beyond ``max_body_bytes`` 413 (a streamed one stops being read at
+the limit). Paths in a run config sent to ``POST /api/runs`` (``history-dir``, ``results-dir``,
+``run-store``, ``checkpoint-dir``, ``publish-dir``, ``publish-key``, ``store-dir``) must
+resolve inside ``run_config_roots``; none configured, the server's own defaults apply and any
+path is refused (403). Error answers say what went wrong without naming local files: the
+details go to the server's log.
 
 Runs are started, stopped and listed by running Flower's own CLI (``flwr run``, ``flwr stop``,
 ``flwr ls`` with ``--format json``) against the SuperLink connection named in the settings:
@@ -47,12 +59,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session
+from starlette._utils import get_route_path
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from typing_extensions import TypedDict  # pydantic reads TypedDicts from typing_extensions on Python < 3.12
 
@@ -70,6 +86,19 @@ SQLITE_MAX_INT = 2**63 - 1  # run ids are SQLite / SQL BIGINT integers
 FLOWER_MAX_RUN_ID = 2**64 - 1  # Flower run ids are unsigned 64-bit integers
 WWW_AUTHENTICATE = 'Bearer realm="fedpref-operator"'
 UNAUTHORIZED = f"missing or wrong API key: send it as '{API_KEY_HEADER}: <key>' or 'Authorization: Bearer <key>' (keys are set in FEDPREF_API_KEYS)"
+FORBIDDEN = "this key is read-only (FEDPREF_READ_API_KEYS): starting and stopping runs needs an operator key (FEDPREF_API_KEYS)"
+OPERATOR, READ = "operator", "read"  # what a key may do
+READ_METHODS = frozenset({"GET", "HEAD"})  # all a read-only key may send
+# Paths that answer without a key (the dashboard's shell, the API's description, liveness);
+# /models/... too when the server serves published models. Everything else needs a key.
+PUBLIC_PATHS = frozenset({"/", "/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+                          "/dashboard", "/dashboard/app.js", "/dashboard/app.css", "/dashboard/favicon.svg"})
+MODELS_PREFIX = "/models"
+# Run-config keys whose value names a file, a folder or a database: from the API they must
+# resolve inside the configured roots. (Values that name none: "" is the server's default,
+# checkpoint-dir "none" turns checkpoints off.)
+PATH_KEYS = ("history-dir", "store-dir", "results-dir", "run-store", "checkpoint-dir", "publish-dir", "publish-key")
+NO_PATH_VALUES = {"checkpoint-dir": frozenset({"none"})}
 
 
 # -- Flower's control interface, through its CLI ----------------------------------------------
@@ -77,17 +106,29 @@ UNAUTHORIZED = f"missing or wrong API key: send it as '{API_KEY_HEADER}: <key>' 
 class FlowerControlError(RuntimeError):
     """``flwr`` could not do what was asked. ``status_code`` is the HTTP status the API answers:
     404 unknown run, 409 run already finished, 422 bad run config, 502 the SuperLink refused,
-    503 the SuperLink or the ``flwr`` command cannot be reached, 504 ``flwr`` timed out."""
+    503 the SuperLink or the ``flwr`` command cannot be reached, 504 ``flwr`` timed out.
 
-    def __init__(self, message: str, status_code: int = 502) -> None:
+    ``message`` is what the API answers (no local file paths); ``details`` is what only the
+    server's log gets (the CLI's own output, paths and all)."""
+
+    def __init__(self, message: str, status_code: int = 502, details: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        self.details = details
 
 
 _FLOWER_CODE = re.compile(r"\[code: (\d+)\]")
+# An absolute file-system path in a message: /x/y, ~/x, C:\x (not a URL's //host/..., nor a/b).
+_LOCAL_PATH = re.compile(r"(?<![\w:/.~-])(?:~|[A-Za-z]:)?[/\\][^\s'\"()<>\[\]{},;|]*")
 _FLOWER_CODE_STATUS = {16: 404, 17: 404, 30: 404, 31: 404, 18: 409, 15: 422, 33: 422}  # flwr.supercore.error.ApiErrorCode
 _RUN_CONFIG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+
+def without_paths(message: str) -> str:
+    """``message`` with every absolute file-system path replaced by ``<path>``: what an error
+    answer may say (the full message goes to the server's log)."""
+    return _LOCAL_PATH.sub("<path>", message)
 
 
 def _status_for(message: str) -> int:
@@ -193,7 +234,8 @@ class FlowerControl:
     def resolve_executable(self) -> str:
         found = shutil.which(self.executable, path=self.environment()["PATH"])
         if found is None:
-            raise FlowerControlError(f"the Flower CLI {self.executable!r} is not on PATH: install flwr beside fedpref (pip install 'flwr[simulation]')", 503)
+            raise FlowerControlError(f"the Flower CLI {Path(self.executable).name!r} is not on PATH: install flwr beside fedpref (pip install 'flwr[simulation]')",
+                                     503, details=f"not found: {self.executable}")
         return found
 
     def run_config_defaults(self) -> dict[str, Any] | None:
@@ -223,7 +265,7 @@ class FlowerControl:
                 problems.append((str(key), "a run-config key is 1 to 200 letters, digits, '_', '-' or '.'"))
                 continue
             if defaults is not None and key not in defaults:
-                problems.append((key, f"the app in {self.app_dir} declares no run-config key {key!r} (see [tool.flwr.app.config] in its pyproject.toml)"))
+                problems.append((key, f"the Flower app declares no run-config key {key!r} (see [tool.flwr.app.config] in its pyproject.toml)"))
                 continue
             try:
                 toml_value(value)
@@ -261,23 +303,26 @@ class FlowerControl:
     def _call(self, command: list[str], timeout: float) -> dict:
         """Run one ``flwr`` command and return its JSON answer, or raise FlowerControlError with its message."""
         what = " ".join(command[1:2])
+        name = Path(command[0]).name
         try:
             done = subprocess.run(command, env=self.environment(), capture_output=True, text=True, timeout=timeout,
                                   stdin=subprocess.DEVNULL, errors="replace")
         except FileNotFoundError:
-            raise FlowerControlError(f"the Flower CLI {command[0]!r} is not installed: install flwr beside fedpref", 503) from None
+            raise FlowerControlError(f"the Flower CLI {name!r} is not installed: install flwr beside fedpref", 503, details=f"not found: {command[0]}") from None
         except OSError as exc:  # e.g. not executable
-            raise FlowerControlError(f"the Flower CLI {command[0]!r} cannot be run ({exc}): check the flwr installation", 503) from None
+            raise FlowerControlError(f"the Flower CLI {name!r} cannot be run ({type(exc).__name__}): check the flwr installation", 503,
+                                     details=f"{command[0]}: {exc}") from None
         except subprocess.TimeoutExpired:
             raise FlowerControlError(f"flwr {what} did not answer within {timeout:g} s: is the SuperLink of connection {self.connection!r} overloaded?", 504) from None
         answer = _first_json_object(done.stdout)
         if answer is None:
-            tail = (done.stderr.strip() or done.stdout.strip())[-600:]
-            raise FlowerControlError(f"flwr {what} answered no JSON (exit status {done.returncode}): {tail or 'no output'}", 502)
+            tail = (done.stderr.strip() or done.stdout.strip())[-2000:]
+            raise FlowerControlError(f"flwr {what} answered no JSON (exit status {done.returncode}): its output is in the operator API's log", 502,
+                                     details=tail or "no output")
         if not answer.get("success", False):
             raw = str(answer.get("error-message") or "no message")
             message = raw.strip().split("\n\n")[-1].strip() or raw.strip()
-            raise FlowerControlError(f"flwr {what}: {message}", _status_for(message))
+            raise FlowerControlError(f"flwr {what}: {without_paths(message)}", _status_for(message), details=raw)
         return answer
 
     # -- the operations -----------------------------------------------------------------------
@@ -419,7 +464,10 @@ def run_config_type(defaults: Mapping[str, Any] | None) -> Any:
             kind = StrictStr
         else:
             continue  # arrays and tables: not overridable here
-        fields[key] = Annotated[kind, Field(description=f"Default: {default!r}.")]
+        description = f"Default: {default!r}."
+        if key in PATH_KEYS:
+            description += " A path: refused (403) unless it resolves inside a folder of FEDPREF_RUN_CONFIG_ROOTS."
+        fields[key] = Annotated[kind, Field(description=description)]
     config = TypedDict("RunConfig", fields, total=False)  # type: ignore[misc]  # keys like "num-server-rounds" need the functional form
     config.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
     return config
@@ -515,19 +563,28 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _route_methods(app: FastAPI) -> list[tuple[re.Pattern, set[str]]]:
-    """(path regex, methods) of every route, those of included routers too."""
+def _all_routes(app: FastAPI) -> list:
+    """Every route of the app, those of included routers too."""
     try:
         from fastapi.routing import iter_route_contexts  # FastAPI keeps included routers as branches
-        routes: list = list(iter_route_contexts(app.routes))
+        return list(iter_route_contexts(app.routes))
     except ImportError:  # older FastAPI copies included routes into app.routes
-        routes = list(app.routes)
+        return list(app.routes)
+
+
+def _route_methods(app: FastAPI) -> list[tuple[re.Pattern, set[str]]]:
+    """(path regex, methods) of every route, those of included routers too."""
     table = []
-    for route in routes:
+    for route in _all_routes(app):
         regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
         if regex is not None and methods:
             table.append((regex, set(methods)))
     return table
+
+
+def _route_templates(app: FastAPI) -> list[tuple[re.Pattern, str]]:
+    """(path regex, path template) of every route."""
+    return [(route.path_regex, route.path) for route in _all_routes(app) if getattr(route, "path_regex", None) is not None and getattr(route, "path", None)]
 
 
 def _store_call(function: Callable, *args: Any) -> Any:
@@ -545,8 +602,8 @@ def _flower_call(function: Callable, *args: Any) -> Any:
     try:
         return function(*args)
     except FlowerControlError as exc:
-        log.warning("Flower control failed (%s): %s", exc.status_code, exc.message)
-        raise HTTPException(exc.status_code, detail=exc.message) from None
+        log.warning("Flower control failed (%s): %s%s", exc.status_code, exc.message, f"\n{exc.details}" if exc.details else "")
+        raise HTTPException(exc.status_code, detail=without_paths(exc.message)) from None
 
 
 class _RunStoreCollector:
@@ -586,6 +643,190 @@ class _RunStoreCollector:
         yield rounds
 
 
+# -- who may call what, and how much they may send ----------------------------------------------
+
+class KeyRing:
+    """The accepted API keys and what each may do: operator keys everything, read-only keys
+    ``GET`` and ``HEAD``. Every offered value is compared with every key in constant time."""
+
+    def __init__(self, operator: Iterable[bytes], read: Iterable[bytes] = ()) -> None:
+        self.operator = tuple(operator)
+        self.read = tuple(read)
+        if not self.operator:
+            raise ValueError("the operator API needs at least one API key: set FEDPREF_API_KEYS")
+
+    @staticmethod
+    def offered(headers: Mapping[str, str]) -> list[bytes]:
+        """The values a request offers as keys: its ``X-API-Key`` header and its bearer token."""
+        values = [headers.get(API_KEY_HEADER.lower()) or ""]
+        scheme, token = get_authorization_scheme_param(headers.get("authorization"))
+        if scheme.lower() == "bearer":
+            values.append(token)
+        return [value.encode("utf-8", "surrogateescape") for value in values if value]
+
+    def grant(self, offered: Iterable[bytes]) -> str | None:
+        """OPERATOR, READ or None (no offered value is a key)."""
+        operator = read = False
+        for value in offered:
+            for known in self.operator:
+                operator |= secrets.compare_digest(value, known)
+            for known in self.read:
+                read |= secrets.compare_digest(value, known)
+        return OPERATOR if operator else READ if read else None
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """A request body beyond the limit (raised from ``receive``: FastAPI passes HTTP errors on)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, detail=f"the request body is larger than {limit} bytes (FEDPREF_MAX_BODY_BYTES): send less",
+                         headers={"Connection": "close"})
+
+
+class _Guard:
+    """Pure ASGI middleware in front of every route: the key and the body's size are checked
+    before anything reads the body.
+
+    - a path that is not public, without a right key: 401, ``receive`` never called;
+    - a read-only key on a method other than GET and HEAD: 403, ``receive`` never called;
+    - a ``Content-Length`` beyond ``max_body_bytes``: 413, ``receive`` never called;
+    - a body streamed (chunked) beyond ``max_body_bytes``: 413 as soon as the bytes counted so
+      far pass the limit; nothing after that is read.
+
+    A refusal of a request that announced a body closes the connection (``Connection: close``),
+    so the server does not go on receiving what it will never read."""
+
+    def __init__(self, app, *, keys: KeyRing, is_public: Callable[[str], bool], max_body_bytes: int) -> None:
+        self.app = app
+        self.keys = keys
+        self.is_public = is_public
+        self.limit = max_body_bytes
+
+    async def _refuse(self, scope, send, status: int, detail: str, headers: Mapping[str, str] | None = None, *, close: bool = False) -> None:
+        extra = dict(headers or {})
+        if close:
+            extra["Connection"] = "close"
+        await JSONResponse({"detail": detail}, status_code=status, headers=extra)(scope, _never_receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        announced = "transfer-encoding" in headers or headers.get("content-length", "0") not in ("0", "")
+        path = get_route_path(scope)
+        if not self.is_public(path):
+            offered = KeyRing.offered(headers)
+            granted = self.keys.grant(offered)
+            if granted is None:
+                client = scope.get("client") or ("?",)
+                log.info("refused an operator request to %s from %s: %s", path, client[0], "wrong key" if offered else "no key")
+                await self._refuse(scope, send, 401, UNAUTHORIZED, {"WWW-Authenticate": WWW_AUTHENTICATE}, close=announced)
+                return
+            if granted == READ and scope["method"] not in READ_METHODS:
+                await self._refuse(scope, send, 403, FORBIDDEN, close=announced)
+                return
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await self._refuse(scope, send, 400, "Content-Length is not a number of bytes", close=True)
+                return
+            if int(declared) > self.limit:
+                await self._refuse(scope, send, 413, _BodyTooLarge(self.limit).detail, close=True)
+                return
+        counted = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal counted
+            if counted > self.limit:
+                raise _BodyTooLarge(self.limit)
+            message = await receive()
+            if message["type"] == "http.request":
+                counted += len(message.get("body", b""))
+                if counted > self.limit:
+                    raise _BodyTooLarge(self.limit)
+            return message
+
+        async def noted_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, noted_send)
+        except _BodyTooLarge as exc:  # (FastAPI answers it itself; this is for a reader that lets it through)
+            if started:
+                raise
+            await self._refuse(scope, send, 413, exc.detail, close=True)
+
+
+async def _never_receive():
+    raise RuntimeError("the guard answers without reading the request")
+
+
+class PathPolicy:
+    """Which paths the run config of ``POST /api/runs`` may name: those that resolve (symbolic
+    links and ``..`` followed) inside one of ``roots``; for ``run-store`` also the server's own
+    run store (``own_run_store``, exactly as configured). With no roots every path is refused
+    and the ServerApp's defaults apply."""
+
+    def __init__(self, roots: Iterable[str | Path], own_run_store: str = "") -> None:
+        self.roots = tuple(Path(root).resolve() for root in roots)
+        self.own_run_store = own_run_store
+
+    def _inside(self, key: str, value: str) -> tuple[str | None, str | None]:
+        """(the resolved path, None) or (None, why it is refused)."""
+        if not self.roots:
+            return None, (f"{key}: the operator API accepts no paths (FEDPREF_RUN_CONFIG_ROOTS is not set): leave it out and the "
+                          "server's own default applies, or ask the operator to set FEDPREF_RUN_CONFIG_ROOTS")
+        if "\x00" in value or not os.path.isabs(value):
+            return None, f"{key}: {value!r} is not an absolute path: name it from / inside one of the folders of FEDPREF_RUN_CONFIG_ROOTS"
+        try:
+            resolved = Path(value).resolve()
+        except (OSError, RuntimeError):  # a loop of symbolic links
+            return None, f"{key}: {value!r} cannot be resolved (a loop of symbolic links?)"
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            return None, f"{key}: {value!r} lies outside the folders of FEDPREF_RUN_CONFIG_ROOTS (after following links and '..')"
+        return str(resolved), None
+
+    def check(self, run_config: Mapping[str, object]) -> tuple[dict[str, object], list[str]]:
+        """(the run config with every accepted path resolved, a problem per refused key)."""
+        checked, problems = dict(run_config), []
+        for key in PATH_KEYS:
+            value = run_config.get(key)
+            if not isinstance(value, str) or value == "" or value in NO_PATH_VALUES.get(key, ()):
+                continue
+            if key == "run-store":
+                if self.own_run_store and value == self.own_run_store:
+                    continue
+                if "://" in value:
+                    try:
+                        url = make_url(value)
+                    except ArgumentError:
+                        problems.append(f"run-store: {value!r} is not a SQLAlchemy URL")
+                        continue
+                    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" or url.query or url.host:
+                        problems.append("run-store: the operator API accepts the server's own run store (FEDPREF_RUN_STORE) or a SQLite "
+                                        "file inside the folders of FEDPREF_RUN_CONFIG_ROOTS, nothing else")
+                        continue
+                    resolved, problem = self._inside(key, url.database)
+                    if problem is None:
+                        checked[key] = f"sqlite:///{resolved}"
+                else:
+                    resolved, problem = self._inside(key, value)
+                    if problem is None:
+                        checked[key] = resolved
+            else:
+                resolved, problem = self._inside(key, value)
+                if problem is None:
+                    checked[key] = resolved
+            if problem is not None:
+                problems.append(problem)
+        return checked, problems
+
+
 class _RequestMetrics:
     """ASGI middleware counting requests and their latency by method, route template and status
     (the template, not the path, so that ids and fuzzed paths do not explode the label set)."""
@@ -594,15 +835,16 @@ class _RequestMetrics:
         self.app = app
         self.requests = requests
         self.latency = latency
-        self.templates: dict[object, str] | None = None
+        self.templates: list[tuple[re.Pattern, str]] | None = None
 
     def _template(self, scope) -> str:
         route = scope.get("route")
         if getattr(route, "path", None):
             return route.path
-        if self.templates is None:
-            self.templates = {getattr(r, "endpoint", None): getattr(r, "path", "") for r in scope["app"].routes}
-        return self.templates.get(scope.get("endpoint"), "unmatched") or "unmatched"
+        if self.templates is None:  # a request answered before routing (the guard): the template its path matches
+            self.templates = _route_templates(scope["app"])
+        path = get_route_path(scope)
+        return next((template for regex, template in self.templates if regex.match(path)), "unmatched")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -640,15 +882,19 @@ participation, privacy spent), see the model versions a run published, and start
 runs through Flower's control API.
 
 Every `/api` route and `/metrics` needs an API key, sent as `X-API-Key: <key>` or as
-`Authorization: Bearer <key>`. The run store holds aggregates only: nothing here is per device."""
+`Authorization: Bearer <key>`. A read-only key may read (GET); starting and stopping runs needs
+an operator key. Paths in a run config must lie inside the folders the operator allows.
+The run store holds aggregates only: nothing here is per device."""
 
 API_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing or wrong API key."},
+    413: {"model": Problem, "description": "The request body is larger than FEDPREF_MAX_BODY_BYTES."},
     503: {"model": Problem, "description": "The run store or the SuperLink cannot be reached."},
 }
 RUN_RESPONSES: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such run in the run store."}}
 FLOWER_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "The request body is not valid JSON (for example, not UTF-8)."},
+    403: {"model": Problem, "description": "A read-only key; or a path in the run config outside FEDPREF_RUN_CONFIG_ROOTS."},
     404: {"model": Problem, "description": "The SuperLink knows no such run."},
     409: {"model": Problem, "description": "The run has already finished."},
     502: {"model": Problem, "description": "The SuperLink refused the request (its message is the detail)."},
@@ -670,10 +916,12 @@ def create_app(settings: OperatorSettings, *, run_store: RunStore | None = None,
     own_store = run_store is None
     store = run_store if run_store is not None else RunStore(settings.run_store)
     control = flower if flower is not None else FlowerControl.from_settings(settings)
-    keys = settings.key_values()
-    if not keys:
-        raise ValueError("the operator API needs at least one API key: set FEDPREF_API_KEYS")
+    keys = KeyRing(settings.key_values(), settings.read_key_values())
     publish_dir = settings.publish_dir
+    paths = PathPolicy(settings.run_config_roots, settings.run_store)
+
+    def is_public(path: str) -> bool:
+        return path in PUBLIC_PATHS or (publish_dir is not None and (path == MODELS_PREFIX or path.startswith(MODELS_PREFIX + "/")))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -689,6 +937,8 @@ def create_app(settings: OperatorSettings, *, run_store: RunStore | None = None,
     latency = Histogram("fedpref_api_request_duration_seconds", "Time to answer a request", ["method", "route"], registry=registry)
     registry.register(_RunStoreCollector(store))
     app.state.metrics_registry = registry
+    # The last added runs first: the metrics count every answer, the guard's refusals too.
+    app.add_middleware(_Guard, keys=keys, is_public=is_public, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_RequestMetrics, requests=requests, latency=latency)
 
     api_key = APIKeyHeader(name=API_KEY_HEADER, scheme_name="ApiKey", auto_error=False, description="An operator API key (FEDPREF_API_KEYS).")
@@ -700,16 +950,18 @@ def create_app(settings: OperatorSettings, *, run_store: RunStore | None = None,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     ) -> None:
         """Accept the request if the X-API-Key header or the bearer token is a configured key
-        (compared in constant time, every key every time)."""
+        (compared in constant time, every key every time) that may use this method: any key
+        GET and HEAD, an operator key anything. (The guard has checked this already, before
+        the body was read; this declares the credentials in the OpenAPI document and holds
+        should a route ever be reached another way.)"""
         offered = [value.encode("utf-8", "surrogateescape") for value in (key, credentials.credentials if credentials else None) if value]
-        accepted = False
-        for value in offered:
-            for known in keys:
-                accepted |= secrets.compare_digest(value, known)
-        if not accepted:
+        granted = keys.grant(offered)
+        if granted is None:
             log.info("refused an operator request to %s from %s: %s", request.url.path, request.client.host if request.client else "?",
                      "wrong key" if offered else "no key")
             raise HTTPException(401, detail=UNAUTHORIZED, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
+        if granted == READ and request.method not in READ_METHODS:
+            raise HTTPException(403, detail=FORBIDDEN)
 
     operator = [Depends(require_operator)]
 
@@ -789,12 +1041,19 @@ def create_app(settings: OperatorSettings, *, run_store: RunStore | None = None,
     @runs.post("", summary="Start a run (flwr run)", status_code=202, response_model=StartedRun, tags=["flower"], responses=FLOWER_RESPONSES)
     def start_run(body: Annotated[StartRunRequest | None, Body()] = None) -> dict:
         """Submit the Flower app (FEDPREF_APP_DIR) to the SuperLink with these run-config
-        overrides. The run appears in GET /api/runs once its ServerApp starts."""
+        overrides. The run appears in GET /api/runs once its ServerApp starts. Paths
+        (history-dir, results-dir, run-store, checkpoint-dir, publish-dir, publish-key,
+        store-dir) must resolve inside FEDPREF_RUN_CONFIG_ROOTS (403 otherwise); they are sent
+        to Flower resolved."""
         run_config = dict(body.run_config) if body is not None else {}
         problems = control.check_run_config(run_config)
         if problems:
             raise RequestValidationError([{"type": "value_error", "loc": ("body", "run_config", key), "msg": message, "input": run_config.get(key)}
                                           for key, message in problems])
+        run_config, refused = paths.check(run_config)
+        if refused:
+            log.warning("refused to start a run with paths outside FEDPREF_RUN_CONFIG_ROOTS: %s", "; ".join(refused))
+            raise HTTPException(403, detail="; ".join(refused))
         return _flower_call(control.start, run_config)
 
     @runs.post("/flower/{flower_run_id}/stop", summary="Stop a run (flwr stop)", response_model=StoppedRun, tags=["flower"], responses=FLOWER_RESPONSES)

@@ -5,7 +5,8 @@ The page and its script are public and hold no operator data: the script asks fo
 (kept in the tab's ``sessionStorage``, gone when the tab closes), then reads ``/api/runs...``
 with it in the ``X-API-Key`` header, exactly like any other client. So the rule "no operator
 data without credentials" holds for the page too, and no key ever travels in a URL (where logs
-and browser history would keep it).
+and browser history would keep it). The page only reads: a read-only key is enough, and the
+one to give it.
 
 The charts are inline SVG drawn by the script; nothing loads from another origin (the page
 works offline), and a Content-Security-Policy allows scripts, styles and requests from this
@@ -68,7 +69,8 @@ PAGE = """<!doctype html>
 <input id="api-key" name="api-key" type="password" autocomplete="off" required>
 <button type="submit" id="sign-in">Open</button>
 <p id="login-message" role="alert"></p>
-<p class="hint">The key stays in this browser tab only and is sent to this server in the <code>X-API-Key</code> header.</p>
+<p class="hint">The key stays in this browser tab only and is sent to this server in the <code>X-API-Key</code> header.
+A read-only key (<code>FEDPREF_READ_API_KEYS</code>) is all the dashboard needs.</p>
 </form>
 <main id="main" hidden>
 <section><h2>Runs</h2>

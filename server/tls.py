@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -22,9 +23,13 @@ def _san(host: str) -> x509.GeneralName:
 
 
 def write_dev_certificates(folder: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 30) -> dict[str, Path]:
-    """Write ``ca.pem``, ``server.pem`` and ``server.key`` (mode 600) valid for ``hosts``."""
-    if not hosts:
-        raise ValueError("name at least one host (an IP address or a DNS name) the SuperLink is reached at")
+    """Write ``ca.pem``, ``server.pem`` and ``server.key`` (mode 600, also when it replaces an
+    older file) valid for ``hosts``. The CA's private key is never written: nothing else can be
+    signed with it."""
+    if not hosts or any(not h.strip() for h in hosts):
+        raise ValueError("name at least one host (an IP address or a DNS name) the SuperLink is reached at, none of them empty")
+    if not 1 <= days <= 3650:
+        raise ValueError(f"--days {days}: a development certificate is valid for 1 to 3650 days")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -55,6 +60,8 @@ def write_dev_certificates(folder: str | Path, hosts: tuple[str, ...] = ("127.0.
     paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(pem))
     paths["cert"].write_bytes(cert.public_bytes(pem))
-    paths["key"].touch(mode=0o600)
-    paths["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    descriptor = os.open(paths["key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # an older file keeps its mode through O_CREAT: set it before the key is written
+        out.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return paths

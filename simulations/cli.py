@@ -335,7 +335,10 @@ def dev_certs(
     certificates from your own CA). Devices get ca.pem as --root-certificates."""
     from fedpref.server.tls import write_dev_certificates
 
-    paths = write_dev_certificates(out, tuple(host), days)
+    try:
+        paths = write_dev_certificates(out, tuple(host), days)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
     console.print(f"wrote {paths['ca']}, {paths['cert']} and {paths['key']} for {', '.join(host)}, valid {days} days")
     console.print(f"flower-superlink --ssl-ca-certfile {paths['ca']} --ssl-certfile {paths['cert']} --ssl-keyfile {paths['key']} --enable-supernode-auth ...")
 

@@ -11,3 +11,7 @@ def store(tmp_path):
     store = RunStore(str(tmp_path / "runs.sqlite"))
     yield store
     store.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts real servers, Ray or a browser (deselect with -m 'not slow')")

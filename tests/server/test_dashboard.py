@@ -17,7 +17,8 @@ import uvicorn
 from fedpref.server.api import FlowerControl, create_app
 from fedpref.server.settings import OperatorSettings
 
-KEY = "dashboard-operator-key-0123456789abcdef"
+OPERATOR_KEY = "dashboard-operator-key-0123456789abcdef"
+KEY = "dashboard-read-only-key-0123456789abcdef"  # what the browser signs in with: a read-only key is all the dashboard needs
 RUN_NAME = "nightly-dp-run"
 
 
@@ -42,7 +43,7 @@ def served(monkeypatch, store, runs, free_port):
     for name in list(os.environ):
         if name.startswith("FEDPREF_"):
             monkeypatch.delenv(name)
-    settings = OperatorSettings(_env_file=None, environment="production", api_keys=[KEY], dashboard_refresh_seconds=0.4)
+    settings = OperatorSettings(_env_file=None, environment="production", api_keys=[OPERATOR_KEY], read_api_keys=[KEY], dashboard_refresh_seconds=0.4)
     app = create_app(settings, run_store=store, flower=FlowerControl(app_dir=None))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
@@ -108,6 +109,7 @@ def sign_in(driver, key: str) -> None:
     driver.find_element(By.ID, "sign-in").click()
 
 
+@pytest.mark.slow
 def test_the_dashboard_shows_runs_and_curves_and_follows_a_running_run(served, store, runs, browser):
     from selenium.webdriver.common.by import By
 

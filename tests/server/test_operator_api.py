@@ -1,8 +1,10 @@
 """The operator API: every route but the public ones refuses a request without a right key and
 shows no operator data to it; with a key (X-API-Key or a bearer token) runs, rounds, privacy
-spend and model versions come from the run store; settings refuse missing, short and default
-keys outside development; /metrics speaks Prometheus; runs are started, stopped and listed by
-Flower's own CLI, whose failures become 4xx/5xx answers carrying its message."""
+spend and model versions come from the run store; a read-only key reads but never starts or
+stops a run; settings refuse missing, short and default keys outside development; /metrics
+speaks Prometheus; runs are started, stopped and listed by Flower's own CLI, whose failures
+become 4xx/5xx answers carrying its message without local paths; paths in a run config are
+refused outside the configured roots."""
 
 import json
 import logging
@@ -24,6 +26,7 @@ from fedpref.server.settings import DEV_API_KEY, OperatorSettings
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "operator-key-0123456789-abcdefghij"
 OTHER_KEY = "another-operator-key-9876543210-zyx"
+READ_KEY = "read-only-key-0123456789-abcdefghijk"
 # Strings only the run store holds: no answer to a request without a right key may contain them.
 RUN_NAME = "confidential-run-7f3a"
 CONFIG_MARK = "confidential-config-value-91c2"
@@ -115,11 +118,22 @@ def flwr_dir(tmp_path):
 
 
 @pytest.fixture()
-def app(monkeypatch, tmp_path, store, ids, flwr_dir):
+def roots(tmp_path):
+    """A folder the run config may name (allowed/), one beside it it may not (outside/), and a
+    symbolic link from the first into the second."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "link").symlink_to(outside, target_is_directory=True)
+    return allowed, outside
+
+
+@pytest.fixture()
+def app(monkeypatch, tmp_path, store, ids, flwr_dir, roots):
     publish = tmp_path / "published"
     publish.mkdir()
-    settings = clean_settings(monkeypatch, environment="production", api_keys=f"{KEY},{OTHER_KEY}", publish_dir=publish, app_dir=ROOT,
-                              flwr_home=tmp_path / "flwr-home")
+    settings = clean_settings(monkeypatch, environment="production", api_keys=f"{KEY},{OTHER_KEY}", read_api_keys=READ_KEY, publish_dir=publish,
+                              app_dir=ROOT, flwr_home=tmp_path / "flwr-home", run_config_roots=str(roots[0]), run_store=RUN_STORE)
     control = FlowerControl("fedpref", app_dir=ROOT, flwr_home=tmp_path / "flwr-home", executable=str(flwr_dir / "flwr"), timeout=20)
     return create_app(settings, run_store=store, flower=control)
 
@@ -131,6 +145,8 @@ def client(app):
 
 
 AUTH = {"X-API-Key": KEY}
+READ = {"X-API-Key": READ_KEY}
+RUN_STORE = "postgresql+psycopg://fedpref:secret@db.internal/fedpref"  # the operator's own (FEDPREF_RUN_STORE)
 
 
 # -- authentication ---------------------------------------------------------------------------
@@ -203,6 +219,22 @@ def test_a_right_key_works_in_either_header_and_every_configured_key_works(clien
         response = client.get("/api/runs", headers=headers)
         assert response.status_code == 200, headers
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_a_read_only_key_reads_everything_and_can_neither_start_nor_stop_a_run(client, app, ids, flwr_dir):
+    for path in ("/api/runs", f"/api/runs/{ids['run']}", f"/api/runs/{ids['run']}/rounds", f"/api/runs/{ids['run']}/privacy",
+                 f"/api/runs/{ids['run']}/models"):
+        assert client.get(path, headers=READ).status_code == 200, path
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {READ_KEY}"}).status_code == 200  # what a Prometheus scrape sends
+    writes = [(method, path) for method, path, template in route_requests(app) if method not in ("GET", "HEAD") and not is_public(template)]
+    assert ("POST", "/api/runs") in writes and ("POST", "/api/runs/flower/1/stop") in writes
+    for method, path in writes:
+        for headers in (READ, {"Authorization": f"Bearer {READ_KEY}"}):
+            response = client.request(method, path, headers=headers, json={"run_config": {"run-name": "hijack"}})
+            assert response.status_code == 403, (method, path, response.status_code, response.text[:200])
+            assert "read-only" in response.json()["detail"] and "FEDPREF_API_KEYS" in response.json()["detail"]
+    assert calls(flwr_dir) == [], "a read-only key reached the flwr CLI"
+    assert client.post("/api/runs/flower/4242/stop", headers=AUTH).status_code == 200  # the operator key still may
 
 
 def test_the_dashboard_page_is_an_empty_shell(client):
@@ -285,6 +317,12 @@ def test_settings_refuse_missing_default_and_short_keys_outside_development(monk
         clean_settings(monkeypatch, environment="production", api_keys=[KEY, DEV_API_KEY])
     with pytest.raises(ValidationError, match="key number 2 is shorter than 24 characters"):
         clean_settings(monkeypatch, environment="production", api_keys=f"{KEY},short-key")
+    with pytest.raises(ValidationError, match="FEDPREF_READ_API_KEYS: key number 1 is shorter"):
+        clean_settings(monkeypatch, environment="production", api_keys=KEY, read_api_keys="short-key")
+    with pytest.raises(ValidationError, match="FEDPREF_READ_API_KEYS contains the development key"):
+        clean_settings(monkeypatch, environment="production", api_keys=KEY, read_api_keys=DEV_API_KEY)
+    with pytest.raises(ValidationError, match="in both FEDPREF_API_KEYS and FEDPREF_READ_API_KEYS"):
+        clean_settings(monkeypatch, environment="production", api_keys=KEY, read_api_keys=KEY)
     with pytest.raises(ValidationError, match="environment"):
         clean_settings(monkeypatch, environment="staging", api_keys=KEY)
     with pytest.raises(ValidationError, match="FEDPREF_APP_DIR"):
@@ -299,7 +337,12 @@ def test_settings_come_from_fedpref_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("FEDPREF_SUPERLINK_CONNECTION", "prod")
     monkeypatch.setenv("FEDPREF_FLWR_HOME", str(tmp_path))
     monkeypatch.setenv("FEDPREF_PORT", "9000")
+    monkeypatch.setenv("FEDPREF_READ_API_KEYS", READ_KEY)
+    monkeypatch.setenv("FEDPREF_RUN_CONFIG_ROOTS", f"{tmp_path},{ROOT}")
+    monkeypatch.setenv("FEDPREF_MAX_BODY_BYTES", "100000")
     settings = OperatorSettings(_env_file=None)
+    assert settings.read_key_values() == [READ_KEY.encode()] and READ_KEY not in repr(settings)
+    assert settings.run_config_roots == [tmp_path.resolve(), ROOT] and settings.max_body_bytes == 100000
     assert settings.environment == "production" and settings.key_values() == [KEY.encode(), OTHER_KEY.encode()]
     assert KEY not in repr(settings)  # keys are secrets: never in a log line
     assert (settings.run_store, settings.superlink_connection, settings.flwr_home, settings.port) == (
@@ -442,6 +485,117 @@ def test_run_config_values_survive_flowers_own_parser():
             toml_value(bad)
 
 
+# -- paths in a run config -----------------------------------------------------------------------
+
+def test_the_guard_knows_every_path_valued_run_config_key():
+    from fedpref.models.federation import RUN_CONFIG_DEFAULTS
+    from fedpref.server.api import PATH_KEYS
+
+    looks_like_a_path = {key for key in RUN_CONFIG_DEFAULTS if key.endswith(("-dir", "-key", "-store", "-file", "-path", "-url", "-folder"))}
+    assert looks_like_a_path <= set(PATH_KEYS), f"path-valued keys the API does not check: {sorted(looks_like_a_path - set(PATH_KEYS))}"
+    assert set(PATH_KEYS) <= set(RUN_CONFIG_DEFAULTS)
+
+
+PATH_VALUED = ("history-dir", "store-dir", "results-dir", "checkpoint-dir", "publish-dir", "publish-key", "run-store")
+
+
+def test_paths_outside_the_roots_are_refused_and_never_reach_flower(client, flwr_dir, roots):
+    allowed, outside = roots
+    escapes = [
+        "/etc",  # anywhere
+        str(outside / "x"),  # beside the root
+        f"{allowed}/../outside/x",  # up and out
+        f"{allowed}/link/x",  # through a symbolic link
+        str(allowed.parent),  # the root's parent
+        "allowed/results",  # relative: to whichever folder the ServerApp runs in
+        f"{allowed}\x00/x",
+    ]
+    for key in PATH_VALUED:
+        for value in escapes:
+            response = client.post("/api/runs", headers=AUTH, json={"run_config": {key: value}})
+            assert response.status_code == 403, (key, value, response.status_code, response.text[:300])
+            assert response.json()["detail"].startswith(f"{key}: ") and "FEDPREF_RUN_CONFIG_ROOTS" in response.json()["detail"]
+            assert str(outside) not in response.json()["detail"].replace(value, ""), "the answer names where a link points"
+    for url in ("postgresql+psycopg://attacker@203.0.113.7/loot", f"sqlite:///{outside}/runs.sqlite", f"sqlite:///{allowed}/link/runs.sqlite",
+                f"sqlite:///{allowed}/../outside/runs.sqlite", f"sqlite:///{allowed}/runs.sqlite?uri=true", "sqlite://", "sqlite:///relative.sqlite",
+                RUN_STORE.replace("db.internal", "db.attacker.example")):
+        response = client.post("/api/runs", headers=AUTH, json={"run_config": {"run-store": url}})
+        assert response.status_code == 403, (url, response.status_code, response.text[:300])
+        assert "secret" not in response.text.replace(url, ""), "the answer shows the server's own run-store URL"
+    response = client.post("/api/runs", headers=AUTH, json={"run_config": {"results-dir": "/etc", "publish-key": str(outside / "k.pem")}})
+    assert response.status_code == 403 and response.json()["detail"].count("FEDPREF_RUN_CONFIG_ROOTS") == 2  # every refused key is named
+    assert calls(flwr_dir) == [], "a refused path reached the flwr CLI"
+
+
+def test_paths_inside_the_roots_go_to_flower_resolved(client, flwr_dir, roots):
+    allowed, _ = roots
+    real = allowed.resolve()
+    config = {"history-dir": f"{allowed}/population", "results-dir": f"{allowed}/sub/../results", "publish-dir": str(allowed),
+              "publish-key": f"{allowed}/keys/signing.key", "store-dir": "", "checkpoint-dir": "none", "run-store": f"sqlite:///{allowed}/runs.sqlite"}
+    response = client.post("/api/runs", headers=AUTH, json={"run_config": config})
+    assert response.status_code == 202, response.text
+    response = client.post("/api/runs", headers=AUTH, json={"run_config": {"run-store": RUN_STORE}})  # the server's own store, as configured
+    assert response.status_code == 202, response.text
+    first, second = (dict(arg.split("=", 1) for arg in call["args"][6::2]) for call in calls(flwr_dir))
+    assert first == {"history-dir": f'"{real / "population"}"', "results-dir": f'"{real / "results"}"', "publish-dir": f'"{real}"',
+                     "publish-key": f'"{real / "keys" / "signing.key"}"', "store-dir": '""', "checkpoint-dir": '"none"',
+                     "run-store": f'"sqlite:///{real / "runs.sqlite"}"'}
+    assert second == {"run-store": f'"{RUN_STORE}"'}
+
+
+def test_without_roots_every_path_is_refused_and_the_servers_defaults_apply(monkeypatch, store, flwr_dir, tmp_path):
+    settings = clean_settings(monkeypatch, api_keys=KEY, app_dir=ROOT)
+    control = FlowerControl(app_dir=ROOT, executable=str(flwr_dir / "flwr"))
+    with TestClient(create_app(settings, run_store=store, flower=control)) as client:
+        for key in PATH_VALUED:
+            response = client.post("/api/runs", headers=AUTH, json={"run_config": {key: str(tmp_path / "anything")}})
+            assert response.status_code == 403 and "FEDPREF_RUN_CONFIG_ROOTS is not set" in response.json()["detail"], (key, response.text)
+        assert calls(flwr_dir) == []
+        assert client.post("/api/runs", headers=AUTH, json={"run_config": {"results-dir": "", "checkpoint-dir": "none", "run-name": "x"}}).status_code == 202
+
+
+def test_settings_refuse_roots_that_are_not_folders(monkeypatch, tmp_path):
+    with pytest.raises(ValidationError, match="not an absolute path"):
+        clean_settings(monkeypatch, api_keys=KEY, run_config_roots="srv/fedpref")
+    with pytest.raises(ValidationError, match="is not a folder"):
+        clean_settings(monkeypatch, api_keys=KEY, run_config_roots=str(tmp_path / "missing"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert clean_settings(monkeypatch, api_keys=KEY, run_config_roots=f"{tmp_path / 'b'}").run_config_roots == [(tmp_path / "a").resolve()]
+
+
+# -- error answers --------------------------------------------------------------------------------
+
+SECRET_PATHS = ("/root/.flwr/config.toml", "/opt/fedpref-secret/site-packages/flwr/cli/run.py", "/opt/fedpref-secret")
+
+
+@pytest.mark.parametrize("body", [
+    failure("Using SuperLink: fedpref\n\nAn unexpected error occurred while reading the Flower configuration file (/root/.flwr/config.toml). "
+            "SuperLink connection 'fedpref' not found"),
+    "print('Traceback (most recent call last):\\n  File \"/opt/fedpref-secret/site-packages/flwr/cli/run.py\", line 1', file=sys.stderr); sys.exit(1)\n",
+    failure("\n[code: 9] No permissions to read /opt/fedpref-secret/site-packages/flwr/cli/run.py"),
+], ids=["config file", "traceback", "SuperLink message"])
+def test_error_answers_name_no_local_paths_and_the_log_keeps_them(monkeypatch, tmp_path, store, caplog, body):
+    control = flower_failing_with(tmp_path, body)
+    settings = clean_settings(monkeypatch, api_keys=KEY)
+    with caplog.at_level(logging.WARNING, logger="fedpref.server.api"), TestClient(create_app(settings, run_store=store, flower=control)) as client:
+        answers = [client.post("/api/runs/flower/7/stop", headers=AUTH), client.get("/api/flower/runs", headers=AUTH)]
+    for response in answers:
+        assert response.status_code in (502, 503), response.text
+        assert not [p for p in SECRET_PATHS + (str(tmp_path),) if p in response.text], response.text
+        assert response.json()["detail"].startswith(("flwr stop", "flwr ls"))
+    assert any(p in caplog.text for p in SECRET_PATHS), "the server's log lost the details"
+
+
+def test_a_missing_flwr_is_named_without_its_folder(monkeypatch, store, tmp_path):
+    missing = FlowerControl(executable=str(tmp_path / "secret-folder" / "flwr"), app_dir=ROOT)
+    settings = clean_settings(monkeypatch, api_keys=KEY)
+    with TestClient(create_app(settings, run_store=store, flower=missing)) as client:
+        response = client.get("/api/flower/runs", headers=AUTH)
+    assert response.status_code == 503 and "'flwr' is not on PATH" in response.json()["detail"]
+    assert "secret-folder" not in response.text and str(tmp_path) not in response.text
+
+
 def flower_failing_with(flwr_dir: Path, body: str, timeout: float = 20) -> FlowerControl:
     script = fake_flwr(flwr_dir, body)
     return FlowerControl("fedpref", app_dir=ROOT, executable=str(script), timeout=timeout, run_timeout=timeout)
@@ -456,7 +610,7 @@ def flower_failing_with(flwr_dir: Path, body: str, timeout: float = 20) -> Flowe
     (failure("\nAn unexpected error occurred while reading the Flower configuration file (/x/config.toml). SuperLink connection 'fedpref' not found"),
      503, "reading the Flower configuration file"),
     ("print('Traceback (most recent call last): boom', file=sys.stderr); sys.exit(1)\n", 502,
-     "flwr stop answered no JSON (exit status 1): Traceback (most recent call last): boom"),
+     "flwr stop answered no JSON (exit status 1): its output is in the operator API's log"),
     ("time.sleep(10)\n", 504, "flwr stop did not answer within 0.5 s"),
 ])
 def test_a_failing_flwr_cli_becomes_an_error_answer_with_its_message(monkeypatch, tmp_path, store, body, status, message):

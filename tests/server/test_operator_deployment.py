@@ -73,6 +73,7 @@ def processes(tmp_path, stop_process_tree):
             stop_process_tree(proc)
 
 
+@pytest.mark.slow
 def test_a_run_started_through_the_api_shows_its_rounds_while_it_runs(tmp_path, processes, free_port):
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -94,7 +95,8 @@ def test_a_run_started_through_the_api_shows_its_rounds_while_it_runs(tmp_path, 
     run_store = f"sqlite:///{tmp_path / 'runs.sqlite'}"
     api = free_port()
     api_env = dict(env, FEDPREF_ENVIRONMENT="production", FEDPREF_API_KEYS=KEY, FEDPREF_RUN_STORE=run_store, FEDPREF_FLWR_HOME=str(home),
-                   FEDPREF_SUPERLINK_CONNECTION="fedpref", FEDPREF_APP_DIR=str(ROOT), FEDPREF_HOST="127.0.0.1", FEDPREF_PORT=str(api))
+                   FEDPREF_SUPERLINK_CONNECTION="fedpref", FEDPREF_APP_DIR=str(ROOT), FEDPREF_HOST="127.0.0.1", FEDPREF_PORT=str(api),
+                   FEDPREF_RUN_CONFIG_ROOTS=str(tmp_path))  # the run config's folders (population, results) are all in here
     server = processes("fedpref-serve", [str(BIN / "fedpref"), "serve"], api_env)
     wait_for_port(api, server, "fedpref serve")
     assert call(api, "/api/runs", key=None)[0] == 401

@@ -203,7 +203,7 @@ def check_train_reply(
             return f"num-examples {weight!r} under DP: every device weighs 1 (the noise covers one device's update, not more)"
     elif weight > max_examples * devices:
         each = "" if devices == 1 else f" for each of {devices} devices"
-        return f"num-examples {weight!r} above the most a device may claim, {max_examples:,}{each} (run-config max-examples)"
+        return f"num-examples {weight!r} above {max_examples:,}, the most one device may claim in this run{each} (logged as the run starts)"
     return None
 
 

@@ -146,23 +146,34 @@ def malform(reply: Message, sent: dict[str, np.ndarray], kind: str, draw: Draw, 
         arrays = dict(reply.content["arrays"].items())
         arrays[name] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data[: -draw.integer(1, 16)])
         return rebuilt(reply, arrays=arrays)
-    elif kind in ("weight", "heavy", "metric", "extra-metric", "missing-metric"):
-        metrics = dict(reply.content["metrics"].items())
-        if kind == "weight":
-            metrics["num-examples"] = draw.choice([0, -3, float("nan"), float("inf"), -1.5])
-        elif kind == "heavy":
-            metrics["num-examples"] = heavy_claim(draw, max_examples)
-        elif kind == "metric":
-            metrics[draw.choice(["train-loss", "num-examples"]) if "train-loss" in metrics else "num-examples"] = draw.choice([float("nan"), float("inf"), float("-inf")])
-        else:
-            _change_names(metrics, kind, draw)
-        return rebuilt(reply, metrics=metrics)
+    elif kind in METRIC_KINDS:
+        return rebuilt(reply, metrics=bad_metrics(dict(reply.content["metrics"].items()), kind, draw, max_examples=max_examples))
     elif kind == "oversized":
         size = sum(4 * int(np.prod(a.shape)) for a in sent.values()) + 64 * 1024
         return rebuilt(reply, extra={"config": ConfigRecord({"padding": b"\0" * (size + draw.integer(1, 4 * size))})})
     elif kind == "extra-record":
         return rebuilt(reply, extra={draw.choice(["more", "config", "private"]): ArrayRecord({"x": Array(np.zeros(3, np.float32))})})
     return rebuilt(reply, arrays={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+METRIC_KINDS = ("weight", "heavy", "metric", "extra-metric", "missing-metric")  # the kinds that change only the metrics
+
+
+def bad_metrics(metrics: dict, kind: str, draw: Draw, *, max_examples: float = RUN_CONFIG_DEFAULTS["max-examples"]) -> dict:
+    """A training reply's ``metrics`` made malformed in the way ``kind`` names (one of
+    :data:`METRIC_KINDS`)."""
+    metrics = dict(metrics)
+    if kind == "weight":
+        metrics["num-examples"] = draw.choice([0, -3, float("nan"), float("inf"), -1.5])
+    elif kind == "heavy":
+        metrics["num-examples"] = heavy_claim(draw, max_examples)
+    elif kind == "metric":
+        metrics[draw.choice(["train-loss", "num-examples"]) if "train-loss" in metrics else "num-examples"] = draw.choice([float("nan"), float("inf"), float("-inf")])
+    elif kind in ("extra-metric", "missing-metric"):
+        _change_names(metrics, kind, draw)
+    else:
+        raise ValueError(f"{kind!r} is not a kind that changes only the metrics; choose one of {', '.join(METRIC_KINDS)}")
+    return metrics
 
 
 def _change_names(metrics: dict, kind: str, draw: Draw) -> None:
@@ -177,9 +188,15 @@ def _change_names(metrics: dict, kind: str, draw: Draw) -> None:
 def malform_evaluation(reply: Message, kind: str, draw: Draw) -> Message:
     """A copy of the well-formed evaluation ``reply`` (one MetricRecord ``metrics``) made
     malformed in the way ``kind`` names (one of :data:`EVALUATE_KINDS`)."""
+    content = bad_evaluation(reply.content, kind, draw)
+    return reply_from(_ask(reply.metadata.src_node_id, MessageType.EVALUATE), content)
+
+
+def bad_evaluation(content: RecordDict, kind: str, draw: Draw) -> RecordDict:
+    """The content of an evaluation reply made malformed in the way ``kind`` names."""
     if kind not in EVALUATE_KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(EVALUATE_KINDS)}")
-    metrics = dict(reply.content["metrics"].items())
+    metrics = dict(content["metrics"].items())
     scores = sorted(k for k in metrics if k.endswith(("-hr", "-ndcg")))
     extra = {}
     if kind in ("extra-metric", "missing-metric"):
@@ -195,8 +212,7 @@ def malform_evaluation(reply: Message, kind: str, draw: Draw) -> Message:
         metrics[draw.choice([*scores, "num-examples"])] = draw.choice([float("nan"), float("inf"), float("-inf")])
     elif kind == "extra-record":
         extra[draw.choice(["arrays", "config", "private"])] = ArrayRecord({"x": Array(np.zeros(3, np.float32))})
-    content = RecordDict({"metrics": MetricRecord(metrics), **extra})
-    return reply_from(_ask(reply.metadata.src_node_id, MessageType.EVALUATE), content)
+    return RecordDict({"metrics": MetricRecord(metrics), **extra})
 
 
 def _ask(node: int, message_type: str) -> Message:
@@ -208,10 +224,12 @@ def _ask(node: int, message_type: str) -> Message:
 # -- one hostile device on Flower's Simulation Engine --------------------------------------
 
 HOSTILE_DEVICE = 0  # the partition id of the device that :data:`app` makes hostile
-# What the hostile device sends, by server round (training, evaluation): first a metric the
-# server does not expect, then one left out, then a claim to weigh more than anyone
-# (its honest model with num-examples 1e12; perfect hit rates with num-examples 1e15).
-SCRIPT = {1: ("extra-metric", "extra-metric"), 2: ("missing-metric", "missing-metric"), 3: ("heavy", "heavy")}
+# What the hostile device sends, by server round (training, evaluation): in round 1 a training
+# reply with a metric the server does not expect and an evaluation reply with one left out (either
+# used to make Flower's aggregation raise, and the run fail); in round 2 claims to weigh more than
+# everyone (its model with num-examples 1e12; perfect hit rates with num-examples 1e15). In later
+# rounds it answers honestly.
+SCRIPT = {1: ("extra-metric", "missing-metric"), 2: ("heavy", "heavy")}
 
 
 class FirstDraw:
@@ -250,9 +268,8 @@ def _train(msg: Message, context: Context) -> Message:
     kind = SCRIPT.get(_round(msg), (None, None))[0]
     if not _is_hostile(context) or reply.has_error() or kind is None:
         return reply
-    sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    bad = malform(reply_message(context.node_id, reply.content), sent, kind, FirstDraw(), bound=float("inf"))
-    return Message(bad.content, reply_to=msg)
+    metrics = bad_metrics(dict(reply.content["metrics"].items()), kind, FirstDraw())
+    return Message(RecordDict({"arrays": reply.content["arrays"], "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -261,8 +278,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     kind = SCRIPT.get(_round(msg), (None, None))[1]
     if not _is_hostile(context) or reply.has_error() or kind is None:
         return reply
-    bad = malform_evaluation(reply_message(context.node_id, reply.content), kind, FirstDraw())
-    return Message(bad.content, reply_to=msg)
+    return Message(bad_evaluation(reply.content, kind, FirstDraw()), reply_to=msg)
 
 
 @app.query()

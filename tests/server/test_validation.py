@@ -390,3 +390,36 @@ def test_in_a_run_a_hostile_devices_replies_count_as_rejected_and_change_nothing
     assert [row.get("dropped") for row in absent["rounds"]] == [1, 1]
     for name in absent_model.files:
         np.testing.assert_array_equal(hostile_model[name], absent_model[name])
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "fast"])
+@pytest.mark.parametrize("overrides", [{}, {"dp-noise-multiplier": 0.5}, {"dp-noise-multiplier": 0.5, "dp-clipping": "adaptive"}, {"weighting": "equal"}],
+                         ids=["plain", "dp", "dp-adaptive", "equal-weights"])
+def test_honest_devices_send_exactly_the_metric_names_the_server_expects(synthetic_population, tmp_path, engine, overrides):
+    """The names the server requires (fedpref.server.validation, derived from the run config)
+    are the names the devices' code sends: the ClientApp's and the fast engine's partial
+    aggregates, training and evaluation. No honest reply is rejected."""
+    from fedpref.server import app as server_app
+    from fedpref.server.validation import evaluate_metric_keys, train_metric_keys
+    from fedpref.simulations.fast import run_fast
+    from fedpref.simulations.inprocess import run_inprocess
+
+    # Prepare
+    population = synthetic_population(tmp_path, 12, 200, 12, 3)
+    config = FederatedConfig.from_run_config({
+        "history-dir": str(population), "results-dir": str(tmp_path / "run"), "num-server-rounds": 1, "dim": 4, "local-epochs": 1,
+        "private-epochs": 1, "checkpoint-dir": "none", **overrides})
+    replies: dict[str, list] = {"train": [], "evaluate": []}
+    server_app.add_exchange_observer(lambda sent, got: replies[sent[0].metadata.message_type].extend(r for r in got if not r.has_error())
+                                     if sent and sent[0].metadata.message_type in replies else None)
+    # Execute
+    try:
+        result = run_inprocess(config, n_devices=12) if engine == "inprocess" else run_fast(config, threads=1)
+    finally:
+        server_app.clear_exchange_observers()
+    # Assert
+    assert replies["train"] and replies["evaluate"]
+    assert {frozenset(r.content["metrics"].keys()) for r in replies["train"]} == {train_metric_keys(config)}
+    assert {frozenset(r.content["metrics"].keys()) for r in replies["evaluate"]} == {evaluate_metric_keys(config)}
+    (row,) = result["rounds"]
+    assert "rejected" not in row and "evaluate-rejected" not in row and row["replies"] == 12

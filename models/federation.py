@@ -20,6 +20,7 @@ from .train import LOSSES, TrainConfig, default_config
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
+WEIGHTINGS = ("examples", "equal")  # how devices weigh in the average (run-config weighting)
 
 # Keys of a secure round's training task (server.secure writes them, client.app reads them):
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # the order of the shared arrays in the legacy task
@@ -86,6 +87,8 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "trim-fraction": 0.1,  # trimmed-mean: share of the highest and of the lowest values cut per coordinate
     "server-norm-bound": 0.0,  # > 0: the server clips each update to this L2 norm and weighs every device the same (a poisoning defence)
     "max-reply-bytes": 0,  # a reply larger than this is rejected unread (0: the shared arrays in float32 plus 64 KiB)
+    "max-examples": 100000,  # the most num-examples a device may claim (also at most the catalogue, or in a simulation its longest history); more is rejected
+    "weighting": "examples",  # how devices weigh in the average: examples (their num-examples, bounded) or equal (every device the same)
     "availability": "always",  # simulation: when virtual devices may train: always, diurnal or random:P (fedpref.client.eligibility)
     "store-dir": "",  # simulation: a folder of device stores (device-<i>.sqlite); each device then keeps consent and a record of what left
     "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
@@ -171,6 +174,8 @@ class FederatedConfig:
     trim_fraction: float
     server_norm_bound: float
     max_reply_bytes: int
+    max_examples: int
+    weighting: str
     availability: str
     store_dir: str
     personalize_epochs: int
@@ -339,6 +344,10 @@ class FederatedConfig:
             raise bad("server-norm-bound", f"must be 0 (off) or a positive L2 norm, got {self.server_norm_bound}")
         if self.max_reply_bytes < 0:
             raise bad("max-reply-bytes", f"must be 0 (automatic) or a positive size, got {self.max_reply_bytes}")
+        if self.max_examples < 1:
+            raise bad("max-examples", f"the most examples a device may claim must be at least 1, got {self.max_examples}")
+        if self.weighting not in WEIGHTINGS:
+            raise bad("weighting", f"choose one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.aggregation != "mean" and self.dp:
             raise bad(
                 "aggregation",

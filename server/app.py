@@ -13,15 +13,16 @@ Per-round metrics go to ``results-dir`` (``rounds.json``) when it is set.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
@@ -45,7 +46,16 @@ from fedpref.server import checkpoint
 from fedpref.server.publish import ModelPublisher
 from fedpref.server.runstore import RunStore, default_url
 from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors, shares_per_device
-from fedpref.server.validation import check_evaluate_reply, check_size, check_train_reply, default_max_bytes
+from fedpref.server.validation import (
+    WEIGHT,
+    check_evaluate_reply,
+    check_size,
+    check_train_reply,
+    default_max_bytes,
+    evaluate_metric_keys,
+    examples_bound,
+    train_metric_keys,
+)
 
 app = ServerApp()
 
@@ -232,6 +242,23 @@ def _bounded(reply: Message, sent_global: dict, bound: float) -> Message:
     return reply
 
 
+def _weight_total(replies: list[Message]) -> float:
+    """The sum of the replies' weights (``num-examples``), which Flower's average divides by
+    (inf when it is beyond float range)."""
+    try:
+        return math.fsum(float(r.content["metrics"][WEIGHT]) for r in replies)
+    except OverflowError:  # an int beyond float range, or a sum beyond it
+        return math.inf
+
+
+def _known(metrics, keys: frozenset[str]) -> MetricRecord | None:
+    """``metrics`` with only the keys devices are expected to send (what the run store and
+    rounds.json keep: nothing a device names itself)."""
+    if metrics is None:
+        return None
+    return MetricRecord({k: v for k, v in metrics.items() if k in keys})
+
+
 def _partial(reply: Message) -> dict | None:
     """The partial-aggregate record of a reply that stands for several devices, or None."""
     if reply.has_error() or PARTIAL_AGGREGATE not in reply.content.config_records:
@@ -261,6 +288,7 @@ def make_strategy(
     num_rounds: int | None = None,
     before_round: Callable[[int, ArrayRecord], None] | None = None,
     accept_partial: bool = False,
+    max_examples: int | None = None,
 ):
     """The Flower strategy named by ``config.strategy``, evaluating every ``evaluate-every``
     rounds (and after ``num_rounds``, the last round that will run); with DP on, its average
@@ -268,7 +296,9 @@ def make_strategy(
     each round starts (the checkpoint). ``strategy.round_offset`` shifts Flower's round
     numbers (1, 2, ...) to the run's when a run resumes. ``accept_partial``: replies may be
     partial aggregates (only from a grid that computes them itself, the fast engine's; from
-    anywhere else such a reply is dropped, since its device counts would reach the accountant)."""
+    anywhere else such a reply is dropped, since its device counts would reach the accountant).
+    ``max_examples``: the most ``num-examples`` one device may claim
+    (:func:`fedpref.server.validation.examples_bound`; default run-config ``max-examples``)."""
     common = dict(
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -289,6 +319,11 @@ def make_strategy(
 
     last = num_rounds or config.num_server_rounds
     every = config.evaluate_every
+    # What a reply may carry (fedpref.server.validation): the metric names of this run's
+    # devices, exactly, and the weight one device may claim.
+    train_keys, evaluate_keys = train_metric_keys(config), evaluate_metric_keys(config)
+    claim_bound = config.max_examples if max_examples is None else max_examples
+    equal_weights = config.weighting == "equal"
     # A median, a trimmed mean or a per-device norm bound needs each device's own update.
     partial_train = accept_partial and config.aggregation == "mean" and not config.server_norm_bound > 0
     bases: tuple[type, ...] = (base,)
@@ -344,10 +379,14 @@ def make_strategy(
                 self._round_clip = float(self.dp_wrapper.clipping_norm)  # the bound this round's devices clipped to
             bound = None if config.secagg else (self._round_clip if central_noise else config.clip_norm)
             replies, invalid = _validated(replies, lambda r: check_train_reply(
-                r, self._sent_global, bound=bound, max_bytes=None, dp=config.dp, partial_allowed=partial_train))
+                r, self._sent_global, bound=bound, max_bytes=None, dp=config.dp, partial_allowed=partial_train,
+                metric_keys=train_keys, max_examples=claim_bound))
             rejected += invalid
             if config.server_norm_bound > 0:
                 replies = [_bounded(r, self._sent_global, config.server_norm_bound) for r in replies]
+            elif equal_weights:  # every device the same, whatever it claimed (within the bound)
+                for r in replies:
+                    r.content["metrics"][WEIGHT] = _devices(r)
             devices = sum(_devices(r) for r in replies)
             # The server step of this round (lr-end schedules it across rounds).
             step = config.server_lr * cosine_factor(server_round, last, config.server_lr_end)
@@ -361,8 +400,15 @@ def make_strategy(
                            f"{rejected} rejected), fewer than min-replies {config.min_replies}: the model stays as it was")
                 log(WARNING, "round %s skipped: %s", server_round, skipped)
                 arrays, metrics = None, None
+            elif not math.isfinite(total := _weight_total(replies)):
+                # Validation bounds each claim, so only a max-examples beyond float range gets here:
+                # Flower's average would divide by an infinite total and return zeros.
+                skipped = f"the {devices} valid replies' weights (num-examples) sum to {total}, not a finite number: the model stays as it was"
+                log(WARNING, "round %s skipped: %s", server_round, skipped)
+                arrays, metrics = None, None
             else:
                 arrays, metrics = super().aggregate_train(server_round, replies)
+            metrics = _known(metrics, train_keys)
             if arrays is not None:
                 arrays = _in_sent_dtype(arrays, self._sent_global)
             info = {"train": dict(metrics) if metrics else {}, "arrays": arrays, "server-lr": step,
@@ -374,9 +420,16 @@ def make_strategy(
 
         def aggregate_evaluate(self, server_round, replies):
             server_round += self.round_offset
-            replies, _ = _validated([r for r in replies if not r.has_error()], lambda r: check_evaluate_reply(r, partial_allowed=accept_partial))
-            metrics = super().aggregate_evaluate(server_round, replies)
-            on_round(server_round, {"evaluate": dict(metrics) if metrics else {}})
+            replies, rejected = _validated([r for r in replies if not r.has_error()], lambda r: check_evaluate_reply(
+                r, metric_keys=evaluate_keys, partial_allowed=accept_partial))
+            if replies and not math.isfinite(total := _weight_total(replies)):
+                log(WARNING, "round %s: evaluation left out: its weights sum to %s, not a finite number", server_round, total)
+                rejected, replies = rejected + len(replies), []
+            metrics = _known(super().aggregate_evaluate(server_round, replies), evaluate_keys)
+            evaluated = dict(metrics) if metrics else {}
+            if rejected:  # counted like a training round's (a row with nothing averaged says only this)
+                evaluated["evaluate-rejected"] = rejected
+            on_round(server_round, {"evaluate": evaluated})
             return metrics
 
     strategy = Strategy(**common, **extra)
@@ -663,7 +716,11 @@ def main(grid: Grid, context: Context) -> None:
         if checkpoint_dir and server_round > first_round:
             snapshot(server_round - 1, _numpy_arrays(arrays), finished=False)
 
-    strategy = make_strategy(config, n_devices, on_round, num_rounds, before_round, accept_partial=getattr(grid, "partial_aggregates", False))
+    claim_bound, claim_source = examples_bound(config, n_items)
+    if not config.dp:  # (under DP every device claims 1)
+        log(INFO, "a device may claim at most %s examples (%s); a larger claim is rejected", f"{claim_bound:,}", claim_source)
+    strategy = make_strategy(config, n_devices, on_round, num_rounds, before_round, accept_partial=getattr(grid, "partial_aggregates", False),
+                             max_examples=claim_bound)
     start_arrays, first_round = initial, 1
     if resumed is not None:
         start_arrays, first_round = resumed.arrays, resumed.completed_round + 1

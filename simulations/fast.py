@@ -71,6 +71,12 @@ def _keep_freed_memory() -> None:
         pass
 
 
+def _equal_weights(config: FederatedConfig) -> bool:
+    """Whether every device weighs the same in the average (under DP, or run-config
+    ``weighting=equal``), as the server weighs them; otherwise by its number of examples."""
+    return config.dp or config.weighting == "equal"
+
+
 def check_fast(config: FederatedConfig) -> None:
     """Refuse, before any work, what the fast engine does not compute."""
     if config.secagg:
@@ -284,7 +290,7 @@ class FastGrid(Grid):
         if contributing == 0:  # every device declined, failed or was late: an error reply for each that answered
             answered = [m for m, u in zip(group, users) if u not in set(training[late].tolist())]
             return [self._error(m, f"no device of the cohort of {len(group)} could train in round {server_round}") for m in answered]
-        weights = np.ones(contributing) if config.dp else out.examples[ok].astype(np.float64)
+        weights = np.ones(contributing) if _equal_weights(config) else out.examples[ok].astype(np.float64)
         total = float(weights.sum())
         # What the devices' float32 weights average to (Flower's FedAvg averages weights).
         summed = {name: sum(a[name].astype(np.float64) for a in accumulators) / total for name in shared}
@@ -354,7 +360,7 @@ class FastGrid(Grid):
             out.private[k], out.loss[k], out.ok[k], out.examples[k] = p, loss, True, len(items)
             if out.late[k]:  # trained, but its update comes after the round is over
                 continue
-            weight = 1.0 if config.dp else float(len(items))
+            weight = 1.0 if _equal_weights(config) else float(len(items))
             if self.per_device:  # the update goes out alone (not into this thread's sum)
                 alone = np.zeros(acc.shape)
                 out.norm[k], out.clipped[k] = _clip_and_add(q, bq, rows, item_rows, bias_rows, np.float64(bound), 1.0, alone)
@@ -384,7 +390,7 @@ class FastGrid(Grid):
             if out.late[k]:
                 continue
             sent, norm, clipped = encode_update(shared, update, bound)
-            weight = 1.0 if config.dp else float(len(items))
+            weight = 1.0 if _equal_weights(config) else float(len(items))
             recovered = {name: sent[name].astype(np.float64) - shared[name].astype(np.float64) for name in shared}
             if not self.per_device:
                 for name in shared:

@@ -23,8 +23,11 @@ def backend_config(*, cpus_per_device: float = 1.0, ray_address: str | None = No
     return {"client_resources": {"num_cpus": cpus_per_device, "num_gpus": 0.0}, "init_args": init_args}
 
 
-def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: dict | None = None, verbose: bool = False) -> dict:
+def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: dict | None = None, verbose: bool = False,
+                          client_app=None) -> dict:
     """Run ``config`` on ``n_devices`` virtual SuperNodes; returns the server's rounds.json.
+    ``client_app``: another ClientApp for the devices (default fedpref's; e.g.
+    :data:`fedpref.simulations.hostile.app`, which makes one of them hostile).
 
     ``flwr.simulation.run_simulation`` does not read ``[tool.flwr.app.config]`` and takes no
     run config, so the resolved config is written as the app config of a small app folder
@@ -33,8 +36,10 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
 
-    from fedpref.client.app import app as client_app
+    from fedpref.client.app import app as honest_app
     from fedpref.server.app import app as server_app
+
+    client_app = client_app or honest_app
 
     if not config.results_dir:
         raise ValueError("set results_dir: the server writes its rounds there")

@@ -1,12 +1,19 @@
-"""Hostile devices' replies: every way a training reply can be malformed.
+"""Hostile devices' replies: every way a training or evaluation reply can be malformed.
 
 :func:`malform` turns a well-formed training reply (what a device's guard sends: ``global +
-update`` in float32, within the clipping bound) into a malformed one of a given kind. The
-choices inside a kind (which array, which value, how far) come from a ``draw`` object, so that
-the same code serves hypothesis's property test (``tests/server/test_validation.py``, where
-hypothesis draws them) and the reliability record (``fedpref reliability``, a seeded NumPy
-generator): every reply it makes must be rejected by the server
-(:mod:`fedpref.server.validation`), and the model must be as if it had never come.
+update`` in float32, within the clipping bound) into a malformed one of a given kind
+(:data:`KINDS`); :func:`malform_evaluation` does the same to an evaluation reply
+(:data:`EVALUATE_KINDS`). The choices inside a kind (which array, which value, how far) come
+from a ``draw`` object, so that the same code serves hypothesis's property test
+(``tests/server/test_validation.py``, where hypothesis draws them) and the reliability record
+(``fedpref reliability``, a seeded NumPy generator): every reply it makes must be rejected by
+the server (:mod:`fedpref.server.validation`), and the model must be as if it had never come.
+
+:data:`app` is a ClientApp for Flower's Simulation Engine that plays one hostile device among
+honest ones: device :data:`HOSTILE_DEVICE` runs the honest ClientApp
+(``fedpref.client.app``) and then malforms its replies as :data:`SCRIPT` says for each round.
+The hostile behaviour lives here, in the simulations: the device's own code never knows it is
+simulated.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpref.models.federation import RUN_CONFIG_DEFAULTS
 
 from .inprocess import reply_from
 
@@ -29,10 +39,27 @@ KINDS = {
     "norm": "an update above the clipping bound",
     "corrupt-data": "array bytes that do not match their declared shape",
     "weight": "num-examples zero, negative, NaN or Inf",
+    "heavy": "num-examples above what one device may claim (1e12, 1.7e308, ...)",
     "metric": "a NaN or Inf metric",
+    "extra-metric": "a metric the server does not expect",
+    "missing-metric": "a metric the server expects left out",
     "oversized": "a message padded beyond max-reply-bytes",
     "extra-record": "a record the protocol does not have",
 }
+
+EVALUATE_KINDS = {
+    "extra-metric": "a metric the server does not expect",
+    "missing-metric": "a metric the server expects left out",
+    "heavy": "num-examples above 1 (1e15 with perfect hit rates, ...)",
+    "weight": "num-examples zero, negative, NaN or Inf",
+    "out-of-range": "a hit rate or NDCG outside [0, 1]",
+    "non-finite": "a NaN or Inf metric",
+    "extra-record": "a record the protocol does not have",
+}
+
+# Names a hostile device may add to its metrics: a plausible one, one the other kind of reply
+# carries, one that differs from a real one only by case or a space, and a long one.
+EXTRA_METRIC_NAMES = ("secret", "val-hr", "train-loss ", "Num-examples", "x" * 1000)
 
 
 class Draw(Protocol):
@@ -59,9 +86,7 @@ class NumpyDraw:
 
 def reply_message(node: int, content: RecordDict) -> Message:
     """``content`` as a reply from ``node`` to a training message."""
-    ask = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    ask.metadata.__dict__["_message_id"] = f"ask-{node}"
-    return reply_from(ask, content)
+    return reply_from(_ask(node, MessageType.TRAIN), content)
 
 
 def rebuilt(reply: Message, arrays=None, metrics=None, extra: dict | None = None) -> Message:
@@ -81,9 +106,17 @@ def update_norm(reply: Message, sent: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(np.sum((arrays[k].numpy().astype(np.float64) - sent[k].astype(np.float64)) ** 2) for k in sent)))
 
 
-def malform(reply: Message, sent: dict[str, np.ndarray], kind: str, draw: Draw, *, bound: float) -> Message:
+def heavy_claim(draw: Draw, max_examples: float) -> float | int:
+    """A number of examples above ``max_examples``: far above it (a take-over, a total beyond
+    float range, the largest int64) or just above it."""
+    return draw.choice([1e12, 1.7e308, 2**63 - 1, int(max_examples) + 1, float(max_examples) * draw.real(1.001, 1e6)])
+
+
+def malform(reply: Message, sent: dict[str, np.ndarray], kind: str, draw: Draw, *, bound: float,
+            max_examples: float = RUN_CONFIG_DEFAULTS["max-examples"]) -> Message:
     """A copy of the well-formed ``reply`` made malformed in the way ``kind`` names (one of
-    :data:`KINDS`); ``sent``: the global arrays of the round, ``bound``: its clipping bound."""
+    :data:`KINDS`); ``sent``: the global arrays of the round, ``bound``: its clipping bound,
+    ``max_examples``: the most examples one device may claim in it."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     weights = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
@@ -113,16 +146,141 @@ def malform(reply: Message, sent: dict[str, np.ndarray], kind: str, draw: Draw, 
         arrays = dict(reply.content["arrays"].items())
         arrays[name] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=array.data[: -draw.integer(1, 16)])
         return rebuilt(reply, arrays=arrays)
-    elif kind in ("weight", "metric"):
-        metrics = dict(reply.content["metrics"].items())
-        if kind == "weight":
-            metrics["num-examples"] = draw.choice([0, -3, float("nan"), float("inf"), -1.5])
-        else:
-            metrics[draw.choice(["train-loss", "num-examples"]) if "train-loss" in metrics else "num-examples"] = draw.choice([float("nan"), float("inf"), float("-inf")])
-        return rebuilt(reply, metrics=metrics)
+    elif kind in METRIC_KINDS:
+        return rebuilt(reply, metrics=bad_metrics(dict(reply.content["metrics"].items()), kind, draw, max_examples=max_examples))
     elif kind == "oversized":
         size = sum(4 * int(np.prod(a.shape)) for a in sent.values()) + 64 * 1024
         return rebuilt(reply, extra={"config": ConfigRecord({"padding": b"\0" * (size + draw.integer(1, 4 * size))})})
     elif kind == "extra-record":
         return rebuilt(reply, extra={draw.choice(["more", "config", "private"]): ArrayRecord({"x": Array(np.zeros(3, np.float32))})})
     return rebuilt(reply, arrays={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+METRIC_KINDS = ("weight", "heavy", "metric", "extra-metric", "missing-metric")  # the kinds that change only the metrics
+
+
+def bad_metrics(metrics: dict, kind: str, draw: Draw, *, max_examples: float = RUN_CONFIG_DEFAULTS["max-examples"]) -> dict:
+    """A training reply's ``metrics`` made malformed in the way ``kind`` names (one of
+    :data:`METRIC_KINDS`)."""
+    metrics = dict(metrics)
+    if kind == "weight":
+        metrics["num-examples"] = draw.choice([0, -3, float("nan"), float("inf"), -1.5])
+    elif kind == "heavy":
+        metrics["num-examples"] = heavy_claim(draw, max_examples)
+    elif kind == "metric":
+        metrics[draw.choice(["train-loss", "num-examples"]) if "train-loss" in metrics else "num-examples"] = draw.choice([float("nan"), float("inf"), float("-inf")])
+    elif kind in ("extra-metric", "missing-metric"):
+        _change_names(metrics, kind, draw)
+    else:
+        raise ValueError(f"{kind!r} is not a kind that changes only the metrics; choose one of {', '.join(METRIC_KINDS)}")
+    return metrics
+
+
+def _change_names(metrics: dict, kind: str, draw: Draw) -> None:
+    """Add a metric the server does not expect (``extra-metric``), or leave one out (``missing-metric``)."""
+    if kind == "extra-metric":
+        name = draw.choice([n for n in EXTRA_METRIC_NAMES if n not in metrics])
+        metrics[name] = draw.choice([0.0, 1.0, 7])
+    else:
+        metrics.pop(draw.choice(sorted(metrics)))
+
+
+def malform_evaluation(reply: Message, kind: str, draw: Draw) -> Message:
+    """A copy of the well-formed evaluation ``reply`` (one MetricRecord ``metrics``) made
+    malformed in the way ``kind`` names (one of :data:`EVALUATE_KINDS`)."""
+    content = bad_evaluation(reply.content, kind, draw)
+    return reply_from(_ask(reply.metadata.src_node_id, MessageType.EVALUATE), content)
+
+
+def bad_evaluation(content: RecordDict, kind: str, draw: Draw) -> RecordDict:
+    """The content of an evaluation reply made malformed in the way ``kind`` names."""
+    if kind not in EVALUATE_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(EVALUATE_KINDS)}")
+    metrics = dict(content["metrics"].items())
+    scores = sorted(k for k in metrics if k.endswith(("-hr", "-ndcg")))
+    extra = {}
+    if kind in ("extra-metric", "missing-metric"):
+        _change_names(metrics, kind, draw)
+    elif kind == "heavy":  # a device that claims to stand for many, all of them hits: the round's validation HR@k
+        metrics.update({k: 1.0 for k in scores})
+        metrics["num-examples"] = draw.choice([1e15, 2, 1.7e308, 2**63 - 1, 1.0 + draw.real(1e-9, 1e6)])
+    elif kind == "weight":
+        metrics["num-examples"] = draw.choice([0, -1, float("nan"), float("inf"), -0.5])
+    elif kind == "out-of-range":
+        metrics[draw.choice(scores)] = draw.choice([-1e-9, 1.0 + 1e-9, 2.0, -7.0, 1e300])
+    elif kind == "non-finite":
+        metrics[draw.choice([*scores, "num-examples"])] = draw.choice([float("nan"), float("inf"), float("-inf")])
+    elif kind == "extra-record":
+        extra[draw.choice(["arrays", "config", "private"])] = ArrayRecord({"x": Array(np.zeros(3, np.float32))})
+    return RecordDict({"metrics": MetricRecord(metrics), **extra})
+
+
+def _ask(node: int, message_type: str) -> Message:
+    ask = Message(RecordDict(), dst_node_id=node, message_type=message_type)
+    ask.metadata.__dict__["_message_id"] = f"ask-{node}"
+    return ask
+
+
+# -- one hostile device on Flower's Simulation Engine --------------------------------------
+
+HOSTILE_DEVICE = 0  # the partition id of the device that :data:`app` makes hostile
+# What the hostile device sends, by server round (training, evaluation): in round 1 a training
+# reply with a metric the server does not expect and an evaluation reply with one left out (either
+# used to make Flower's aggregation raise, and the run fail); in round 2 claims to weigh more than
+# everyone (its model with num-examples 1e12; perfect hit rates with num-examples 1e15). In later
+# rounds it answers honestly.
+SCRIPT = {1: ("extra-metric", "missing-metric"), 2: ("heavy", "heavy")}
+
+
+class FirstDraw:
+    """The first of every choice, the low end of every range: a fixed script."""
+
+    def choice(self, options: Sequence):
+        return options[0]
+
+    def integer(self, low: int, high: int) -> int:
+        return low
+
+    def real(self, low: float, high: float) -> float:
+        return low
+
+
+app = ClientApp()
+
+
+def _round(msg: Message) -> int:
+    return int(msg.content["config"].get("server-round", 0)) if "config" in msg.content.config_records else 0
+
+
+def _honest(msg: Message, context: Context) -> Message:
+    from fedpref.client.app import app as honest_app
+
+    return honest_app(msg, context)
+
+
+def _is_hostile(context: Context) -> bool:
+    return int(context.node_config.get("partition-id", -1)) == HOSTILE_DEVICE
+
+
+@app.train()
+def _train(msg: Message, context: Context) -> Message:
+    reply = _honest(msg, context)
+    kind = SCRIPT.get(_round(msg), (None, None))[0]
+    if not _is_hostile(context) or reply.has_error() or kind is None:
+        return reply
+    metrics = bad_metrics(dict(reply.content["metrics"].items()), kind, FirstDraw())
+    return Message(RecordDict({"arrays": reply.content["arrays"], "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    reply = _honest(msg, context)
+    kind = SCRIPT.get(_round(msg), (None, None))[1]
+    if not _is_hostile(context) or reply.has_error() or kind is None:
+        return reply
+    return Message(bad_evaluation(reply.content, kind, FirstDraw()), reply_to=msg)
+
+
+@app.query()
+def _query(msg: Message, context: Context) -> Message:
+    return _honest(msg, context)

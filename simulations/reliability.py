@@ -165,7 +165,7 @@ def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int =
 
     from fedpref.client.guard import encode_update
     from fedpref.server.app import make_strategy
-    from fedpref.server.validation import check_train_reply, default_max_bytes
+    from fedpref.server.validation import check_train_reply, default_max_bytes, examples_bound, train_metric_keys
 
     from .hostile import KINDS, NumpyDraw, malform, reply_message
 
@@ -174,23 +174,24 @@ def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int =
     bound, shapes = 1.0, {"item_embedding.weight": (200, 16), "item_bias.weight": (200, 1)}
     sent = {name: rng.normal(0, 0.1, shape).astype(np.float32) for name, shape in shapes.items()}
     config = FederatedConfig.from_run_config({"catalogue-size": 200, "devices": 8, "dim": 16, "clip-norm": bound, "strategy": "fedavg"})
+    max_examples, _ = examples_bound(config, 200)  # the catalogue: a device trains on distinct items
 
     def honest(node: int) -> object:
         scale = float(rng.choice([0.01, 0.1, 1.0, 10.0]))
         update = {k: rng.normal(0, scale, a.shape).astype(np.float32) * (rng.random(a.shape[0]) < 0.1)[:, None] for k, a in sent.items()}
-        weights, _, _ = encode_update(sent, update, bound)
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-                              "metrics": MetricRecord({"num-examples": int(rng.integers(1, 500)), "train-loss": float(rng.random())})})
-        return reply_message(node, content)
+        weights, norm, clipped = encode_update(sent, update, bound)
+        metrics = {"num-examples": int(rng.integers(1, max_examples + 1)), "train-loss": float(rng.random()), "update-norm": norm, "clipped": float(clipped)}
+        return reply_message(node, RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}), "metrics": MetricRecord(metrics)}))
 
     def aggregate(replies):
         seen = {}
-        strategy = make_strategy(config, 8, lambda r, info: seen.update(info))
+        strategy = make_strategy(config, 8, lambda r, info: seen.update(info), max_examples=max_examples)
         strategy._sent_global, strategy._asked = sent, len(replies)
         arrays, _ = strategy.aggregate_train(1, replies)
         return {k: arrays[k].numpy() for k in arrays}, seen
 
-    check = lambda reply: check_train_reply(reply, sent, bound=bound, max_bytes=default_max_bytes(sent), dp=False)  # noqa: E731
+    check = lambda reply: check_train_reply(reply, sent, bound=bound, max_bytes=default_max_bytes(sent), dp=False,  # noqa: E731
+                                            metric_keys=train_metric_keys(config), max_examples=max_examples)
     honest_rejected = sum(check(honest(i)) is not None for i in range(honest_trials))
     rows = []
     draw = NumpyDraw(rng)
@@ -202,7 +203,7 @@ def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int =
         reasons: dict[str, int] = {}
         for t in range(trials):
             good = [honest(n) for n in range(3)]
-            bad = malform(honest(99), sent, kind, draw, bound=bound)
+            bad = malform(honest(99), sent, kind, draw, bound=bound, max_examples=max_examples)
             reason = check(bad)
             if reason is not None:
                 rejected += 1

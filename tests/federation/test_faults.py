@@ -116,3 +116,122 @@ def test_a_robust_aggregation_keeps_the_model_float32_and_its_replies_valid(popu
     inprocess = run_inprocess(config_of(population, tmp_path / "inprocess", aggregation=aggregation, strategy="fedadam"), n_devices=N)
     assert [r["replies"] for r in inprocess["rounds"]] == [r["replies"] for r in result["rounds"]]
     assert abs(inprocess["rounds"][-1]["test-hr"] - result["rounds"][-1]["test-hr"]) <= 0.07
+
+
+# -- one hostile device (fedpref.simulations.hostile.app) -----------------------------------
+
+def _hostile_config(population, out, **overrides) -> FederatedConfig:
+    """Every device trains and evaluates every round, so that the hostile one is always asked."""
+    return config_of(population, out, num_server_rounds=2, fraction_train=1.0, fraction_evaluate=1.0, evaluate_every=1,
+                     checkpoint_dir="", **overrides)
+
+
+def _run_without_device_0(population, out, n_devices, **overrides):
+    """The same run on the in-process engine with device 0 absent (an error reply to everything
+    it is asked): what the hostile device's run must equal."""
+    from flwr.app import Error, Message
+
+    from fedpref.client.app import app as client_app
+    from fedpref.simulations.inprocess import InProcessGrid
+
+    def absent(msg, context):
+        if context.node_config["partition-id"] == 0 and msg.metadata.message_type != "query":
+            return Message(Error(code=0, reason="gone"), reply_to=msg)
+        return client_app(msg, context)
+
+    config = _hostile_config(population, out, **overrides)
+    result = run_inprocess(config, n_devices=n_devices, grid=InProcessGrid(absent, n_devices, config.to_run_config()))
+    return result, np.load(out / "final_model.npz")
+
+
+def _known_round_keys(config: FederatedConfig) -> set[str]:
+    """What a round of rounds.json and of the run store may hold: the devices' expected metrics
+    (training ones prefixed train-) and what the server counts itself."""
+    from fedpref.server.validation import WEIGHT, evaluate_metric_keys, train_metric_keys
+
+    train = {k if k.startswith("train-") else f"train-{k}" for k in train_metric_keys(config) - {WEIGHT}}
+    counted = {"round", "seconds", "replies", "dropped", "late", "rejected", "skipped", "server-lr", "evaluate-rejected", "epsilon", "model-version"}
+    return train | (evaluate_metric_keys(config) - {WEIGHT}) | counted
+
+
+def test_one_hostile_device_neither_stops_the_run_nor_moves_the_model_and_no_unknown_metric_is_stored(population, tmp_path):
+    """In-process engine, fedpref's hostile ClientApp: in round 1 device 0 adds a metric to its
+    training reply and leaves one out of its evaluation (Flower's aggregation used to raise:
+    the run failed); in round 2 it claims 1e12 examples for its model and 1e15 perfect hits.
+    The run completes, and is bit for bit the run without device 0."""
+    from fedpref.server.runstore import RunStore
+    from fedpref.simulations import hostile
+    from fedpref.simulations.inprocess import InProcessGrid
+
+    # Prepare
+    config = _hostile_config(population, tmp_path / "hostile")
+    # Execute
+    result = run_inprocess(config, n_devices=N, grid=InProcessGrid(hostile.app, N, config.to_run_config()))
+    absent, absent_model = _run_without_device_0(population, tmp_path / "absent", N)
+    # Assert: every hostile reply rejected and counted; the model and the metrics are those of the run without it.
+    rows = result["rounds"]
+    assert [(r["rejected"], r["evaluate-rejected"], r["replies"]) for r in rows] == [(1, 1, N - 1)] * 2
+    model = np.load(tmp_path / "hostile" / "final_model.npz")
+    for name in absent_model.files:
+        np.testing.assert_array_equal(model[name], absent_model[name])
+    for mine, theirs in zip(rows, absent["rounds"], strict=True):
+        assert {k: mine[k] for k in ("val-hr", "val-ndcg", "test-hr", "train-loss")} == {k: theirs[k] for k in ("val-hr", "val-ndcg", "test-hr", "train-loss")}
+    # Only known metric names are kept, in rounds.json and in the run store.
+    store = RunStore(str(tmp_path / "hostile" / "runs.sqlite"))
+    (run,) = store.runs()
+    assert run["status"] == "completed"
+    stored = store.rounds(run["id"])
+    assert len(stored) == 2
+    for row in rows:
+        assert set(row) <= _known_round_keys(config)
+    for row in stored:
+        assert set(row["metrics"]) <= _known_round_keys(config) and "secret" not in row["metrics"]
+
+
+@pytest.mark.slow
+def test_on_the_simulation_engine_one_hostile_device_neither_stops_the_run_nor_takes_over_the_model(tmp_path, synthetic_population):
+    """The real Simulation Engine (Ray), four devices, two rounds, fedpref's hostile ClientApp
+    (fedpref.simulations.hostile.app; device 0 malforms its replies, see its SCRIPT)."""
+    from fedpref.simulations import hostile
+    from fedpref.simulations.federated import run_flower_simulation
+
+    # Prepare
+    n = 4
+    folder = synthetic_population(tmp_path, n, 120, 12, 5)
+    config = _hostile_config(folder, tmp_path / "flower", dim=4)
+    # Execute
+    result = run_flower_simulation(config, n_devices=n, client_app=hostile.app)
+    # Assert: the run completed, the hostile replies were rejected and counted, and the model is
+    # the honest devices' alone: the in-process run without device 0, up to the two engines'
+    # float rounding (about 1e-4 here; device 0 taking part as one of four moves it by about 0.09).
+    absent, absent_model = _run_without_device_0(folder, tmp_path / "absent", n, dim=4)
+    assert [(r["rejected"], r["evaluate-rejected"], r["replies"]) for r in result["rounds"]] == [(1, 1, n - 1)] * 2
+    model = np.load(tmp_path / "flower" / "final_model.npz")
+    for name in absent_model.files:
+        np.testing.assert_allclose(model[name], absent_model[name], rtol=0, atol=1e-3)
+    for mine, theirs in zip(result["rounds"], absent["rounds"], strict=True):
+        assert mine["val-hr"] == pytest.approx(theirs["val-hr"], abs=1e-9)  # not the 1e15 perfect hits
+
+
+def test_with_equal_weights_the_fast_engine_weighs_devices_as_the_server_does(population, tmp_path):
+    """run-config weighting=equal: the server weighs every reply 1 whatever it claims, and the
+    fast engine's partial aggregate averages its devices the same way."""
+    from dataclasses import replace
+
+    def distance(a, b) -> float:
+        return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in b.files)) / np.sqrt(sum(np.sum(b[k].astype(np.float64) ** 2) for k in b.files)))
+
+    # Prepare
+    equal = config_of(population, tmp_path / "inprocess", weighting="equal", num_server_rounds=2, dropout=0.0)
+    # Execute
+    inprocess = run_inprocess(equal, n_devices=N)
+    fast = run_fast(replace(equal, results_dir=str(tmp_path / "fast")), threads=1)
+    by_examples = run_fast(replace(equal, weighting="examples", results_dir=str(tmp_path / "examples")), threads=1)
+    # Assert: the same model from both engines (float rounding apart, which FedAdam's per-coordinate
+    # step amplifies to about 5e-5 here), another one when devices weigh their examples (about 0.3).
+    models = {name: np.load(tmp_path / name / "final_model.npz") for name in ("inprocess", "fast", "examples")}
+    assert distance(models["fast"], models["inprocess"]) <= 1e-3
+    assert distance(models["examples"], models["inprocess"]) > 0.05
+    for a, b in zip(inprocess["rounds"], fast["rounds"], strict=True):
+        assert a["train-loss"] == pytest.approx(b["train-loss"], rel=1e-4) and a["replies"] == b["replies"]
+    assert by_examples["rounds"][0]["train-loss"] != pytest.approx(fast["rounds"][0]["train-loss"], rel=1e-4)

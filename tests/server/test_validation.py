@@ -1,5 +1,7 @@
 """The server rejects malformed and out-of-bounds replies before aggregating, counts them per
-round, and its model is as if they had never come (fedpref.server.validation)."""
+round, and its model is as if they had never come (fedpref.server.validation). A hostile device
+can neither stop a run (metrics that Flower could not average) nor take over its model (a weight
+it has no right to)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpref.client.guard import encode_update
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.federation import RUN_CONFIG_DEFAULTS, FederatedConfig
 from fedpref.server.app import make_strategy
-from fedpref.server.validation import check_evaluate_reply, check_train_reply, default_max_bytes
-from fedpref.simulations.hostile import KINDS, malform, rebuilt, reply_message
+from fedpref.simulations.hostile import EVALUATE_KINDS, KINDS, malform, malform_evaluation, rebuilt, reply_message
+from fedpref.simulations.inprocess import reply_from
 
 C = 1.0
 SHAPES = {"item_embedding.weight": (30, 4), "item_bias.weight": (30, 1)}
+MAX_EXAMPLES = RUN_CONFIG_DEFAULTS["max-examples"]  # what make_strategy bounds a claim by unless told otherwise
+RUN_CONFIG = {"catalogue-size": 30, "devices": 8, "dim": 4, "clip-norm": C}
 
 
 def _global(seed: int = 0) -> dict[str, np.ndarray]:
@@ -39,16 +43,37 @@ _message = reply_message
 
 
 def _honest(node: int, sent: dict, seed: int, *, scale: float = 3.0, examples: int = 5, dp: bool = False) -> Message:
-    """What a device's guard sends: global + its update clipped to C (fedpref.client.guard)."""
+    """What a device's guard sends: global + its update clipped to C (fedpref.client.guard),
+    with the metrics of fedpref.client.app's train."""
     rng = np.random.default_rng(seed)
     update = {name: (rng.normal(0, scale / 10, a.shape)).astype(np.float32) for name, a in sent.items()}
-    weights, _, _ = encode_update(sent, update, C)
-    metrics = {"num-examples": 1} if dp else {"num-examples": examples, "train-loss": 0.5}
+    weights, norm, clipped = encode_update(sent, update, C)
+    metrics = {"num-examples": 1} if dp else {"num-examples": examples, "train-loss": 0.5, "update-norm": norm, "clipped": float(clipped)}
     return _message(node, RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}), "metrics": MetricRecord(metrics)}))
 
 
+def _evaluation(node: int, seed: int) -> Message:
+    """What fedpref.client.app's evaluate sends: one device's hit and NDCG for each split."""
+    rng = np.random.default_rng(seed)
+    metrics = {"num-examples": 1}
+    for name in ("val-hr", "val-full-hr", "test-hr", "test-full-hr"):
+        metrics[name] = float(rng.random() < 0.5)
+        metrics[name.replace("hr", "ndcg")] = metrics[name] / float(np.log2(rng.integers(2, 12)))
+    return _evaluation_reply(node, metrics)
+
+
+def _evaluation_reply(node: int, metrics: dict) -> Message:
+    ask = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+    ask.metadata.__dict__["_message_id"] = f"ask-{node}"
+    return reply_from(ask, RecordDict({"metrics": MetricRecord(metrics)}))
+
+
 def _check(reply: Message, sent: dict, dp: bool = False) -> str | None:
-    return check_train_reply(reply, sent, bound=C, max_bytes=default_max_bytes(sent), dp=dp)
+    from fedpref.server.validation import check_train_reply, default_max_bytes, train_metric_keys
+
+    config = FederatedConfig.from_run_config({**RUN_CONFIG, "dp-noise-multiplier": 0.5 if dp else 0.0})
+    return check_train_reply(reply, sent, bound=C, max_bytes=default_max_bytes(sent), dp=dp,
+                             metric_keys=train_metric_keys(config), max_examples=MAX_EXAMPLES)
 
 
 # -- the hostile kit (fedpref.simulations.hostile), its choices drawn by hypothesis ---------
@@ -68,12 +93,12 @@ class HypothesisDraw:
 
 
 def _mutate(reply: Message, sent: dict, kind: str, data: st.DataObject) -> Message:
-    return malform(reply, sent, kind, HypothesisDraw(data), bound=C)
+    return malform(reply, sent, kind, HypothesisDraw(data), bound=C, max_examples=MAX_EXAMPLES)
 
 
-def _aggregate(replies: list[Message], strategy_name: str, dp: bool = False) -> tuple[dict | None, dict]:
+def _aggregate(replies: list[Message], strategy_name: str, dp: bool = False, **run_config) -> tuple[dict | None, dict]:
     """One round of fedpref's strategy over ``replies``: (new global arrays, what on_round saw)."""
-    run_config = {"catalogue-size": 30, "devices": 8, "dim": 4, "clip-norm": C, "strategy": strategy_name}
+    run_config = {**RUN_CONFIG, "strategy": strategy_name, **run_config}
     if dp:
         run_config["dp-noise-multiplier"] = 0.5
     config = FederatedConfig.from_run_config(run_config)
@@ -143,11 +168,184 @@ def test_a_round_with_only_bad_replies_leaves_the_model_and_says_so():
     assert arrays is None and seen["rejected"] == 1 and "fewer than min-replies 1" in seen["skipped"]
 
 
+def _aggregate_evaluate(replies: list[Message], **run_config) -> tuple[dict, dict]:
+    """One round of fedpref's strategy's evaluation over ``replies``: (averaged metrics, what on_round saw)."""
+    config = FederatedConfig.from_run_config({**RUN_CONFIG, **run_config})
+    seen: dict = {}
+    strategy = make_strategy(config, 8, lambda r, info: seen.update(info))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    return (dict(metrics) if metrics else {}), seen["evaluate"]
+
+
+def _with_metrics(reply: Message, **changes) -> Message:
+    """A copy of ``reply`` whose metrics are changed (a value of None removes the metric)."""
+    metrics = {k: v for k, v in {**dict(reply.content["metrics"].items()), **changes}.items() if v is not None}
+    if "arrays" not in reply.content.array_records:  # an evaluation reply
+        return _evaluation_reply(reply.metadata.src_node_id, metrics)
+    return rebuilt(reply, metrics=metrics)
+
+
 def test_evaluation_replies_are_checked_too():
-    ok = _message(1, RecordDict({"metrics": MetricRecord({"num-examples": 1, "val-hr": 1.0, "val-ndcg": 0.63})}))
-    assert check_evaluate_reply(ok) is None
-    for metrics in ({"num-examples": 1, "val-hr": 7.0}, {"num-examples": 1, "val-ndcg": float("nan")}, {"num-examples": 0, "val-hr": 1.0}):
-        assert check_evaluate_reply(_message(1, RecordDict({"metrics": MetricRecord(metrics)}))) is not None
+    from fedpref.server.validation import check_evaluate_reply, evaluate_metric_keys
+
+    keys = evaluate_metric_keys(FederatedConfig.from_run_config(RUN_CONFIG))
+    ok = _evaluation(1, 0)
+    assert check_evaluate_reply(ok, metric_keys=keys) is None
+    for change in ({"val-hr": 7.0}, {"val-ndcg": float("nan")}, {"num-examples": 0}, {"num-examples": 2}, {"test-full-ndcg": None}, {"other": 0.5}):
+        assert check_evaluate_reply(_with_metrics(ok, **change), metric_keys=keys) is not None, change
+
+
+# -- one device must not stop the run: every reply carries exactly the expected metrics -------
+
+@pytest.mark.parametrize("change", [{"secret": 1.0}, {"train-loss": None}, {"num-examples": None}], ids=["extra", "missing", "missing-weight"])
+@pytest.mark.parametrize("strategy_name", ["fedavg", "fedadam"])
+def test_a_training_reply_with_a_metric_more_or_less_is_rejected_and_the_round_goes_on(change, strategy_name):
+    """Flower averages a round's metrics only when every reply has the same keys: one reply with
+    a key more or less made it raise, which stopped the run (and its resume)."""
+    # Prepare: the hostile reply first (Flower compares every reply with the first), then three honest ones.
+    sent = _global()
+    hostile = _with_metrics(_honest(3, sent, 3), **change)
+    # Execute
+    got, seen = _aggregate([hostile] + [_honest(n, sent, n) for n in range(3)], strategy_name)
+    # Assert: rejected and counted; the model and the metrics are the honest replies' alone.
+    expected, honest = _aggregate([_honest(n, sent, n) for n in range(3)], strategy_name)
+    assert (seen["rejected"], seen["replies"]) == (1, 3)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    assert seen["train"] == honest["train"] and set(seen["train"]) == {"train-loss", "update-norm", "clipped"}
+
+
+@pytest.mark.parametrize("change", [{"secret": 1.0}, {"val-full-hr": None}], ids=["extra", "missing"])
+def test_an_evaluation_reply_with_a_metric_more_or_less_is_rejected_and_counted(change):
+    # Prepare
+    hostile = _with_metrics(_evaluation(9, 9), **change)
+    honest = [_evaluation(n, n) for n in range(3)]
+    # Execute
+    metrics, row = _aggregate_evaluate([hostile] + honest)
+    # Assert: the honest devices' mean, and the rejected reply counted in the round's row.
+    for name in ("val-hr", "test-ndcg"):
+        assert metrics[name] == pytest.approx(sum(float(r.content["metrics"][name]) for r in honest) / 3)
+    assert row["evaluate-rejected"] == 1 and "secret" not in row
+
+
+# -- one device must not take over the model: a weight within what a device can hold ----------
+
+def test_one_device_claiming_1e12_examples_does_not_take_over_the_round():
+    """Without a bound, a claim of 1e12 against three devices of 5 examples gave the attacker
+    1e12 / (1e12 + 15) of the average: the round's model was its own."""
+    # Prepare: an attacker that sends another model (within C) and claims 1e12 examples.
+    sent = _global()
+    attacker = _with_metrics(_honest(7, sent, 7, scale=30.0), **{"num-examples": 1e12})
+    attackers_model = {k: v.numpy() for k, v in attacker.content["arrays"].items()}
+    # Execute
+    got, seen = _aggregate([_honest(n, sent, n, examples=5) for n in range(3)] + [attacker], "fedavg")
+    # Assert: rejected; the model is the honest replies' alone, far from the attacker's.
+    expected, _ = _aggregate([_honest(n, sent, n, examples=5) for n in range(3)], "fedavg")
+    assert (seen["rejected"], seen["replies"]) == (1, 3)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    assert max(float(np.abs(got[k] - attackers_model[k]).max()) for k in got) > 0.01
+
+
+def test_two_devices_claiming_1_7e308_examples_do_not_zero_the_model():
+    """1.7e308 + 1.7e308 overflows to inf: Flower's average divided every weight by it and the
+    global model became zeros."""
+    # Prepare
+    sent = _global()
+    attackers = [_with_metrics(_honest(7 + i, sent, 7 + i), **{"num-examples": 1.7e308}) for i in range(2)]
+    # Execute
+    got, seen = _aggregate([_honest(n, sent, n) for n in range(3)] + attackers, "fedavg")
+    # Assert
+    expected, _ = _aggregate([_honest(n, sent, n) for n in range(3)], "fedavg")
+    assert (seen["rejected"], seen["replies"]) == (2, 3)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+        assert np.abs(got[name]).max() > 0
+
+
+def test_a_round_whose_weights_sum_beyond_float_range_is_skipped_and_the_model_kept(caplog):
+    """Should an operator set max-examples beyond float range, claims within it can still sum to
+    inf: the round is skipped with a log line, never aggregated into zeros."""
+    import logging
+
+    # Prepare: two claims each within the (absurd) bound, together beyond float range.
+    sent = _global()
+    claims = [_with_metrics(_honest(n, sent, n), **{"num-examples": 1.7e308}) for n in range(2)]
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        arrays, seen = _aggregate(claims, "fedadam", **{"max-examples": 10**309})
+    # Assert
+    assert arrays is None and seen["rejected"] == 0
+    assert "not a finite number" in seen["skipped"] and "round 1 skipped" in caplog.text
+
+
+def test_an_evaluation_claiming_1e15_examples_does_not_set_the_rounds_validation_hit_rate():
+    """A device that claimed 1e15 with a perfect hit made the round's validation HR@10 1.0, and so
+    chose the round."""
+    # Prepare: three honest devices (half of them hit), and an attacker claiming 1e15 perfect hits.
+    honest = [_evaluation(n, n) for n in range(3)]
+    perfect = {k: 1.0 for k in _evaluation(9, 9).content["metrics"].keys() if k.endswith(("-hr", "-ndcg"))}
+    attacker = _with_metrics(_evaluation(9, 9), **perfect, **{"num-examples": 1e15})
+    # Execute
+    metrics, row = _aggregate_evaluate(honest + [attacker])
+    # Assert: the honest devices' mean (each weighs 1), the claim rejected and counted.
+    for name in ("val-hr", "val-ndcg", "test-hr", "test-full-ndcg"):
+        assert metrics[name] == pytest.approx(sum(float(r.content["metrics"][name]) for r in honest) / 3)
+    assert row["evaluate-rejected"] == 1
+
+
+def test_with_equal_weights_every_device_weighs_the_same_whatever_it_claims():
+    # Prepare: three devices claiming 1, 5 and 1,000 examples (all within the bound).
+    sent = _global()
+    claims = (1, 5, 1000)
+    replies = lambda: [_honest(n, sent, n, examples=c) for n, c in enumerate(claims)]  # noqa: E731
+    models = [{k: v.numpy().astype(np.float64) for k, v in r.content["arrays"].items()} for r in replies()]
+    # Execute
+    equal, seen = _aggregate(replies(), "fedavg", weighting="equal")
+    weighted, _ = _aggregate(replies(), "fedavg")
+    # Assert: the plain mean with weighting=equal, the mean weighted by the claims otherwise.
+    for name in equal:
+        np.testing.assert_allclose(equal[name], sum(m[name] for m in models) / 3, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(weighted[name], sum(c * m[name] for c, m in zip(claims, models)) / sum(claims), rtol=1e-5, atol=1e-7)
+    assert (seen["replies"], seen["rejected"]) == (3, 0)
+
+
+def test_a_device_may_claim_at_most_its_longest_possible_history(synthetic_population, tmp_path):
+    """The bound is what the server can know: in a simulation the population's longest history,
+    with device stores or real devices the catalogue (a device trains on distinct items), and
+    never more than max-examples."""
+    from fedpref.server.validation import examples_bound
+
+    # Prepare
+    population = synthetic_population(tmp_path, 12, 200, 12, 3)
+    longest = int(np.diff(np.load(population / "train_indptr.npy")).max())
+    simulation = FederatedConfig.from_run_config({"history-dir": str(population)})
+    # Execute / Assert
+    assert examples_bound(simulation, 200)[0] == longest
+    assert examples_bound(FederatedConfig.from_run_config({"history-dir": str(population), "max-examples": longest - 1}), 200)[0] == longest - 1
+    assert examples_bound(FederatedConfig.from_run_config({"history-dir": str(population), "store-dir": str(tmp_path)}), 200)[0] == 200
+    assert examples_bound(FederatedConfig.from_run_config({"catalogue-size": 50_000, "devices": 3}), 50_000)[0] == 50_000
+    assert examples_bound(FederatedConfig.from_run_config({"catalogue-size": 500_000, "devices": 3}), 500_000)[0] == MAX_EXAMPLES
+    # A claim one above the bound is rejected, one at it passes.
+    sent = _global()
+    for claim, ok in ((MAX_EXAMPLES, True), (MAX_EXAMPLES + 1, False)):
+        assert (_check(_with_metrics(_honest(1, sent, 1), **{"num-examples": claim}), sent) is None) is ok
+
+
+@pytest.mark.parametrize("kind", list(EVALUATE_KINDS))
+def test_each_kind_of_malformed_evaluation_reply_is_rejected_and_leaves_the_metrics_unchanged(kind):
+    honest = [_evaluation(n, n) for n in range(3)]
+    expected, _ = _aggregate_evaluate([_evaluation(n, n) for n in range(3)])
+
+    @given(data=st.data(), at=st.integers(0, 3))
+    @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    def check(data, at):
+        bad = malform_evaluation(_evaluation(9, 9), kind, HypothesisDraw(data))
+        metrics, row = _aggregate_evaluate(honest[:at] + [bad] + honest[at:])
+        assert row["evaluate-rejected"] == 1
+        assert metrics == pytest.approx(expected)
+
+    check()
 
 
 def test_in_a_run_a_hostile_devices_replies_count_as_rejected_and_change_nothing(synthetic_population, tmp_path):
@@ -192,3 +390,36 @@ def test_in_a_run_a_hostile_devices_replies_count_as_rejected_and_change_nothing
     assert [row.get("dropped") for row in absent["rounds"]] == [1, 1]
     for name in absent_model.files:
         np.testing.assert_array_equal(hostile_model[name], absent_model[name])
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "fast"])
+@pytest.mark.parametrize("overrides", [{}, {"dp-noise-multiplier": 0.5}, {"dp-noise-multiplier": 0.5, "dp-clipping": "adaptive"}, {"weighting": "equal"}],
+                         ids=["plain", "dp", "dp-adaptive", "equal-weights"])
+def test_honest_devices_send_exactly_the_metric_names_the_server_expects(synthetic_population, tmp_path, engine, overrides):
+    """The names the server requires (fedpref.server.validation, derived from the run config)
+    are the names the devices' code sends: the ClientApp's and the fast engine's partial
+    aggregates, training and evaluation. No honest reply is rejected."""
+    from fedpref.server import app as server_app
+    from fedpref.server.validation import evaluate_metric_keys, train_metric_keys
+    from fedpref.simulations.fast import run_fast
+    from fedpref.simulations.inprocess import run_inprocess
+
+    # Prepare
+    population = synthetic_population(tmp_path, 12, 200, 12, 3)
+    config = FederatedConfig.from_run_config({
+        "history-dir": str(population), "results-dir": str(tmp_path / "run"), "num-server-rounds": 1, "dim": 4, "local-epochs": 1,
+        "private-epochs": 1, "checkpoint-dir": "none", **overrides})
+    replies: dict[str, list] = {"train": [], "evaluate": []}
+    server_app.add_exchange_observer(lambda sent, got: replies[sent[0].metadata.message_type].extend(r for r in got if not r.has_error())
+                                     if sent and sent[0].metadata.message_type in replies else None)
+    # Execute
+    try:
+        result = run_inprocess(config, n_devices=12) if engine == "inprocess" else run_fast(config, threads=1)
+    finally:
+        server_app.clear_exchange_observers()
+    # Assert
+    assert replies["train"] and replies["evaluate"]
+    assert {frozenset(r.content["metrics"].keys()) for r in replies["train"]} == {train_metric_keys(config)}
+    assert {frozenset(r.content["metrics"].keys()) for r in replies["evaluate"]} == {evaluate_metric_keys(config)}
+    (row,) = result["rounds"]
+    assert "rejected" not in row and "evaluate-rejected" not in row and row["replies"] == 12

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fedpref.models.federation import FederatedConfig
 from fedpref.server import app as server_app
-from fedpref.server.validation import check_train_reply
+from fedpref.server.validation import check_train_reply, examples_bound, train_metric_keys
 from fedpref.simulations.cli import app
 from fedpref.simulations.fast import FastGrid, Population
 from fedpref.simulations.poison import (
@@ -67,7 +67,9 @@ def test_crafted_updates_pass_validation_within_c_and_the_attack_lifts_the_targe
     for reply, msg in seen:
         arrays = msg.content["arrays"]
         shared = {name: arrays[name].numpy() for name in arrays}
-        assert check_train_reply(reply, shared, bound=10.0, max_bytes=None, dp=False) is None
+        config = FederatedConfig.from_run_config({**BASE, "history-dir": str(population)})
+        assert check_train_reply(reply, shared, bound=10.0, max_bytes=None, dp=False, metric_keys=train_metric_keys(config),
+                                 max_examples=examples_bound(config, 300)[0]) is None
         got = reply.content["arrays"]
         update = {n: got[n].numpy().astype(np.float64) - shared[n].astype(np.float64) for n in shared}
         norm = float(np.sqrt(sum(np.sum(u * u) for u in update.values())))

@@ -68,6 +68,7 @@ RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
     "dp-clip-lr": 0.2,  # adaptive clipping: geometric step of C each round (Andrew et al. 2021)
     "dp-target-epsilon": 0.0,  # stop before a round would take epsilon past this (0: no target)
     "dp-noise-placement": "central",  # central: the server noises the average; distributed: each device adds its share (needs secagg)
+    "reproducible-noise": False,  # simulation only: the server's DP noise (and, under DP, its cohorts) from `seed`, so a run repeats; anyone who knows the seed removes the noise
     "secagg": False,  # secure aggregation (Flower's SecAgg+): the server learns only each round's sum of updates
     "secagg-min-cohort": 10,  # secagg: refuse a cohort, and skip a round whose sum would cover, fewer devices than this
     "secagg-num-shares": 0,  # secagg: neighbours holding shares of each device's keys (0: 2*ceil(log2 m)+1, at most the cohort)
@@ -155,6 +156,7 @@ class FederatedConfig:
     dp_clip_lr: float
     dp_target_epsilon: float
     dp_noise_placement: str
+    reproducible_noise: bool
     secagg: bool
     secagg_min_cohort: int
     secagg_num_shares: int

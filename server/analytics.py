@@ -10,7 +10,8 @@ as training (``secagg`` must be on):
   L2 norm is at most ``sqrt(max-items)``;
 - SecAgg+ gives the server only the sum: each item's count over the cohort;
 - Gaussian noise of standard deviation ``z * sqrt(max-items)`` goes on every count, added by
-  the server after the sum (``dp-noise-placement = central``) or shared among the devices
+  the server after the sum (``dp-noise-placement = central``; drawn from the operating
+  system's entropy, :class:`~fedpref.server.privacy.NoiseSource`) or shared among the devices
   before it (``distributed``), with ``z = popularity-noise-multiplier``;
 - the release is accounted as one :class:`~fedpref.server.privacy.DpMechanism` round (cohort
   drawn without replacement, replace-one neighbours: sensitivity ``2 sqrt(max-items)``, which
@@ -30,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from fedpref.models.federation import POPULARITY_TASK, TASK, FederatedConfig
 
-from .privacy import DpMechanism
+from .privacy import DpMechanism, NoiseSource
 from .secure import SecureAggregationGrid, quantization_range
 
 NAME = "popularity"  # the one array of the task
@@ -45,9 +46,11 @@ def popularity_mechanism(config: FederatedConfig, n_devices: int) -> DpMechanism
     return DpMechanism(config.popularity_noise_multiplier, n_devices, popularity_cohort(config, n_devices))
 
 
-def dp_popularity(secure: SecureAggregationGrid, nodes: list[int], config: FederatedConfig, n_items: int) -> tuple[np.ndarray, list[int]] | None:
+def dp_popularity(secure: SecureAggregationGrid, nodes: list[int], config: FederatedConfig, n_items: int,
+                  noise: NoiseSource | None = None) -> tuple[np.ndarray, list[int]] | None:
     """Run the histogram over the devices ``nodes``: the noised count of every item and the
-    nodes whose vectors the sum holds, or None if the secure round was skipped."""
+    nodes whose vectors the sum holds, or None if the secure round was skipped. Central noise
+    comes from ``noise`` (default: fresh entropy from the operating system)."""
     bound = math.sqrt(config.popularity_max_items)
     content = RecordDict(
         {
@@ -68,7 +71,6 @@ def dp_popularity(secure: SecureAggregationGrid, nodes: list[int], config: Feder
     average, contributors = result
     counts = average[NAME] * len(contributors)
     if config.dp_noise_placement == "central":
-        # NumPy's global generator: seeded by the ServerApp in a simulation, as for training.
-        counts = counts + np.random.normal(0.0, z * bound, size=counts.shape)
+        counts = counts + (noise or NoiseSource()).normal(0.0, z * bound, size=counts.shape)
     return counts, contributors
 

@@ -26,7 +26,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
@@ -41,7 +40,7 @@ from flwr.serverapp.strategy import fedavg as _fedavg_module
 from fedpref.models.encoding import EncodingError, decode
 from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError, cosine_factor
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
-from fedpref.server.privacy import DpMechanism, PrivacyLedger, default_delta
+from fedpref.server.privacy import AdaptiveClippingNoise, DpMechanism, FixedClippingNoise, NoiseSource, PrivacyLedger, default_delta
 from fedpref.server import checkpoint
 from fedpref.server.publish import ModelPublisher
 from fedpref.server.runstore import RunStore, default_url
@@ -289,11 +288,13 @@ def make_strategy(
     before_round: Callable[[int, ArrayRecord], None] | None = None,
     accept_partial: bool = False,
     max_examples: int | None = None,
+    noise: NoiseSource | None = None,
 ):
     """The Flower strategy named by ``config.strategy``, evaluating every ``evaluate-every``
     rounds (and after ``num_rounds``, the last round that will run); with DP on, its average
-    is noised before the server optimiser steps. ``before_round(round, arrays)`` is called as
-    each round starts (the checkpoint). ``strategy.round_offset`` shifts Flower's round
+    is noised before the server optimiser steps, the noise drawn from ``noise`` (default:
+    fresh entropy from the operating system for every release). ``before_round(round,
+    arrays)`` is called as each round starts (the checkpoint). ``strategy.round_offset`` shifts Flower's round
     numbers (1, 2, ...) to the run's when a run resumes. ``accept_partial``: replies may be
     partial aggregates (only from a grid that computes them itself, the fast engine's; from
     anywhere else such a reply is dropped, since its device counts would reach the accountant).
@@ -439,20 +440,22 @@ def make_strategy(
         average = FedAvg(**common)  # the plain average the wrapper noises; devices send equal weights under DP
         cohort = config.cohort_size(n_devices)
         if config.dp_clipping == "fixed":
-            strategy.dp_wrapper = DifferentialPrivacyClientSideFixedClipping(
-                average, noise_multiplier=config.dp_noise_multiplier, clipping_norm=config.clip_norm, num_sampled_clients=cohort
+            strategy.dp_wrapper = FixedClippingNoise(
+                average, noise_multiplier=config.dp_noise_multiplier, clipping_norm=config.clip_norm, num_sampled_clients=cohort,
+                noise=noise or NoiseSource(),
             )
         else:
             # dp-noise-multiplier is the effective z of the pair (update sum, clipped count):
             # the wrapper splits it into a larger z for the updates and a count noise of
             # cohort / 20 (Andrew et al. 2021), and the pair is accounted as one Gaussian with z.
-            strategy.dp_wrapper = DifferentialPrivacyClientSideAdaptiveClipping(
+            strategy.dp_wrapper = AdaptiveClippingNoise(
                 average,
                 noise_multiplier=config.dp_noise_multiplier,
                 num_sampled_clients=cohort,
                 initial_clipping_norm=config.clip_norm,
                 target_clipped_quantile=config.dp_target_quantile,
                 clip_norm_lr=config.dp_clip_lr,
+                noise=noise or NoiseSource(),
             )
     return strategy
 
@@ -490,12 +493,14 @@ def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, 
     return mechanism, delta, rounds
 
 
-def _popularity_round(config: FederatedConfig, secure: SecureAggregationGrid, grid: StableGrid, n_devices: int, n_items: int):
+def _popularity_round(config: FederatedConfig, secure: SecureAggregationGrid, grid: StableGrid, n_devices: int, n_items: int,
+                      noise: NoiseSource | None = None):
     """The DP popularity histogram (fedpref.server.analytics), accounted on its own:
     (its record for rounds.json, the noised counts), or (None, None) if it was skipped."""
     mechanism = popularity_mechanism(config, n_devices)
     nodes, _ = grid.sample_cohort(n_devices, mechanism.cohort)
-    released = dp_popularity(secure, nodes, config, n_items)
+    noise = noise or NoiseSource()
+    released = dp_popularity(secure, nodes, config, n_items, noise)
     if released is None:
         return None, None
     counts, contributors = released
@@ -506,12 +511,28 @@ def _popularity_round(config: FederatedConfig, secure: SecureAggregationGrid, gr
         "asked": len(nodes),
         "noise-multiplier": config.popularity_noise_multiplier,
         "noise-placement": config.dp_noise_placement,
+        "noise-source": noise.mode if config.dp_noise_placement == "central" else "devices",
         "max-items": config.popularity_max_items,
         "epsilon": alone.record_round(len(contributors)),
         "delta": delta,
         "file": "popularity.json",
     }
     return record, counts
+
+
+def _restore_random(stable: StableGrid, noise: NoiseSource, resumed: checkpoint.Checkpoint, folder: str) -> None:
+    """Continue a seeded run's cohort sampler and reproducible noise where the checkpoint left
+    them; a run whose noise and cohorts come from the OS draws afresh (nothing was stored)."""
+    try:
+        if not isinstance(stable.rng, random.SystemRandom):
+            if resumed.sampler is None:
+                raise ValueError("it holds no state of the cohort sampler")
+            stable.rng.setstate(resumed.sampler)
+        noise.restore(resumed.noise)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise checkpoint.CheckpointError(
+            f"{Path(folder) / checkpoint.CHECKPOINT_FILE} cannot resume this run ({exc}): remove it, or set resume=false, to start the run again"
+        ) from None
 
 
 STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")  # what FedAdam, FedYogi and FedAvgM keep between rounds
@@ -562,6 +583,14 @@ def main(grid: Grid, context: Context) -> None:
     meta = population_meta(config)
     n_devices, n_items = int(meta["n_users"]), int(meta["n_items"])
     stable = StableGrid(grid, device_keys(grid, n_devices), config.seed)
+    # Randomness that protects people (fedpref.server.privacy.NoiseSource): the DP noise, and
+    # under DP the cohorts (amplification by sampling counts only if nobody knows who was
+    # sampled), come from the operating system, unless a simulation asks for them from its seed.
+    private = config.dp or config.popularity_histogram
+    noise = NoiseSource.for_run(config.reproducible_noise, config.seed)
+    if private:
+        noise.warn_if_reproducible()
+        stable.rng = noise.sampler(config.seed)
 
     initial = config.model_spec.build(1, n_items, seed=config.seed).get_shared()
     num_rounds, privacy = config.num_server_rounds, None
@@ -586,12 +615,10 @@ def main(grid: Grid, context: Context) -> None:
             "rounds-run": num_rounds,
             "stopped-by-target": num_rounds < config.num_server_rounds,
             "accountant": "dp-accounting RDP; cohorts drawn without replacement; replace-one neighbours (fedpref.server.privacy)",
+            # os-entropy (nobody can compute it) or run-seed (reproducible-noise: whoever knows the seed can)
+            "noise-source": noise.mode if config.dp_noise_placement == "central" else "devices",
+            "cohort-source": noise.mode,
         }
-    if config.dp or config.popularity_histogram:
-        # Flower's wrapper (and the histogram's central noise) draw from NumPy's global generator:
-        # seeded here so that a simulation repeats. A deployment must not seed it (the noise
-        # would be predictable).
-        np.random.seed(config.seed)
 
     # Checkpoint and resume (fedpref.server.checkpoint), and the run store.
     checkpoint_dir = config.checkpoint_dir or (str(Path(config.results_dir) / "checkpoint") if config.results_dir else "")
@@ -642,7 +669,7 @@ def main(grid: Grid, context: Context) -> None:
     if resumed is not None:
         popularity, counts = resumed.popularity if resumed.popularity is not None else (None, None)
     elif config.popularity_histogram:
-        popularity, counts = _popularity_round(config, secure, stable, n_devices, n_items)
+        popularity, counts = _popularity_round(config, secure, stable, n_devices, n_items, noise)
         if popularity is not None and config.dp:  # the same people: one account for both releases
             ledger.record_round(popularity["devices"], mechanism=popularity_mechanism(config, n_devices))
 
@@ -706,7 +733,9 @@ def main(grid: Grid, context: Context) -> None:
         states = grid.device_states() if hasattr(grid, "device_states") else None
         writer.save(wait=finished or wait, checkpoint=checkpoint.Checkpoint(
             config=checkpoint.comparable(config.to_run_config()), completed_round=completed, finished=finished, arrays=arrays,
-            strategy=_strategy_state(strategy), sampler=stable.rng.getstate(), numpy_random=np.random.get_state(),
+            strategy=_strategy_state(strategy), noise=noise.state(),
+            # A sampler drawing from the OS has no state, and that of a seeded one is its seed's.
+            sampler=None if isinstance(stable.rng, random.SystemRandom) else stable.rng.getstate(),
             ledger=ledger if privacy is not None else None, rounds=rounds, best={"round": best["round"], "arrays": _numpy_arrays(best["arrays"])},
             popularity=(popularity, counts) if popularity is not None else None, secure_rounds=dict(secure.rounds) if secure else {},
             run_store_id=run_id, devices=states,
@@ -720,15 +749,19 @@ def main(grid: Grid, context: Context) -> None:
     if not config.dp:  # (under DP every device claims 1)
         log(INFO, "a device may claim at most %s examples (%s); a larger claim is rejected", f"{claim_bound:,}", claim_source)
     strategy = make_strategy(config, n_devices, on_round, num_rounds, before_round, accept_partial=getattr(grid, "partial_aggregates", False),
-                             max_examples=claim_bound)
+                             max_examples=claim_bound, noise=noise)
     start_arrays, first_round = initial, 1
     if resumed is not None:
         start_arrays, first_round = resumed.arrays, resumed.completed_round + 1
         _restore_strategy(strategy, resumed.strategy)
         strategy.round_offset = resumed.completed_round
-        stable.rng.setstate(resumed.sampler)
-        np.random.set_state(resumed.numpy_random)
+        _restore_random(stable, noise, resumed, checkpoint_dir)
         if privacy is not None:
+            if resumed.ledger is None or (resumed.ledger.mechanism, resumed.ledger.delta) != (mechanism, delta):
+                raise checkpoint.CheckpointError(
+                    f"{Path(checkpoint_dir) / checkpoint.CHECKPOINT_FILE} holds no privacy ledger of this run's mechanism: "
+                    "remove it, or set resume=false, to start the run again"
+                )
             ledger = resumed.ledger
         rounds.update(resumed.rounds)
         best.update(round=resumed.best["round"], arrays=None if resumed.best["arrays"] is None else ArrayRecord({k: Array(v) for k, v in resumed.best["arrays"].items()}))

@@ -7,17 +7,24 @@ counts (how many replied, how many dropped) and the privacy spent so far.
 
 The ServerApp writes it (run-config ``run-store``; by default ``<results-dir>/runs.sqlite``)
 and the operator API reads it (``fedpref serve --run-store URL``).
+
+A SQLite file is created readable by its owner only (0600, and its folder 0700 when the store
+creates it); SQLite gives its ``-wal`` and ``-shm`` files the database's mode. An existing file
+that other accounts may read is used as it is, with a warning that says how to close it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from .files import ensure_private_file, open_to_others, private_folder
 
 SCHEMA_VERSION = 1
 
@@ -166,9 +173,9 @@ class RunStore:
             raise RunStoreError(f"cannot open the run store {url!r}: {exc}") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-            path = url.split(":///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = self.engine.url.database
+            if path and path != ":memory:" and not path.startswith("file:"):
+                _private_sqlite_file(Path(path))
         try:
             Base.metadata.create_all(self.engine)
             with Session(self.engine) as session, session.begin():
@@ -273,6 +280,18 @@ class RunStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """Create the store's file 0600 (in a folder created 0700) before SQLite does (0644); warn
+    about an existing one that other accounts may read."""
+    private_folder(path.parent)
+    if not ensure_private_file(path) and open_to_others(path):
+        warnings.warn(
+            f"the run store {path} may be read by other accounts on this machine (it holds every run's config and "
+            f"metrics): run chmod 600 {path} (and its -wal and -shm files)",
+            stacklevel=3,
+        )
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

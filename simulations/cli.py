@@ -497,6 +497,7 @@ def simulate(
     dp_noise_multiplier: Annotated[float, typer.Option(help="User-level DP: Gaussian noise z*C on each round's sum of clipped updates (0: off).")] = _RC["dp-noise-multiplier"],
     dp_target_epsilon: Annotated[float, typer.Option(help="With DP: stop before a round would take epsilon past this (0: no target).")] = _RC["dp-target-epsilon"],
     secagg: Annotated[bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation (SecAgg+): the server learns only each round's sum (options: secagg-* run-config keys).")] = _RC["secagg"],
+    reproducible_noise: Annotated[bool, typer.Option("--reproducible-noise/--no-reproducible-noise", help="Draw the server's DP noise (and, under DP, its cohorts) from --seed, so that the run repeats bit for bit. Anyone who knows the seed can remove that noise: for simulations only (default: from the operating system).")] = _RC["reproducible-noise"],
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
     seed: Seed = 0,
     engine: Annotated[str, typer.Option(help="flower: Flower's Simulation Engine (Ray), the apps that run on phones; inprocess: the same apps and messages, devices called one by one in this process; fast: the same server, a cohort's devices computed at once (compiled, 20x and more faster; docs/federated.md).")] = "flower",
@@ -533,7 +534,7 @@ def simulate(
     values = {
         "history-dir": str(folder.resolve()), "num-server-rounds": rounds, "fraction-train": fraction_train,
         "local-epochs": local_epochs, "model": model, "dim": dim, "lr": lr, "l2": l2, "clip-norm": clip_norm,
-        "strategy": strategy, "server-lr": server_lr, "server-lr-end": server_lr_end, "lr-end": lr_end, "dp-noise-multiplier": dp_noise_multiplier, "dp-target-epsilon": dp_target_epsilon, "secagg": secagg, "evaluate-every": evaluate_every, "seed": seed,
+        "strategy": strategy, "server-lr": server_lr, "server-lr-end": server_lr_end, "lr-end": lr_end, "dp-noise-multiplier": dp_noise_multiplier, "dp-target-epsilon": dp_target_epsilon, "secagg": secagg, "reproducible-noise": reproducible_noise, "evaluate-every": evaluate_every, "seed": seed,
         "results-dir": str(out.resolve()),
     }
     values.update(overrides)
@@ -609,6 +610,8 @@ def simulate(
         stop = f", stopped before round {p['rounds-run'] + 1} of {p['rounds-planned']} by the target epsilon {p['target-epsilon']}" if p["stopped-by-target"] else ""
         histogram = " and the popularity histogram" if p.get("includes-popularity-histogram") else ""
         console.print(f"user-level DP: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after {p['rounds-run']} rounds{histogram} (noise multiplier {p['noise-multiplier']}, C {p['clip-norm']}, {p['cohort']} of {p['population']} devices a round){stop}")
+        if config.reproducible_noise:
+            console.print(f"the DP noise and cohorts came from seed {config.seed} (--reproducible-noise): anyone who knows it can remove the noise; not a private release")
     if "popularity" in result:
         p = result["popularity"]
         console.print(f"DP popularity histogram (epsilon {p['epsilon']:.3g} at delta {p['delta']:.2g}, {p['devices']} devices): "

@@ -20,13 +20,15 @@ The child keeps its imports light: it loads ``client/store.py`` by its file path
 trial costs a fraction of a second.
 
 **Server resume** (:func:`resume_kill_trials`). One small population, one uninterrupted
-reference run (in-process engine: DP, FedAdam, half the devices a round) in a child process,
-then per trial the same run in a child with its own results folder, killed with SIGKILL at a
+reference run (in-process engine: DP with reproducible noise, FedAdam, half the devices a
+round) in a child process, then per trial the same run in a child with its own results folder, killed with SIGKILL at a
 time drawn uniformly over the reference's duration (plus a tenth, so that some kills land
 after the end), and run again to completion (``resume`` on, the default); in some trials the
 second run is killed too. :func:`compare_to_reference` then checks that ``final_model.npz`` is
 the reference's bit for bit, that ``rounds.json``'s per-round metrics and epsilon are the
-reference's, and that the run store shows the run completed with every round.
+reference's, and that the run store shows the run completed with every round. Whatever a kill
+leaves in the checkpoint folder (the checkpoint, a half-written temporary file) must be readable
+by its owner only (``checkpoints_not_private`` counts the files that are not).
 """
 
 
@@ -336,6 +338,9 @@ def resume_run_config(population: Path, results: Path) -> dict:
         "history-dir": str(population), "results-dir": str(results), "num-server-rounds": RESUME_ROUNDS, "fraction-train": 0.5,
         "min-train-nodes": 2, "evaluate-every": 3, "dim": 8, "local-epochs": 1, "private-epochs": 1, "clip-norm": 0.5,
         "dp-noise-multiplier": 0.5, "strategy": "fedadam",
+        # The noise and cohorts from the seed: a resumed run can then be compared bit for bit
+        # (the noise of a real run comes from the OS, and a resumed one draws afresh).
+        "reproducible-noise": True,
     }
 
 
@@ -418,6 +423,7 @@ def _kill_point(results: Path, attempt: RunAttempt) -> dict:
     except checkpoint.CheckpointError as exc:  # a kill must never leave an unreadable checkpoint
         point["checkpoint_round"], point["checkpoint_error"] = None, str(exc)
     point["checkpoint_tmp_files"] = len(list(folder.glob(".*.tmp"))) if folder.exists() else 0
+    point["checkpoint_files_not_private"] = _not_private(folder)
     point["rounds_json"] = (results / "rounds.json").exists()
     point["final_model"] = (results / "final_model.npz").exists()
     # The checkpoint of round k is written as round k + 1 starts: a kill that leaves it (and
@@ -433,6 +439,14 @@ def _kill_point(results: Path, attempt: RunAttempt) -> dict:
     else:
         point["phase"] = f"round {point['checkpoint_round'] + 1} (checkpoint of round {point['checkpoint_round']} on disk)"
     return point
+
+
+def _not_private(folder: Path) -> list[str]:
+    """The files in ``folder`` (and the folder) that accounts other than the owner may open."""
+    if not folder.exists():
+        return []
+    paths = [folder, *folder.iterdir()]
+    return [str(p) for p in paths if p.stat().st_mode & 0o077]
 
 
 def _run_store_state(results: Path) -> dict:
@@ -516,6 +530,7 @@ def resume_kill_trials(trials: int, folder: Path, seed: int = 0, progress=None, 
         "trials": trials, "seed": seed, "devices": n_devices, "rounds": RESUME_ROUNDS, "reference_seconds": round(duration, 3),
         "reference_exit_seconds": round(ref.seconds, 3),
         "matches": 0, "mismatches": 0, "kills": 0, "second_kills": 0, "stale_running_runs": 0, "checkpoint_tmp_files_left": 0,
+        "checkpoints_not_private": 0,
         "failures": [], "trial_details": [],
     }
     phases: Counter = Counter()
@@ -531,6 +546,7 @@ def resume_kill_trials(trials: int, folder: Path, seed: int = 0, progress=None, 
             if attempt.returncode not in (0, -signal.SIGKILL):
                 detail.setdefault("errors", []).append(f"run {k} failed (exit {attempt.returncode}): {attempt.stderr_tail}")
             point = _kill_point(results, attempt)
+            summary["checkpoints_not_private"] += len(point["checkpoint_files_not_private"])
             detail["kills"].append(point)
             phases[point["phase"]] += 1
             summary["kills"] += int(attempt.killed)

@@ -11,7 +11,3 @@ def store(tmp_path):
     store = RunStore(str(tmp_path / "runs.sqlite"))
     yield store
     store.close()
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts real servers, Ray or a browser (deselect with -m 'not slow')")

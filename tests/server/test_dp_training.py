@@ -1,6 +1,9 @@
 """User-level DP in training: noise on the average before the server optimiser, epsilon per
 round from the accountant, a target epsilon that stops training, nothing but the clipped
-update leaving a device."""
+update leaving a device, and noise (and cohorts) nobody can regenerate from the run's seed."""
+
+import json
+import random
 
 import numpy as np
 import pytest
@@ -10,8 +13,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.server import app as server_app
-from fedpref.server.privacy import DpMechanism, default_delta
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.server.privacy import DpMechanism, ReproducibleNoiseWarning, default_delta
+from fedpref.simulations.inprocess import NODE_ID_BASE, run_inprocess
 
 N_DEVICES = 20
 
@@ -33,7 +36,6 @@ def aggregate_zero_updates(strategy_name: str, z: float = 2.0, c: float = 0.5, m
     current = {"w": np.zeros((200, 50), np.float32)}
     strategy.current_arrays = {k: v.copy() for k, v in current.items()}  # as configure_train leaves it (FedOpt)
     strategy._sent_global = {k: v.copy() for k, v in current.items()}  # and fedpref's validation
-    np.random.seed(0)
     arrays, _ = strategy.aggregate_train(1, replies_equal_to(current, m))
     return arrays["w"].numpy() - current["w"]
 
@@ -123,3 +125,113 @@ def test_adaptive_clipping_moves_c_to_the_target_quantile_of_the_norms(populatio
 def test_adaptive_clipping_refuses_more_noise_than_its_count_can_carry(population, tmp_path):
     with pytest.raises(RunConfigError, match="allows dp-noise-multiplier below 1"):
         run(population, tmp_path, **{"dp-clipping": "adaptive", "dp-noise-multiplier": 1.5})
+
+
+# -- noise nobody can compute -----------------------------------------------------------------
+
+
+def regenerated_noise_candidates(seed: int, std: float, shapes: dict[str, tuple], dtype) -> list[dict[str, np.ndarray]]:
+    """What an attacker who knows the run's seed (public: the default is 0) computes as its noise,
+    one guess per generator the server could have drawn it from: NumPy's global generator
+    seeded with the seed (Flower's wrappers draw from it), and fedpref's reproducible stream."""
+    from fedpref.server.privacy import NoiseSource
+
+    np.random.seed(seed)
+    legacy = {name: np.random.normal(0.0, std, shape).astype(dtype) for name, shape in shapes.items()}
+    rng = NoiseSource(seed).generator()
+    ours = {name: rng.normal(0.0, std, shape).astype(dtype) for name, shape in shapes.items()}
+    return [legacy, ours]
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_nobody_who_knows_the_seed_can_remove_the_noise_from_the_published_model(population, tmp_path, reproducible):
+    # Prepare: one round of central DP (fixed clipping, FedAvg: the published model is the
+    # noised average) with the default settings; the test watches what the devices sent.
+    z, c, m, seed = 1.5, 0.5, 10, 0
+    sent, replies = [], []
+
+    def watch(messages, answers):
+        sent.extend(msg.metadata.dst_node_id for msg in messages if msg.metadata.message_type == MessageType.TRAIN)
+        replies.extend({k: r.content["arrays"][k].numpy().astype(np.float64) for k in r.content["arrays"]}
+                       for r in answers if r.metadata.message_type == MessageType.TRAIN and not r.has_error())
+
+    server_app.add_exchange_observer(watch)
+    overrides = {"num-server-rounds": 1, "evaluate-every": 1, "fraction-evaluate": 0.0, "strategy": "fedavg", "dp-noise-multiplier": z,
+                 "clip-norm": c, "seed": seed, "reproducible-noise": reproducible}
+    try:
+        if reproducible:
+            with pytest.warns(ReproducibleNoiseWarning, match="anyone who knows the seed"):
+                result = run(population, tmp_path, **overrides)
+        else:
+            result = run(population, tmp_path, **overrides)
+    finally:
+        server_app.clear_exchange_observers()
+    published = dict(np.load(tmp_path / "final_model.npz"))
+    assert result["rounds"][0]["replies"] == len(replies) == m
+
+    # Execute: the attacker subtracts the noise regenerated from the seed, and replays the cohort.
+    true_average = {k: np.mean([r[k] for r in replies], axis=0) for k in published}
+    std = z * c / m
+    shapes = {k: v.shape for k, v in published.items()}
+    residuals = [max(float(np.abs(published[k].astype(np.float64) - noise[k] - true_average[k]).max()) for k in published)
+                 for noise in regenerated_noise_candidates(seed, std, shapes, published[next(iter(published))].dtype)]
+    replayed_cohort = random.Random(seed).sample([NODE_ID_BASE + i for i in range(N_DEVICES)], m)  # the grid's order: by device key
+
+    # Assert: with noise from the OS the regenerated noise leaves the full noise in place (the
+    # true average is not recovered, and the cohort is not the seed's); a run that asked for
+    # reproducible noise is recovered to float32 rounding, which shows the attack works.
+    recovered = min(residuals) < std / 100
+    assert recovered == reproducible, residuals
+    assert (set(replayed_cohort) == set(sent)) == reproducible
+    assert result["privacy"]["noise-source"] == ("run-seed" if reproducible else "os-entropy")
+    assert result["privacy"]["cohort-source"] == result["privacy"]["noise-source"]
+
+
+def test_two_runs_with_noise_from_the_os_publish_different_models(population, tmp_path):
+    overrides = {"num-server-rounds": 1, "evaluate-every": 1, "fraction-evaluate": 0.0, "checkpoint-dir": "none"}
+    run(population, tmp_path / "a", **overrides)
+    run(population, tmp_path / "b", **overrides)
+    a, b = np.load(tmp_path / "a" / "final_model.npz"), np.load(tmp_path / "b" / "final_model.npz")
+    assert all(not np.array_equal(a[name], b[name]) for name in a.files)
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_the_dp_wrappers_draw_from_the_noise_source_and_not_numpys_global_generator(clipping):
+    from fedpref.server.privacy import NoiseSource
+
+    config = FederatedConfig.from_run_config({"strategy": "fedavg", "dp-noise-multiplier": 0.5, "clip-norm": 0.5, "dp-clipping": clipping})
+    draws = []
+    for global_seed in (1, 2):
+        wrapper = server_app.make_strategy(config, 10, lambda r, info: None, noise=NoiseSource(7)).dp_wrapper
+        np.random.seed(global_seed)  # whatever state NumPy's global generator is in must not matter
+        noised = wrapper._add_noise_to_aggregated_arrays(ArrayRecord({"w": Array(np.zeros((20, 5), np.float32))}))
+        fraction = wrapper._noisy_fraction(3, 10) if clipping == "adaptive" else None
+        draws.append((noised["w"].numpy(), fraction))
+    np.testing.assert_array_equal(draws[0][0], draws[1][0])
+    assert draws[0][1] == draws[1][1]
+    assert draws[0][0].std() == pytest.approx(wrapper.noise_multiplier * 0.5 / 10, rel=0.3)
+
+
+@pytest.mark.filterwarnings("ignore:reproducible-noise=true")
+def test_simulate_repeats_a_dp_run_bit_for_bit_only_when_asked_and_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedpref.simulations.cli import app
+
+    def simulate(name, *extra):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, [
+            "simulate", "--dataset", "synthetic:30x300", "--rounds", "1", "--dim", "8", "--devices-per-round", "10", "--engine", "inprocess",
+            "--references", "none", "--out", str(out), "--no-progress", "--clip-norm", "0.5", "--dp-noise-multiplier", "1", "--seed", "3", *extra,
+        ], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "rounds.json").read_text()), np.load(out / "final_model.npz"), result.output
+
+    first, model_a, output = simulate("a", "--reproducible-noise")
+    _, model_b, _ = simulate("b", "--reproducible-noise")
+    secure, model_c, plain_output = simulate("c")
+    assert first["privacy"]["noise-source"] == "run-seed" and first["config"]["reproducible-noise"] is True
+    assert "came from seed 3 (--reproducible-noise): anyone who knows it can remove the noise" in output
+    assert all(np.array_equal(model_a[name], model_b[name]) for name in model_a.files)
+    assert secure["privacy"]["noise-source"] == "os-entropy" and "--reproducible-noise" not in plain_output
+    assert all(not np.array_equal(model_a[name], model_c[name]) for name in model_a.files)

@@ -114,3 +114,38 @@ def test_a_device_without_history_recommends_the_published_top_items(population,
     (tmp_path / "bad.json").write_text('{"counts": [1, "x"]}')
     with pytest.raises(PopularityFileError, match="not a popularity histogram"):
         load_popularity(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_nobody_who_knows_the_seed_can_remove_the_noise_from_the_published_histogram(population, tmp_path, reproducible):
+    # Prepare: the histogram with central noise and the default settings (seed 0); every item
+    # a device holds is counted, so the true counts are known to the test.
+    from fedpref.server.privacy import NoiseSource, ReproducibleNoiseWarning
+
+    z, max_items, seed = 1.0, 1000, 0
+    overrides = {"popularity-noise-multiplier": z, "popularity-max-items": max_items, "seed": seed, "reproducible-noise": reproducible}
+    if reproducible:
+        with pytest.warns(ReproducibleNoiseWarning):
+            result, published = run(population, tmp_path, **overrides)
+    else:
+        result, published = run(population, tmp_path, **overrides)
+
+    # Execute: the attacker regenerates the noise from the seed, from each generator the server
+    # could have drawn it from: fedpref's reproducible stream, and NumPy's global one seeded with
+    # it, after any number of draws (in this one process the simulated devices' secure
+    # aggregation draws its stochastic rounding from it first; on a real server nothing does).
+    std = z * np.sqrt(max_items)
+    guesses = [NoiseSource(seed).normal(0.0, std, size=published.shape)]
+    np.random.seed(seed)
+    for _ in range(N_DEVICES * (len(published) + 50)):
+        state = np.random.get_state()
+        guesses.append(np.random.normal(0.0, std, size=published.shape))
+        np.random.set_state(state)
+        np.random.rand()
+    truth = true_counts(population)
+    residual = min(float(np.abs(published - guess - truth).max()) for guess in guesses)
+
+    # Assert: recovered (to the secure sum's quantisation and the file's rounding) only when
+    # the run asked for reproducible noise; otherwise the whole noise of std 31.6 remains.
+    assert (residual < 0.05) == reproducible, residual
+    assert result["popularity"]["noise-source"] == ("run-seed" if reproducible else "os-entropy")

@@ -105,3 +105,63 @@ def test_a_round_with_dropouts_is_accounted_with_the_smaller_noise_on_its_sum():
     accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(500, 50, dp_accounting.GaussianDpEvent(1.0)), 9)
     accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(500, 50, dp_accounting.GaussianDpEvent(0.5)))
     assert with_dropouts == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+
+
+def test_noise_from_the_os_differs_every_draw_and_keeps_no_state():
+    from fedpref.server.privacy import NOISE_FROM_OS, NoiseSource
+
+    a, b = NoiseSource(), NoiseSource()
+    assert a.mode == NOISE_FROM_OS and a.state() is None
+    first, again, other = a.normal(0.0, 1.0, 1000), a.normal(0.0, 1.0, 1000), b.normal(0.0, 1.0, 1000)
+    assert not np.array_equal(first, again) and not np.array_equal(first, other)
+    assert first.std() == pytest.approx(1.0, rel=0.15)
+    a.restore({"anything": 1})  # nothing to restore: a resumed run draws afresh
+    import random
+
+    assert isinstance(a.sampler(0), random.SystemRandom)
+
+
+def test_reproducible_noise_repeats_from_the_seed_and_goes_on_from_its_state():
+    import random
+
+    from fedpref.server.privacy import NOISE_FROM_SEED, NoiseSource
+
+    a, b = NoiseSource(5), NoiseSource(5)
+    assert a.mode == NOISE_FROM_SEED
+    np.testing.assert_array_equal(a.normal(0.0, 1.0, 10), b.normal(0.0, 1.0, 10))
+    saved = a.state()
+    expected = a.normal(0.0, 1.0, 10)
+    resumed = NoiseSource(5)
+    resumed.restore(saved)
+    np.testing.assert_array_equal(resumed.normal(0.0, 1.0, 10), expected)
+    assert type(a.sampler(3)) is random.Random and a.sampler(3).random() == random.Random(3).random()
+    with pytest.raises(ValueError, match="no state"):
+        NoiseSource(5).restore(None)
+
+
+def test_a_ledger_written_out_and_read_back_has_the_same_epsilon_and_goes_on_alike():
+    ledger = PrivacyLedger(DpMechanism(1.3, 500, 50), 1e-5, "central")
+    for replies in (50, 41, 50):
+        ledger.record_round(replies)
+    ledger.record_round(mechanism=DpMechanism(2.0, 500, 500))
+    again = PrivacyLedger.from_dict(json_round_trip(ledger.to_dict()))
+    assert again.epsilon == ledger.epsilon and again.rounds == ledger.rounds == 4
+    assert again.record_round(30) == ledger.record_round(30)
+
+
+def json_round_trip(value):
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+@pytest.mark.parametrize("forged", [
+    {},
+    {"mechanism": [1.0, 10, 5], "delta": 1e-5, "placement": "central", "released": [[1.0, 10, 50]]},
+    {"mechanism": [1.0, 10, 5], "delta": 1e-5, "placement": "central", "released": [["x", 10, 5]]},
+    {"mechanism": [1.0, 10, 5], "delta": 1e-5, "placement": "nowhere", "released": []},
+    {"mechanism": [1.0, True, 5], "delta": 1e-5, "placement": "central", "released": []},
+])
+def test_a_ledger_that_describes_no_mechanism_is_refused(forged):
+    with pytest.raises(ValueError):
+        PrivacyLedger.from_dict(forged)

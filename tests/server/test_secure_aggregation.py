@@ -43,10 +43,12 @@ def run(population, tmp_path, n=N_DEVICES, **overrides):
         server_app.clear_exchange_observers()
 
 
+@pytest.mark.filterwarnings("ignore:reproducible-noise=true")
 def test_the_secure_sum_gives_the_same_model_as_the_plain_equal_weight_average(population, tmp_path):
     # Plain DP with a negligible noise sends equal weights too: the two models must agree to
-    # SecAgg+'s quantisation step (2C / 2**22 per device).
-    common = {"num-server-rounds": 1, "evaluate-every": 1, "dp-noise-multiplier": 1e-9}
+    # SecAgg+'s quantisation step (2C / 2**22 per device). Both runs draw the same cohort only
+    # when DP's cohorts follow the seed (reproducible-noise).
+    common = {"num-server-rounds": 1, "evaluate-every": 1, "dp-noise-multiplier": 1e-9, "reproducible-noise": True}
     run(population, tmp_path / "secure", **common)
     run(population, tmp_path / "plain", secagg=False, **common)
     secure, plain = np.load(tmp_path / "secure" / "best_model.npz"), np.load(tmp_path / "plain" / "best_model.npz")
@@ -76,8 +78,11 @@ def test_the_server_receives_masked_vectors_and_no_device_arrays(population, tmp
     assert result["secure-aggregation"]["rounds-skipped"] == 0
 
 
+@pytest.mark.filterwarnings("ignore:reproducible-noise=true")
 def test_rounds_go_on_without_devices_that_drop_out_and_epsilon_counts_the_rest(population, tmp_path):
-    result, _ = run(population, tmp_path, dropout=0.2, **{"num-server-rounds": 3, "dp-noise-multiplier": 1.0, "secagg-dropout-tolerance": 0.4})
+    # The seed's cohorts (reproducible-noise), so that the same devices drop out in every run of the test.
+    result, _ = run(population, tmp_path, dropout=0.2, **{"num-server-rounds": 3, "dp-noise-multiplier": 1.0, "secagg-dropout-tolerance": 0.4,
+                                                          "reproducible-noise": True})
     rows = result["rounds"]
     assert any(row["dropped"] > 0 for row in rows)
     mechanism = DpMechanism(1.0, N_DEVICES, 10)
@@ -166,10 +171,12 @@ def test_secagg_with_dp_on_the_simulation_engine_survives_a_device_dropping_out_
     assert 0 < result["privacy"]["epsilon"] and 0.0 <= result["rounds"][1]["val-hr"] <= 1.0
 
 
+@pytest.mark.filterwarnings("ignore:reproducible-noise=true")
 def test_without_secure_aggregation_a_round_also_goes_on_without_the_devices_that_dropped(population, tmp_path):
     # Flower's DP wrappers skip a round with any failed reply; fedpref leaves the failures out
-    # and accounts the round with the devices that answered.
-    result, _ = run(population, tmp_path, secagg=False, dropout=0.3, **{"num-server-rounds": 3, "dp-noise-multiplier": 1.0})
+    # and accounts the round with the devices that answered. (The seed's cohorts: the same dropouts every time.)
+    result, _ = run(population, tmp_path, secagg=False, dropout=0.3, **{"num-server-rounds": 3, "dp-noise-multiplier": 1.0,
+                                                                        "reproducible-noise": True})
     rows = result["rounds"]
     assert any(row.get("dropped", 0) > 0 for row in rows)
     ledger = PrivacyLedger(DpMechanism(1.0, N_DEVICES, 10), result["privacy"]["delta"])

@@ -18,6 +18,7 @@ from fedpref.simulations.crashes import (
     batch_sizes,
     build_app,
     check_store,
+    _not_private,
     compare_to_reference,
     planned_event,
     resume_kill_trials,
@@ -130,6 +131,7 @@ def test_a_server_killed_at_random_resumes_to_the_uninterrupted_model(resume_tri
     assert result["trials"] == 1 and result["matches"] == 1 and result["mismatches"] == 0, result["failures"]
     assert result["kills"] >= 1 and sum(result["kill_points"].values()) >= 1
     assert result["stale_running_runs"] == 0  # a kill before round 1's end resumes the same run (round 0's checkpoint)
+    assert result["checkpoints_not_private"] == 0  # what a kill leaves is readable by its owner only
     for trial in result["trial_details"]:
         assert trial["final_returncode"] == 0 and trial["run_store"]["statuses"][0] == "completed"
 
@@ -185,3 +187,18 @@ def test_a_store_left_half_created_by_an_older_fedpref_is_finished_on_opening(tm
         assert store.count_events() == 1
     finally:
         store.close()
+
+
+def test_the_checkpoint_checker_reports_files_others_may_open(tmp_path):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir(mode=0o700)
+    folder.chmod(0o700)
+    private = folder / "checkpoint.npz"
+    private.write_bytes(b"x")
+    private.chmod(0o600)
+    assert _not_private(folder) == [] and _not_private(tmp_path / "missing") == []
+    loose = folder / ".checkpoint.npz.1.2.tmp"
+    loose.write_bytes(b"x")
+    loose.chmod(0o644)
+    folder.chmod(0o755)
+    assert sorted(_not_private(folder)) == sorted([str(folder), str(loose)])

@@ -202,11 +202,14 @@ def test_a_short_runs_metrics_agree_with_the_flower_engines(flower_and_fast):
     assert any(r["train-clipped"] > 0 for r in fast["rounds"])  # and some updates were clipped
 
 
+@pytest.mark.filterwarnings("ignore:reproducible-noise=true")
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
 def test_with_central_dp_the_fast_engine_adds_the_same_noise_and_spends_the_same_epsilon(population, tmp_path, clipping):
     from fedpref.simulations.inprocess import run_inprocess
 
-    config = base_config(population, tmp_path / "inprocess", **{"dp-noise-multiplier": 0.7, "dp-clipping": clipping, "dropout": 0.0, "evaluate-every": 3})
+    # Both engines draw the same noise and cohorts only when the run asks for them from its seed.
+    config = base_config(population, tmp_path / "inprocess", **{"dp-noise-multiplier": 0.7, "dp-clipping": clipping, "dropout": 0.0, "evaluate-every": 3,
+                                                                 "reproducible-noise": True})
     reference = run_inprocess(config, n_devices=N_DEVICES)
     fast = run_fast(replace(config, results_dir=str(tmp_path / "fast")))
     assert fast["privacy"]["epsilon"] == reference["privacy"]["epsilon"]

@@ -97,6 +97,8 @@ MODELS_PREFIX = "/models"
 # Run-config keys whose value names a file, a folder or a database: from the API they must
 # resolve inside the configured roots. (Values that name none: "" is the server's default,
 # checkpoint-dir "none" turns checkpoints off.)
+# Simulation settings a real run must not take: noise computable from the run's seed.
+SIMULATION_ONLY = {"reproducible-noise": True}
 PATH_KEYS = ("history-dir", "store-dir", "results-dir", "run-store", "checkpoint-dir", "publish-dir", "publish-key")
 NO_PATH_VALUES = {"checkpoint-dir": frozenset({"none"})}
 
@@ -894,7 +896,7 @@ API_RESPONSES: dict[int | str, dict[str, Any]] = {
 RUN_RESPONSES: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such run in the run store."}}
 FLOWER_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "The request body is not valid JSON (for example, not UTF-8)."},
-    403: {"model": Problem, "description": "A read-only key; or a path in the run config outside FEDPREF_RUN_CONFIG_ROOTS."},
+    403: {"model": Problem, "description": "A read-only key; a path in the run config outside FEDPREF_RUN_CONFIG_ROOTS; or reproducible-noise=true."},
     404: {"model": Problem, "description": "The SuperLink knows no such run."},
     409: {"model": Problem, "description": "The run has already finished."},
     502: {"model": Problem, "description": "The SuperLink refused the request (its message is the detail)."},
@@ -1044,12 +1046,18 @@ def create_app(settings: OperatorSettings, *, run_store: RunStore | None = None,
         overrides. The run appears in GET /api/runs once its ServerApp starts. Paths
         (history-dir, results-dir, run-store, checkpoint-dir, publish-dir, publish-key,
         store-dir) must resolve inside FEDPREF_RUN_CONFIG_ROOTS (403 otherwise); they are sent
-        to Flower resolved."""
+        to Flower resolved. ``reproducible-noise=true`` (noise computable from the seed, for
+        simulations) is refused (403)."""
         run_config = dict(body.run_config) if body is not None else {}
         problems = control.check_run_config(run_config)
         if problems:
             raise RequestValidationError([{"type": "value_error", "loc": ("body", "run_config", key), "msg": message, "input": run_config.get(key)}
                                           for key, message in problems])
+        weakening = [f"{key}: a run started here is a real run, whose DP noise comes from the operating system; "
+                     f"{key}={toml_value(value)} is for reproducible simulations (fedpref simulate)"
+                     for key, value in SIMULATION_ONLY.items() if run_config.get(key) == value]
+        if weakening:
+            raise HTTPException(403, detail="; ".join(weakening))
         run_config, refused = paths.check(run_config)
         if refused:
             log.warning("refused to start a run with paths outside FEDPREF_RUN_CONFIG_ROOTS: %s", "; ".join(refused))

@@ -1,4 +1,4 @@
-"""Poisoning: compromised devices push one item to the top of everyone's list (issue 8).
+"""Poisoning: compromised devices push one item to the top of everyone's list.
 
 A share of the devices (1%, 5%, 10%) is compromised. Each time the server asks one of them to
 train, it answers with a crafted update instead of one computed from a history: a targeted

@@ -527,6 +527,15 @@ def test_paths_outside_the_roots_are_refused_and_never_reach_flower(client, flwr
     assert calls(flwr_dir) == [], "a refused path reached the flwr CLI"
 
 
+def test_a_run_started_through_the_api_cannot_ask_for_noise_computable_from_its_seed(client, flwr_dir):
+    response = client.post("/api/runs", headers=AUTH, json={"run_config": {"reproducible-noise": True, "dp-noise-multiplier": 1.0}})
+    assert response.status_code == 403, response.text
+    assert response.json()["detail"].startswith("reproducible-noise: ") and "simulations" in response.json()["detail"]
+    assert calls(flwr_dir) == [], "a run with noise computable from its seed reached the flwr CLI"
+    response = client.post("/api/runs", headers=AUTH, json={"run_config": {"reproducible-noise": False, "dp-noise-multiplier": 1.0}})
+    assert response.status_code == 202, response.text
+
+
 def test_paths_inside_the_roots_go_to_flower_resolved(client, flwr_dir, roots):
     allowed, _ = roots
     real = allowed.resolve()

@@ -97,8 +97,14 @@ MODELS_PREFIX = "/models"
 # Run-config keys whose value names a file, a folder or a database: from the API they must
 # resolve inside the configured roots. (Values that name none: "" is the server's default,
 # checkpoint-dir "none" turns checkpoints off.)
-# Simulation settings a real run must not take: noise computable from the run's seed.
-SIMULATION_ONLY = {"reproducible-noise": True}
+# Simulation settings a real run must not take: noise computable from the run's seed. A value
+# counts as on when the ServerApp would read it as on (FederatedConfig: a bool, or "1", "true",
+# "yes" in any case).
+SIMULATION_ONLY = ("reproducible-noise",)
+
+
+def _switched_on(value: object) -> bool:
+    return value is True or (not isinstance(value, bool) and str(value).strip().lower() in ("1", "true", "yes"))
 PATH_KEYS = ("history-dir", "store-dir", "results-dir", "run-store", "checkpoint-dir", "publish-dir", "publish-key")
 NO_PATH_VALUES = {"checkpoint-dir": frozenset({"none"})}
 
@@ -1054,8 +1060,8 @@ def create_app(settings: OperatorSettings, *, run_store: RunStore | None = None,
             raise RequestValidationError([{"type": "value_error", "loc": ("body", "run_config", key), "msg": message, "input": run_config.get(key)}
                                           for key, message in problems])
         weakening = [f"{key}: a run started here is a real run, whose DP noise comes from the operating system; "
-                     f"{key}={toml_value(value)} is for reproducible simulations (fedpref simulate)"
-                     for key, value in SIMULATION_ONLY.items() if run_config.get(key) == value]
+                     f"{key} = true is for reproducible simulations (fedpref simulate)"
+                     for key in SIMULATION_ONLY if key in run_config and _switched_on(run_config[key])]
         if weakening:
             raise HTTPException(403, detail="; ".join(weakening))
         run_config, refused = paths.check(run_config)

@@ -42,6 +42,7 @@ from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunCon
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import AdaptiveClippingNoise, DpMechanism, FixedClippingNoise, NoiseSource, PrivacyLedger, default_delta
 from fedpref.server import checkpoint
+from fedpref.server.files import open_private, private_folder, write_private
 from fedpref.server.publish import ModelPublisher
 from fedpref.server.runstore import RunStore, default_url
 from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors, shares_per_device
@@ -797,9 +798,10 @@ def main(grid: Grid, context: Context) -> None:
             store.record_round(run_id, max(rounds) if rounds else 0, metrics={}, epsilon=ledger.epsilon)
         store.finish_run(run_id, "completed")
     if config.results_dir:
-        out = Path(config.results_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out / "final_model.npz", **final)
+        # The run's record (models, metrics, the histogram): the server's state, its owner's only.
+        out = private_folder(config.results_dir)
+        with open_private(out / "final_model.npz") as f:
+            np.savez_compressed(f, **final)
         chosen = rounds.get(best["round"], {})
         summary = {
             "config": config.to_run_config(),
@@ -816,7 +818,7 @@ def main(grid: Grid, context: Context) -> None:
             summary["privacy"] = privacy
         if popularity is not None:
             summary["popularity"] = popularity
-            (out / "popularity.json").write_text(json.dumps({**popularity, "counts": [round(float(c), 3) for c in counts]}) + "\n")
+            write_private(out / "popularity.json", json.dumps({**popularity, "counts": [round(float(c), 3) for c in counts]}) + "\n")
         if secure is not None:
             summary["secure-aggregation"] = {
                 "protocol": "SecAgg+ (Flower SecAggPlusWorkflow)",
@@ -828,6 +830,7 @@ def main(grid: Grid, context: Context) -> None:
                 "required-per-round": required_contributors(config, cohort),
                 "rounds-skipped": sum(1 for r in secure.rounds.values() if r["skipped"]),
             }
-        (out / "rounds.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_private(out / "rounds.json", json.dumps(summary, indent=2) + "\n")
         if best["arrays"] is not None:
-            np.savez_compressed(out / "best_model.npz", **{k: best["arrays"][k].numpy() for k in best["arrays"]})
+            with open_private(out / "best_model.npz") as f:
+                np.savez_compressed(f, **{k: best["arrays"][k].numpy() for k in best["arrays"]})

@@ -40,6 +40,24 @@ def create_private(path: str | Path) -> int:
     return fd
 
 
+def open_private(path: str | Path, mode: str = "wb"):
+    """Open ``path`` for writing from its start (created, or emptied if it exists), its mode
+    0600 either way; a file object."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # os.open's mode is filtered by the umask, and an old file keeps its own
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_private(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path``, mode 0600."""
+    with open_private(path, "w") as f:
+        f.write(text)
+
+
 def ensure_private_file(path: str | Path) -> bool:
     """Create ``path`` empty with mode 0600 unless it exists (for SQLite, which creates a
     database 0644 and its -wal and -shm files with the database's mode); True if created."""

@@ -56,6 +56,7 @@ from fedpref.simulations.compiled import LOSS_KINDS, device_evaluate, device_rou
 from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError
 from fedpref.models.metrics import ndcg
 from fedpref.models.train import LocalData
+from fedpref.server.files import open_private, private_folder
 
 
 
@@ -121,8 +122,10 @@ class PrivateVectors:
         self.shapes = {name: value.shape[1:] for name, value in template.items()}  # per device
         dim = sum(int(np.prod(shape)) for shape in self.shapes.values())
         if folder:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            self.values = np.lib.format.open_memmap(Path(folder) / "private.npy", mode="w+", dtype=np.float32, shape=(n_devices, dim))
+            # every device's private vector: readable by its owner only (0600 in a 0700 folder)
+            path = private_folder(folder) / "private.npy"
+            open_private(path).close()  # created (or emptied) 0600 first; open_memmap keeps the mode
+            self.values = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_devices, dim))
         else:
             self.values = np.zeros((n_devices, dim), dtype=np.float32)
         self.ready = np.zeros(n_devices, dtype=np.bool_)

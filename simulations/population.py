@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpref.server.files import open_private, private_folder, write_private
+
 from .split import LeaveOneOutSplit
 
 
 def write_population(split: LeaveOneOutSplit, folder: str | Path) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write ``split`` to ``folder``: every person's history, so readable by its owner only
+    (files 0600; the folder, if this creates it, 0700)."""
+    folder = private_folder(folder)
     arrays = {
         "train_indptr": split.train_indptr,
         "train_items": split.train_items,
@@ -25,9 +28,10 @@ def write_population(split: LeaveOneOutSplit, folder: str | Path) -> Path:
         "negatives": split.negatives,
     }
     for name, values in arrays.items():
-        np.save(folder / f"{name}.npy", np.ascontiguousarray(values, dtype=np.int64))
+        with open_private(folder / f"{name}.npy") as f:
+            np.save(f, np.ascontiguousarray(values, dtype=np.int64))
     meta = {"name": split.name, "n_users": split.n_users, "n_items": split.n_items, "seed": split.seed}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_private(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
     return folder
 
 
@@ -66,8 +70,7 @@ def write_device_stores(population: str | Path, out: str | Path, *, consent: str
 
     from .progress import progress_bar
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_folder(out)
     indices = range(population_size(str(population))) if devices is None else devices
     now = time.time()
     with progress_bar(len(indices), "device stores", enabled=progress) as advance:

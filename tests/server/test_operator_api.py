@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from fedpref.models.federation import FederatedConfig
 from fedpref.server.api import FlowerControl, FlowerControlError, create_app, toml_value
 from fedpref.server.runstore import RunStore
 from fedpref.server.settings import DEV_API_KEY, OperatorSettings
@@ -534,6 +535,25 @@ def test_a_run_started_through_the_api_cannot_ask_for_noise_computable_from_its_
     assert calls(flwr_dir) == [], "a run with noise computable from its seed reached the flwr CLI"
     response = client.post("/api/runs", headers=AUTH, json={"run_config": {"reproducible-noise": False, "dp-noise-multiplier": 1.0}})
     assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize("value", ["true", "YES", "1", 1])
+def test_reproducible_noise_is_refused_in_every_spelling_the_server_app_reads_as_on(monkeypatch, store, tmp_path, value):
+    # An app folder whose pyproject declares no run config: the API cannot check types, so the
+    # ServerApp's own reading of a value decides ("yes" is on for FederatedConfig).
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text('[project]\nname = "bare"\n')
+    assert FederatedConfig.from_run_config({"reproducible-noise": value}).reproducible_noise is True
+    flwr = tmp_path / "fake-flwr"
+    flwr.mkdir()
+    fake_flwr(flwr, ANSWERS)
+    settings = clean_settings(monkeypatch, environment="production", api_keys=KEY, app_dir=app_dir, flwr_home=tmp_path / "flwr-home")
+    control = FlowerControl("fedpref", app_dir=app_dir, flwr_home=tmp_path / "flwr-home", executable=str(flwr / "flwr"), timeout=20)
+    with TestClient(create_app(settings, run_store=store, flower=control)) as bare:
+        response = bare.post("/api/runs", headers=AUTH, json={"run_config": {"reproducible-noise": value}})
+    assert response.status_code == 403, response.text
+    assert calls(flwr) == []
 
 
 def test_paths_inside_the_roots_go_to_flower_resolved(client, flwr_dir, roots):

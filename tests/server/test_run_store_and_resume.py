@@ -338,10 +338,12 @@ def test_the_run_store_and_checkpoints_are_their_owners_only_whatever_the_umask(
         mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
         results = tmp_path / "new" / "run"
         # Assert
-        for name in ("runs.sqlite", "runs.sqlite-wal", "runs.sqlite-shm", "checkpoint/checkpoint.npz"):
+        for name in ("runs.sqlite", "runs.sqlite-wal", "runs.sqlite-shm", "checkpoint/checkpoint.npz", "rounds.json", "final_model.npz"):
             assert mode(results / name) == 0o600, name
         for folder in (tmp_path / "new", results, results / "checkpoint"):
             assert mode(folder) == 0o700, folder
+        # and whatever else the server writes there (the chosen round's model, the histogram)
+        assert {p.relative_to(results).as_posix(): oct(mode(p)) for p in results.rglob("*") if mode(p) & 0o077} == {}
         store.close()
     finally:
         os.umask(previous)

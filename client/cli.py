@@ -167,19 +167,25 @@ def forget(store: StoreOption, yes: Annotated[bool, typer.Option("--yes", help="
 
 @device_app.command()
 def page(store: StoreOption, port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 0) -> None:
-    """Serve the person's privacy page on 127.0.0.1 until Ctrl-C, and print its one-time link."""
+    """Serve the person's privacy page on 127.0.0.1 until Ctrl-C, and print its one-time link;
+    Enter prints another (for another tab or browser)."""
     device = _open(store)
     try:
         handle = device.serve_privacy_page(port=port)
     except RuntimeError as exc:
         device.close()
         _fail(str(exc))
-    console.print(f"privacy page of {store} on 127.0.0.1:{handle.port} (Ctrl-C to stop). Open this link in a browser on "
-                  "this device; it works once, and whoever opens it can see and change this data, so share it with no one:")
+    console.print(f"privacy page of {store} on 127.0.0.1:{handle.port} (Ctrl-C to stop; Enter prints another one-time link, "
+                  "for another tab or browser). Open this link in a browser on this device; it works once, and whoever "
+                  "opens it can see and change this data, so share it with no one:")
     print(handle.url, flush=True)  # alone on its line, never folded
     try:
         while handle.thread.is_alive():
-            time.sleep(0.5)
+            if not sys.stdin.readline():  # no terminal (or it closed): serve until Ctrl-C
+                while handle.thread.is_alive():
+                    time.sleep(0.5)
+                break
+            print(handle.link(), flush=True)
     except KeyboardInterrupt:
         pass
     finally:

@@ -538,7 +538,8 @@ class Device:
     def serve_privacy_page(self, *, port: int = 0):
         """Serve the person's privacy page on 127.0.0.1 (see :mod:`fedpref.client.page`);
         returns a handle with ``url`` (a one-time link carrying the launch's secret: give it
-        to the person only), ``link()`` (another one-time link) and ``stop()``."""
+        to the person only), ``link()`` (another one-time link, for another tab or browser:
+        the page answers only the tab that opened a link) and ``stop()``."""
         from .page import serve
 
         return serve(self, port=port)

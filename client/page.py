@@ -7,18 +7,23 @@ recommendations, and has export and erase buttons. It loads nothing from the net
     handle = device.serve_privacy_page()      # or: fedpref device page --store prefs.sqlite
     print(handle.url); ...; handle.stop()
 
-Who may use it. Any program on the device can connect to 127.0.0.1 (on a phone, any app), so
-the page answers only the person who was given its link:
+Who may use it. Any program on the device can connect to 127.0.0.1 (on a phone, any app), and
+a browser sends a cookie for 127.0.0.1 to every port of it (cookies are not tied to a port), so
+the page answers only the browser tab that opened its link:
 
 - Every launch makes its own secrets from the operating system (:mod:`secrets`). ``handle.url``
-  is a one-time link ``http://127.0.0.1:PORT/?s=SECRET``; the first request with it gets a
-  session cookie (``HttpOnly; SameSite=Strict; Path=/``) and a page that moves on to ``/``, so
-  the secret leaves the address bar. ``handle.link()`` makes another one-time link.
-- Every request without that cookie, whatever its path or method, is refused with 401 before
-  anything is read or routed; every secret is compared in constant time.
-- Every change (any method but GET and HEAD) also needs an ``Origin`` equal to the page's own
-  and the page's random token in the ``X-Fedpref-Token`` header, so that no other page, not
-  even one on another port of 127.0.0.1, can post to it.
+  is a one-time link ``http://127.0.0.1:PORT/?s=SECRET``; the answer to it is the only answer
+  that carries the page's token, in the page's own script, and a session cookie
+  (``HttpOnly; SameSite=Strict; Path=/``). The script keeps the token in the tab's
+  ``sessionStorage`` (which only pages of this origin, this port, can read) and takes the
+  secret out of the address bar. ``handle.link()`` makes another one-time link.
+- Every request to ``/api/...`` (reads too) and to any other path needs both the cookie and the
+  token in the ``X-Fedpref-Token`` header, else 401 before anything is read or routed. A page on
+  another origin cannot add that header (the page allows no CORS), and a process that was sent
+  the cookie does not have the token. ``GET /`` with the cookie gives the page without the
+  token: a reload works in the tab that holds it, a new tab needs a new link. Every secret is
+  compared in constant time.
+- Every change (any method but GET and HEAD) also needs an ``Origin`` equal to the page's own.
 - It answers only requests whose Host is the loopback address (so that a web page elsewhere
   cannot reach it through DNS rebinding).
 - Every response forbids framing (``X-Frame-Options: DENY``, ``frame-ancestors 'none'``) and
@@ -32,7 +37,7 @@ the page answers only the person who was given its link:
 # No "from __future__ import annotations": FastAPI reads the route functions' annotations as objects.
 
 import hmac
-import html
+import json
 import secrets
 import socket
 import threading
@@ -86,8 +91,9 @@ def _same(given: str, expected: str) -> bool:
 
 class PageSecrets:
     """The secrets of one launch of the page, all from :mod:`secrets` (the OS's randomness):
-    the session (the cookie's value), the token that changes need in a header, and the
-    one-time link secrets not yet used."""
+    the session (the cookie's value), the token every request but the page itself needs in a
+    header (given out only in the answer to a one-time link), and the one-time link secrets
+    not yet used."""
 
     def __init__(self) -> None:
         self.session = secrets.token_urlsafe(32)
@@ -134,8 +140,8 @@ class PageHandle:
     port: int
 
     def link(self) -> str:
-        """Another one-time link to the page (for the person to open it again, in another
-        browser or after the browser dropped its session)."""
+        """Another one-time link to the page (for the person to open it again: in another tab
+        or browser, or after the browser dropped its session)."""
         return f"http://127.0.0.1:{self.port}/?s={self.secrets.new_link()}"
 
     def stop(self) -> None:
@@ -156,9 +162,23 @@ def _page_csp(nonce: str) -> str:
     )
 
 
+def _page(token: str):
+    """The page, with ``token`` in its script (empty: the page as a reload gets it, whose script
+    takes the token its tab was given by the link)."""
+    from starlette.responses import HTMLResponse
+
+    nonce = secrets.token_urlsafe(16)
+    embedded = json.dumps(token).replace("<", "\\u003c")  # a JavaScript string that cannot end the script
+    body = PAGE.replace('"__TOKEN__"', embedded).replace("__NONCE__", nonce)
+    return HTMLResponse(body, headers={"content-security-policy": _page_csp(nonce)})
+
+
+NEW_LINK = "ask for a new one-time link (press Enter where fedpref device page runs, or start it again)"
+
+
 class PageGuard:
     """ASGI middleware in front of every route of the page: the loopback Host check, the
-    one-time link, the session cookie, and for changes the Origin and the token; and the
+    one-time link, the session cookie and the page's token, and for changes the Origin; and the
     security headers on every response. Requests it refuses are answered before their body is
     read or any route is looked up, so a route added later is guarded as well."""
 
@@ -193,31 +213,31 @@ class PageGuard:
             await refusal(scope, receive, send_guarded)
 
     def refusal(self, request):
-        """The response that refuses (or answers) ``request`` here, or None to let it through."""
-        from starlette.responses import HTMLResponse, RedirectResponse
+        """The response that refuses (or answers) ``request`` here, or None to let it through.
 
+        The cookie alone is never enough: the browser sends it to every port of 127.0.0.1, so
+        whatever listens on another port gets it. Only ``GET /`` is let through with the
+        cookie alone, and that page carries no token and nothing of the person's."""
         host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1"):
             return _refuse(403, "this page answers on 127.0.0.1 only")
-        signed_in = self.secrets.is_session(request.cookies.get(self.cookie))
+        has_cookie = self.secrets.is_session(request.cookies.get(self.cookie))
+        has_token = self.secrets.is_token(request.headers.get(TOKEN_HEADER))
         if request.method == "GET" and request.url.path == "/" and "s" in request.query_params:
             if self.secrets.redeem(request.query_params["s"]):
-                nonce = secrets.token_urlsafe(16)
-                response = HTMLResponse(OPENING.replace("__NONCE__", nonce), headers={"content-security-policy": _page_csp(nonce)})
+                response = _page(self.secrets.token)
                 response.set_cookie(self.cookie, self.secrets.session, httponly=True, samesite="strict", path="/")
                 return response
-            if signed_in:  # an old link in a browser that is already in: just drop the secret
-                return RedirectResponse("/", status_code=303)
-            return _refuse(401, "this link has been used already or is not the page's: each link opens the page once; "
-                                "start the page again (fedpref device page --store ...) for a new link")
-        if not signed_in:
-            return _refuse(401, "this page opens only through the one-time link given when it started; "
-                                "start the page again (fedpref device page --store ...) for a new link")
-        if request.method not in SAFE_METHODS:
-            if request.headers.get("origin") not in self.origins:
-                return _refuse(403, "a change must come from the page itself (its Origin): use the page's buttons")
-            if not self.secrets.is_token(request.headers.get(TOKEN_HEADER)):
-                return _refuse(403, "missing or wrong page token: reload the page")
+            return _refuse(401, f"this link has been used already or is not the page's: each link opens the page once; {NEW_LINK}")
+        if not has_cookie:
+            return _refuse(401, f"this page opens only through the one-time link given when it started; {NEW_LINK}")
+        if request.method == "GET" and request.url.path == "/":
+            return None  # the page without its token
+        if not has_token:
+            return _refuse(401, f"missing or wrong page token (the {TOKEN_HEADER} header): only the page opened through "
+                                f"its one-time link sends it; {NEW_LINK}")
+        if request.method not in SAFE_METHODS and request.headers.get("origin") not in self.origins:
+            return _refuse(403, "a change must come from the page itself (its Origin): use the page's buttons")
         return None
 
 
@@ -269,18 +289,16 @@ def _needs_confirmation(question: str, how: str):
 def make_app(device: Device, *, port: int, page_secrets: PageSecrets | None = None):
     """The FastAPI app of the page on 127.0.0.1:``port``, behind :class:`PageGuard`."""
     from fastapi import FastAPI, HTTPException
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import JSONResponse
 
     page_secrets = page_secrets or PageSecrets()
     app = FastAPI(title="fedpref: your data on this device", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(PageGuard, page_secrets=page_secrets, port=port)
     lock = threading.Lock()
 
-    @app.get("/", response_class=HTMLResponse)
-    def page() -> HTMLResponse:
-        nonce = secrets.token_urlsafe(16)
-        body = PAGE.replace("__TOKEN__", html.escape(page_secrets.token, quote=True)).replace("__NONCE__", nonce)
-        return HTMLResponse(body, headers={"content-security-policy": _page_csp(nonce)})
+    @app.get("/", include_in_schema=False)
+    def page():
+        return _page("")  # the token is only in the answer to a one-time link (PageGuard)
 
     @app.get("/api/status")
     def status() -> dict:
@@ -349,14 +367,6 @@ def serve(device: Device, *, port: int = 0) -> PageHandle:
     return handle
 
 
-OPENING = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Opening your data on this device</title>
-<noscript><meta http-equiv="refresh" content="0;url=/"></noscript></head>
-<body><p><a href="/">Continue to your data on this device</a></p>
-<script nonce="__NONCE__">location.replace("/");</script></body></html>
-"""
-
-
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Your data on this device</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -368,7 +378,7 @@ table{border-collapse:collapse;width:100%;font-size:.85rem} td,th{border-bottom:
 button{padding:.4rem .9rem;margin-right:.5rem} .danger{background:#b00020;color:#fff;border:0;border-radius:4px}
 label{display:block;margin:.2rem 0} #message{color:#0a5;min-height:1.2rem}
 </style></head>
-<body data-token="__TOKEN__">
+<body>
 <h1>Your data on this device</h1>
 <p class="report" id="report">Loading...</p>
 <h2>How your history may be used</h2>
@@ -385,10 +395,16 @@ label{display:block;margin:.2rem 0} #message{color:#0a5;min-height:1.2rem}
 <table><thead><tr><th>when</th><th>to</th><th>what</th><th>round</th><th>arrays</th><th>bytes</th><th>norm / bound</th><th>noise</th></tr></thead>
 <tbody id="record"></tbody></table>
 <h2>Your data</h2>
-<p><a id="export" href="/api/export" download="fedpref-export.json"><button type="button">Export everything (JSON)</button></a>
+<p><button type="button" id="export">Export everything (JSON)</button>
 <button type="button" class="danger" id="forget">Erase everything</button></p>
 <script nonce="__NONCE__">
-const token = document.body.dataset.token;
+// The token comes only with the answer to a one-time link. The tab keeps it in its
+// sessionStorage, which pages of other origins (other ports too) cannot read, so that a reload
+// works; and the link's secret leaves the address bar.
+const linkToken = "__TOKEN__";
+if (linkToken) { sessionStorage.setItem('fedpref-page-token', linkToken); history.replaceState(null, '', '/'); }
+const token = linkToken || sessionStorage.getItem('fedpref-page-token') || '';
+const withToken = {'x-fedpref-token': token};
 function text(el, value){ el.textContent = value; }
 function row(cells){ const tr=document.createElement('tr'); for(const c of cells){ const td=document.createElement('td'); td.textContent=c; tr.appendChild(td);} return tr; }
 function render(s){
@@ -412,12 +428,12 @@ function render(s){
 }
 const message = document.getElementById('message');
 async function load(){
-  const r = await fetch('/api/status');
+  const r = await fetch('/api/status', {headers: withToken});
   if (!r.ok) { text(document.getElementById('report'), 'This page is closed: '+(await r.json()).detail); return; }
   render(await r.json());
 }
 function send(path, body){
-  return fetch(path, {method:'POST', headers:{'content-type':'application/json','x-fedpref-token':token}, body: JSON.stringify(body)});
+  return fetch(path, {method:'POST', headers:Object.assign({'content-type':'application/json'}, withToken), body: JSON.stringify(body)});
 }
 // A change that widens consent, and erasing, are asked first: the server answers 409 with the
 // question, and takes the change only with "confirm": true.
@@ -438,6 +454,16 @@ document.getElementById('consent-form').addEventListener('submit', async ev => {
   const boxes = [...document.querySelectorAll('input[name=kind]')];
   const kinds = boxes.every(b => b.checked) ? null : boxes.filter(b => b.checked).map(b => b.value);
   if (await post('/api/consent', {level, kinds})) text(message, 'Saved.');
+});
+// The export needs the token too, so the page fetches it and saves it from memory.
+document.getElementById('export').addEventListener('click', async () => {
+  const r = await fetch('/api/export', {headers: withToken});
+  if (!r.ok) { text(message, 'Not exported: '+(await r.json()).detail); return; }
+  const url = URL.createObjectURL(await r.blob());
+  const a = document.createElement('a'); a.href = url; a.download = 'fedpref-export.json';
+  document.body.appendChild(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+  text(message, 'Exported.');
 });
 document.getElementById('forget').addEventListener('click', async () => {
   if (await post('/api/forget', {})) text(message, 'Erased.');

@@ -2,10 +2,12 @@
 headless Chromium (Debian's chromium and chromedriver, through Selenium).
 
 The attacks: a local process without the launch's secret asks every route (and gets 401); a
-page on another origin posts to it, frames it, or reuses a link; a script widens consent or
-erases without the person's confirmation; a request for another Host (DNS rebinding). Most
-run in process against the page's app (Starlette's TestClient on the page's own origin); the
-ones marked slow serve it on 127.0.0.1, drive a browser or the ``fedpref device page`` command.
+process that was sent the person's cookie (the browser sends it to every port of 127.0.0.1)
+asks every route and looks for the page's token; a page on another origin posts to it, frames
+it, or reuses a link; a script widens consent or erases without the person's confirmation; a
+request for another Host (DNS rebinding). Most run in process against the page's app
+(Starlette's TestClient on the page's own origin); the ones marked slow serve it on 127.0.0.1,
+drive a browser or the ``fedpref device page`` command.
 
 Chromium is installed by `.ci/setup-system` (root, Debian); without it the browser tests skip,
 except under CI (CI=true), where a missing browser is a failure."""
@@ -77,8 +79,8 @@ def client(app) -> TestClient:
 
 @pytest.fixture()
 def person(app, keys):
-    """The person's browser: it opened the one-time link, so it holds the session cookie and
-    sends the page's Origin and token with its changes."""
+    """The person's browser tab: it opened the one-time link, so it holds the session cookie
+    and the page's token, and the page's script sends the token and its Origin."""
     browser = client(app)
     assert browser.get(f"/?s={keys.new_link()}").status_code == 200
     browser.headers.update({"origin": ORIGIN, "x-fedpref-token": keys.token})
@@ -90,6 +92,11 @@ def stored(device) -> dict:
     doc = device.export()
     doc.pop("exported_at")
     return doc
+
+
+def linked_token(page_html: str) -> str:
+    """The token the page's script was given (empty: none)."""
+    return re.search(r'const linkToken = "([^"]*)";', page_html).group(1)
 
 
 def every_route(app) -> list[tuple[str, str]]:
@@ -130,6 +137,39 @@ def test_a_local_process_without_the_secret_gets_nothing_from_any_route(device, 
     assert stored(device) == before
 
 
+def test_a_process_holding_only_the_cookie_gets_nothing_from_any_route(device, app, keys, person):
+    # Prepare: the person opened the link. A process listening on another port of 127.0.0.1
+    # got the browser to visit it and so was sent the page's cookie (a cookie is not tied to a
+    # port); it forges the page's Origin, and sends no token, an empty one, or another secret
+    # of the page in its place.
+    stolen = person.cookies.get(COOKIE)
+    thief = client(app)
+    thief.cookies.set(COOKIE, stolen)
+    routes = every_route(app) + [("GET", "/no-such-route"), ("HEAD", "/"), ("OPTIONS", "/api/export"), ("GET", "/?s=")]
+    assert {path for _, path in routes} >= {"/", "/api/status", "/api/export", "/api/consent", "/api/forget"}
+    before = stored(device)
+
+    # Execute: every route with every method it takes, posting a confirmed erase.
+    answers = {}
+    for token in (None, "", keys.session):
+        headers = {"origin": ORIGIN} if token is None else {"origin": ORIGIN, "x-fedpref-token": token}
+        for method, path in routes:
+            r = thief.request(method, path, json={"level": "none", "confirm": True}, headers=headers)
+            answers[token, method, path] = (r.status_code, r.text)
+
+    # Assert: the cookie is the person's own, yet only the page itself answers (without its
+    # token and without anything of the person's); every other request gets 401; no answer
+    # holds a secret or the person's data; nothing stored changed.
+    assert stolen == keys.session
+    for (token, method, path), (status, body) in answers.items():
+        expected = 200 if (method, path) == ("GET", "/") else 401
+        assert status == expected, f"{method} {path} with the cookie and token {token!r} answered {status}: {body[:200]}"
+        for secret in (keys.token, keys.session, SENT_TO, '"events"'):
+            assert secret not in body, f"{method} {path} with the cookie and token {token!r} gave away {secret!r}"
+    assert linked_token(answers[None, "GET", "/"][1]) == ""
+    assert stored(device) == before
+
+
 def test_the_link_opens_the_page_once_with_a_strict_session_cookie(app, keys):
     # Prepare
     link = keys.new_link()
@@ -141,17 +181,19 @@ def test_the_link_opens_the_page_once_with_a_strict_session_cookie(app, keys):
     reused = other.get(f"/?s={link}")  # another program that read the link afterwards
     again = browser.get(f"/?s={link}")
 
-    # Assert: a cookie the page's own scripts cannot read and no other site sends; the secret
-    # is not in the page that moves the browser on; the link works once.
+    # Assert: a cookie the page's own scripts cannot read and no other site sends; the token
+    # only in the answer to the link, whose script takes the secret out of the address bar;
+    # the page without the link carries no token; the link works once, whoever brings it.
     assert opened.status_code == 200
     cookie = opened.headers["set-cookie"].lower()
     assert cookie.startswith(f"{COOKIE}={keys.session}".lower())
     assert all(part in cookie for part in ("httponly", "samesite=strict", "path=/"))
-    assert link not in opened.text and 'location.replace("/")' in opened.text
-    assert page.status_code == 200 and f'data-token="{keys.token}"' in page.text
+    assert linked_token(opened.text) == keys.token
+    assert link not in opened.text and "history.replaceState(null, '', '/')" in opened.text
+    assert page.status_code == 200 and linked_token(page.text) == "" and keys.token not in page.text
     assert reused.status_code == 401 and "used already" in reused.json()["detail"]
     assert other.get("/").status_code == 401
-    assert again.status_code == 303 and again.headers["location"] == "/"  # already in: the secret is only dropped
+    assert again.status_code == 401
 
 
 def test_the_secrets_come_from_the_os_not_from_a_seed():
@@ -197,7 +239,7 @@ def test_every_secret_is_compared_in_constant_time(app, keys, monkeypatch):
     ]
 
     # Assert: refused (never a server error), and each guess went through compare_digest.
-    assert answers == [401, 401, 401, 403, 403]
+    assert answers == [401] * 5
     guessed = {a for a, _ in compared}
     assert {b"guess-of-the-link", b"guess-of-the-session", b"guess-of-the-token"} <= guessed
     assert sum(not a.isascii() for a in guessed) == 2  # the guesses that are not ASCII, compared too
@@ -252,7 +294,7 @@ def test_a_write_without_the_page_token_is_refused(person, device):
     also = person.post("/api/forget", json={"confirm": True}, headers={"x-fedpref-token": ""})
 
     # Assert
-    assert (erase.status_code, also.status_code) == (403, 403)
+    assert (erase.status_code, also.status_code) == (401, 401)
     assert "token" in erase.json()["detail"]
     assert stored(device) == before
 
@@ -393,16 +435,19 @@ def test_served_on_loopback_only_the_links_holder_gets_in(device, page):
     root = f"http://127.0.0.1:{page.port}"
     holder = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
 
-    # Execute: another program asks every route over TCP; the person opens the link.
+    # Execute: another program asks every route over TCP; the person opens the link, and the
+    # page's script asks for the export with the token the link's answer gave it (and without).
     intruder = {(method, path): fetch(root + path, method=method, data=b"{}" if method == "POST" else None,
                                       headers={"content-type": "application/json", "origin": root})[0]
                 for method, path in every_route(page.app)}
     opened = fetch(page.url, holder)
-    status, headers, body = fetch(root + "/api/export", holder)
+    token = linked_token(opened[2].decode())
+    status, headers, body = fetch(root + "/api/export", holder, headers={"x-fedpref-token": token})
+    cookie_only = fetch(root + "/api/export", holder)[0]
 
     # Assert
     assert set(intruder.values()) == {401}, intruder
-    assert opened[0] == 200
+    assert opened[0] == 200 and cookie_only == 401
     assert status == 200 and headers["cache-control"] == "no-store" and headers["x-frame-options"] == "DENY"
     assert [e["item"] for e in json.loads(body)["events"]] == [1, 2, 3, 4]
 
@@ -413,7 +458,7 @@ def test_fedpref_device_page_prints_a_one_time_link(device, tmp_path, free_port,
     store = tmp_path / "device.sqlite"  # the device fixture's store, open in this process too
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "fedpref"), "device", "page", "--store", str(store), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, text=True,
                             env=dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1"))
     try:
         # Execute: read what it prints up to the link.
@@ -425,14 +470,20 @@ def test_fedpref_device_page_prints_a_one_time_link(device, tmp_path, free_port,
         link = printed[-1].strip() if printed else ""
         bare = fetch(f"http://127.0.0.1:{port}/api/export")[0]
         holder = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
-        opened = fetch(link, holder)[0]
-        exported = fetch(f"http://127.0.0.1:{port}/api/export", holder)[0]
+        opened, _, page_html = fetch(link, holder)
+        exported = fetch(f"http://127.0.0.1:{port}/api/export", holder, headers={"x-fedpref-token": linked_token(page_html.decode())})[0]
         reused = fetch(link)[0]
+        proc.stdin.write("\n")  # Enter: another link, for another browser
+        proc.stdin.flush()
+        second = proc.stdout.readline().strip()
+        other_browser = fetch(second)[0]
 
         # Assert
-        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/\?s=[A-Za-z0-9_-]{{43}}", link), "".join(printed)
+        for printed_link in (link, second):
+            assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/\?s=[A-Za-z0-9_-]{{43}}", printed_link), "".join(printed) + second
         assert "works once" in " ".join("".join(printed).split())
         assert (bare, opened, exported, reused) == (401, 200, 200, 401)
+        assert second != link and other_browser == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -568,3 +619,106 @@ def test_a_page_on_another_origin_cannot_frame_the_page(device, page, browser, f
     # Assert: the frame shows nothing of the page, and nothing changed.
     assert buttons == [] and "Your data on this device" not in shown
     assert device.store.count_events() == N_EVENTS
+
+
+@pytest.fixture()
+def listener(free_port):
+    """A process's server on another port of 127.0.0.1 that answers a page titled "loaded"
+    and keeps the Cookie header of every request it gets: ``(url, cookies)``."""
+    cookies = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            cookies.append(self.headers.get("cookie") or "")
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<!doctype html><title>loaded</title>hello")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", cookies
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_a_page_on_another_port_the_browser_visits_gets_the_cookie_but_can_neither_export_nor_erase(device, page, browser, listener):
+    from selenium.webdriver.common.by import By
+
+    # Prepare: the person opens the link and sees their data; then a local process gets the
+    # browser to open its own address on another port of 127.0.0.1 (through a link, an intent,
+    # xdg-open) and reads the Cookie header the browser sends it.
+    root = f"http://127.0.0.1:{page.port}"
+    url, cookies = listener
+    browser.get(page.url)
+    wait_for(browser, lambda d: SENT_TO in d.find_element(By.ID, "record").text)
+    browser.get(url)
+    wait_for(browser, lambda d: d.title == "loaded")
+    stolen = {"cookie": cookies[0], "origin": root}
+
+    # Execute: with the cookie and the page's Origin, read the status and the export, fetch
+    # the page and try every secret-sized string in it as the token, and erase.
+    status = fetch(root + "/api/status", headers=stolen)[0]
+    exported = fetch(root + "/api/export", headers=stolen)[0]
+    shown = fetch(root + "/", headers=stolen)[2].decode()
+    candidates = re.findall(r"[A-Za-z0-9_-]{43}", shown) + [""]
+    erases = [fetch(root + "/api/forget", method="POST", data=b'{"confirm": true}',
+                    headers={**stolen, "content-type": "application/json", "x-fedpref-token": candidate})[0]
+              for candidate in candidates]
+
+    # Assert: the browser did send the page's session cookie to the other port; still every
+    # read and every erase was refused, the page held no token, and nothing was erased.
+    assert f"fedpref-page-{page.port}={page.secrets.session}" in cookies[0]
+    assert (status, exported) == (401, 401)
+    assert page.secrets.token not in shown and candidates == [""]
+    assert set(erases) == {401}
+    assert device.store.count_events() == N_EVENTS
+
+
+@pytest.mark.slow
+def test_a_reload_keeps_the_page_and_another_tab_needs_a_new_link(device, page, browser):
+    from selenium.webdriver.common.by import By
+
+    # Prepare: the person opened the link.
+    browser.get(page.url)
+    wait_for(browser, lambda d: SENT_TO in d.find_element(By.ID, "record").text)
+
+    # Execute, Assert: a reload of the tab shows the data again (the tab kept the token).
+    browser.refresh()
+    wait_for(browser, lambda d: SENT_TO in d.find_element(By.ID, "record").text)
+
+    # Execute, Assert: a new tab on the page's address is closed; a new link opens it.
+    browser.switch_to.new_window("tab")
+    browser.get(f"http://127.0.0.1:{page.port}/")
+    wait_for(browser, lambda d: d.find_element(By.ID, "report").text.startswith("This page is closed"))
+    assert "new one-time link" in browser.find_element(By.ID, "report").text
+    assert SENT_TO not in browser.find_element(By.ID, "record").text
+    browser.get(page.link())
+    wait_for(browser, lambda d: SENT_TO in d.find_element(By.ID, "record").text)
+
+
+@pytest.mark.slow
+def test_the_export_button_saves_everything(device, page, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    # Prepare: downloads go to a folder of the test's.
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    browser.get(page.url)
+    wait_for(browser, lambda d: SENT_TO in d.find_element(By.ID, "record").text)
+
+    # Execute
+    browser.find_element(By.ID, "export").click()
+    saved = downloads / "fedpref-export.json"
+    wait_for(browser, lambda d: saved.exists() and not list(downloads.glob("*.crdownload")))
+
+    # Assert: the file holds the person's events and record.
+    doc = json.loads(saved.read_text())
+    assert [e["item"] for e in doc["events"]] == [1, 2, 3, 4]
+    assert [r["server"] for r in doc["record_of_what_left"]] == [SENT_TO]
+    assert browser.find_element(By.ID, "message").text == "Exported."

@@ -48,11 +48,13 @@ from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_
 from fedpref.server.validation import (
     WEIGHT,
     check_evaluate_reply,
+    check_partial,
     check_size,
     check_train_reply,
     default_max_bytes,
     evaluate_metric_keys,
     examples_bound,
+    partial_counts,
     train_metric_keys,
 )
 
@@ -216,10 +218,14 @@ class _NoisedAverage(FedAvg):
 
 def _validated(replies: list[Message], reason_of: Callable[[Message], str | None]) -> tuple[list[Message], int]:
     """The replies for which ``reason_of`` finds nothing wrong, and how many it rejected (each
-    logged with its sender and reason)."""
+    logged with its sender and reason). A check that raises on a reply rejects that reply: what
+    one device sent never stops the round, or the run."""
     kept, rejected = [], 0
     for reply in replies:
-        reason = reason_of(reply)
+        try:
+            reason = reason_of(reply)
+        except Exception as exc:  # a content no check foresaw: that reply's fault alone
+            reason = f"unreadable reply ({type(exc).__name__}: {str(exc)[:200]})"
         if reason is None:
             kept.append(reply)
         else:
@@ -259,7 +265,9 @@ def _known(metrics, keys: frozenset[str]) -> MetricRecord | None:
 
 
 def _partial(reply: Message) -> dict | None:
-    """The partial-aggregate record of a reply that stands for several devices, or None."""
+    """The partial-aggregate record of a reply that stands for several devices, or None. Only
+    for replies whose record passed :func:`fedpref.server.validation.check_partial` (the
+    strategy refuses every other reply that carries one before it counts anything)."""
     if reply.has_error() or PARTIAL_AGGREGATE not in reply.content.config_records:
         return None
     return reply.content.config_records[PARTIAL_AGGREGATE]
@@ -362,20 +370,29 @@ def make_strategy(
             # A device that dropped out (an error reply) is left out: the round goes on with
             # the devices that answered. (Flower's DP wrappers would skip the whole round.)
             replies = list(replies)
-            answered = sum(_devices(r) + int(_partial(r)["dropped"]) if _partial(r) is not None else 1 for r in replies)
-            # Not back within round-timeout (under secure aggregation its grid counts its own dropouts).
-            late = 0 if config.secagg else max(0, getattr(self, "_asked", answered) - answered)
-            dropped = sum(1 for r in replies if r.has_error()) + sum(int(p["dropped"]) for r in replies if (p := _partial(r)) is not None)
+            failed = sum(1 for r in replies if r.has_error())
             replies = [r for r in replies if not r.has_error()]
-            # Validation (fedpref.server.validation): a malformed or out-of-bounds reply is left out and counted.
+            asked = getattr(self, "_asked", None)
+            # Validation (fedpref.server.validation): a malformed or out-of-bounds reply is left out
+            # and counted. Nothing a device sent is read before it is checked: each reply answers
+            # for one device until its partial-aggregate record, from a grid that computes them
+            # (only there), has been checked; from anywhere else such a record is refused.
             max_bytes = config.max_reply_bytes or default_max_bytes(self._sent_global)
             replies, rejected = _validated(replies, lambda r: check_size(r, max_bytes))
+            if partial_train:
+                replies, forged = _validated(replies, lambda r: check_partial(r, asked))
+            else:
+                replies, forged = _validated(replies, lambda r: (
+                    "a device may not send a partial aggregate" if PARTIAL_AGGREGATE in r.content.config_records else None))
+            rejected += forged
+            partials = [counts for r in replies if (counts := partial_counts(r)) is not None]
+            answered = failed + rejected + len(replies) + sum(devices - 1 + gone for devices, gone in partials)
+            dropped = failed + sum(gone for _, gone in partials)
+            # Not back within round-timeout (under secure aggregation its grid counts its own dropouts).
+            late = 0 if config.secagg or asked is None else max(0, asked - answered)
             if config.update_encoding != "float32":
                 replies, undecodable = _validated(replies, lambda r: _decode(r, self._sent_global, config.update_encoding))
                 rejected += undecodable
-            if not partial_train:
-                replies, forged = _validated(replies, lambda r: "a device may not send a partial aggregate" if _partial(r) is not None else None)
-                rejected += forged
             if central_noise:
                 self._round_clip = float(self.dp_wrapper.clipping_norm)  # the bound this round's devices clipped to
             bound = None if config.secagg else (self._round_clip if central_noise else config.clip_norm)

@@ -85,10 +85,11 @@ def clear_round_callbacks() -> None:
 
 
 class StableGrid:
-    """A Grid whose node ids come in a stable order (by each device's key) and that draws
-    cohorts from its own seeded generator, so that the same seed picks the same devices in
-    every run. (Flower samples with the global ``random``, which other threads of the
-    Simulation Engine's process draw from too; see :func:`_seeded_sample_nodes`.)"""
+    """A Grid whose node ids come in a stable order (by each device's key, :func:`device_keys`;
+    devices without a usable key after those with one, by node id) and that draws cohorts from
+    its own seeded generator, so that the same seed picks the same devices in every run. (Flower
+    samples with the global ``random``, which other threads of the Simulation Engine's process
+    draw from too; see :func:`_seeded_sample_nodes`.)"""
 
     def __init__(self, grid: Grid, order: dict[int, int], seed: int) -> None:
         self._grid = grid
@@ -106,7 +107,7 @@ class StableGrid:
         if hasattr(self._grid, "ordered_node_ids"):  # a grid that keeps its ids in key order (the fast engine's million)
             return self._grid.ordered_node_ids()
         ids = list(self._grid.get_node_ids())
-        return sorted(ids, key=lambda n: (self._order.get(n, 1 << 62), n))
+        return sorted(ids, key=lambda n: (0, self._order[n]) if n in self._order else (1, n))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -131,8 +132,18 @@ _flower_sample_nodes = _fedavg_module.sample_nodes
 _fedavg_module.sample_nodes = _seeded_sample_nodes
 
 
+DEVICE_KEY_LIMIT = 2**63  # a device's key: a whole number from 0 to 2**63 - 1 (what a ConfigRecord's int holds)
+
+
 def device_keys(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
-    """Ask every device once for its stable key (its index in a simulation)."""
+    """Ask every device once for its stable key (its index in a simulation, a random number a
+    real device keeps in its store): node id -> key, for the devices that gave a usable one.
+
+    Each reply is a device's word, read as hostile: a reply that is an error, that carries no
+    ConfigRecord ``device`` or whose ``key`` is not a whole number from 0 to 2**63 - 1 (an int;
+    not a bool, a float or a string), is logged with the node id and left out; so are the
+    devices that gave the same key (each of them). A device left out still takes part: it is
+    ordered after the devices with a key, by node id (:class:`StableGrid`)."""
     if hasattr(grid, "device_keys"):  # a grid that plays its devices knows them (no message per device)
         return grid.device_keys()
     deadline = time.time() + timeout
@@ -142,11 +153,47 @@ def device_keys(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, 
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
         for node in ids
     ]
-    keys = {}
+    asked, answered = set(ids), set()
+    claimed: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if not reply.has_error():
-            keys[reply.metadata.src_node_id] = int(reply.content["device"]["key"])
+        node = reply.metadata.src_node_id
+        try:
+            key, reason = _device_key(reply)
+        except Exception as exc:  # a reply that could not even be read: that device's alone
+            key, reason = None, f"unreadable reply ({type(exc).__name__})"
+        if node not in asked or node in answered:
+            reason = "a reply from a node not asked" if node not in asked else "a second reply"
+        answered.add(node)
+        if reason is not None:
+            log(WARNING, "node %s gave no usable device key (%s): it is ordered after the devices that did, by node id", node, reason)
+            claimed.pop(node, None)
+            continue
+        claimed[node] = key
+    holders: dict[int, list[int]] = {}
+    for node, key in claimed.items():
+        holders.setdefault(key, []).append(node)
+    keys = {}
+    for key, nodes in holders.items():
+        if len(nodes) > 1:
+            log(WARNING, "nodes %s gave the same device key %s: each is ordered after the devices with a key of their own, by node id",
+                sorted(nodes), key)
+            continue
+        keys[nodes[0]] = key
     return keys
+
+
+def _device_key(reply: Message) -> tuple[int | None, str | None]:
+    """(the key, None) from a device's answer to the key query, or (None, why it has none)."""
+    if reply.has_error():
+        return None, f"an error reply: {reply.error.reason[:80]!r}"
+    record = reply.content.config_records.get("device")
+    if record is None:
+        return None, "no ConfigRecord 'device'"
+    key = record.get("key")
+    if type(key) is not int or not 0 <= key < DEVICE_KEY_LIMIT:
+        shown = repr(key)
+        return None, f"'key' must be a whole number from 0 to 2**63 - 1, got {type(key).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+    return key, None
 
 
 def population_meta(config: FederatedConfig) -> dict:

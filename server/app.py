@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
-from fedpref.models.encoding import EncodingError, decode
+from fedpref.models.encoding import EncodingError, decode, encoded_names
 from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError, cosine_factor
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import AdaptiveClippingNoise, DpMechanism, FixedClippingNoise, NoiseSource, PrivacyLedger, default_delta
@@ -213,11 +213,28 @@ def population_meta(config: FederatedConfig) -> dict:
 
 def _decode(reply: Message, sent_global: dict, encoding: str) -> str | None:
     """Turn a reply carrying an encoded update into the float32 weights ``global + update`` that
-    Flower's strategies average (in place); the reason if it cannot be decoded (it is rejected)."""
+    Flower's strategies average (in place); the reason if it cannot be decoded (it is rejected).
+    Nothing of the reply is used before it is checked: an ArrayRecord ``arrays`` holding
+    exactly the arrays of ``encoding`` (:func:`fedpref.models.encoding.encoded_names`), each
+    readable, in the dtype of the encoding and the shape the server sent."""
+    record = reply.content.array_records.get("arrays")
+    if record is None:
+        found = type(reply.content["arrays"]).__name__ if "arrays" in reply.content else "nothing"
+        return f"undecodable {encoding} update: 'arrays' must be an ArrayRecord, got {found}"
+    names = set(record.keys())
+    expected = encoded_names(list(sent_global), encoding)
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        return f"undecodable {encoding} update: missing arrays {missing[:5]}, unexpected {[n[:40] for n in extra[:5]]}"
+    arrays = {}
+    for name in sorted(names):
+        try:
+            arrays[name] = record[name].numpy()
+        except Exception as exc:  # bytes that are not an array of the declared dtype and shape
+            return f"undecodable {encoding} update: array {name!r} unreadable ({type(exc).__name__})"
     try:
-        arrays = reply.content["arrays"]
-        update = decode({k: arrays[k].numpy() for k in arrays}, list(sent_global), encoding)
-    except (EncodingError, KeyError) as exc:
+        update = decode(arrays, list(sent_global), encoding, shapes={k: v.shape for k, v in sent_global.items()})
+    except EncodingError as exc:
         return f"undecodable {encoding} update: {exc}"
     reply.content["arrays"] = ArrayRecord({k: Array((sent_global[k].astype(np.float32) + update[k]).astype(sent_global[k].dtype)) for k in sent_global})
     return None

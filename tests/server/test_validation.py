@@ -481,16 +481,20 @@ def test_a_training_metric_sent_as_a_list_is_rejected_and_the_round_goes_on(run,
 @pytest.mark.parametrize("value", ["0.5", "", True], ids=["string", "empty-string", "bool"])
 def test_a_training_metric_that_is_a_string_or_a_bool_is_rejected(value):
     """Flower's own records refuse these, but the server does not rely on the transport: a record
-    that carries one anyway (an in-process grid, another transport) is rejected like a list."""
-    # Prepare
+    that carries one anyway (an in-process grid, another transport) is rejected like a list. (A
+    bool used to pass as a finite number.)"""
+    # Prepare: the value put in past Flower's record check (fedpref.simulations.hostile.metric_record).
     sent = _global()
-    hostile = rebuilt(_honest(3, sent, 3), metrics={**dict(_honest(3, sent, 3).content["metrics"].items()), "train-loss": value})
-    assert hostile.content["metrics"]["train-loss"] == value
+    hostile = _with_metrics(_honest(3, sent, 3), **{"train-loss": value})
+    assert hostile.content["metrics"]["train-loss"] is value
     # Execute
     got, seen = _aggregate([hostile] + [_honest(n, sent, n) for n in range(3)], "fedavg")
-    # Assert
+    # Assert: rejected with its reason, the model the honest replies' alone.
+    expected, _ = _aggregate([_honest(n, sent, n) for n in range(3)], "fedavg")
     assert "must be one finite number" in _check(hostile, sent)
     assert (seen["rejected"], seen["replies"]) == (1, 3)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
 
 
 @pytest.mark.parametrize("value", [[1.0], [0.5, 0.5], "1.0"], ids=["list", "two", "string"])

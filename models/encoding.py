@@ -43,22 +43,40 @@ def encode(update: Mapping[str, np.ndarray], encoding: str, rng: np.random.Gener
     raise EncodingError(f"unknown update encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
-def decode(arrays: Mapping[str, np.ndarray], names: tuple[str, ...] | list[str], encoding: str) -> dict[str, np.ndarray]:
-    """The float32 update carried by ``arrays`` (names: the shared arrays expected)."""
-    expected = set(names) if encoding == "float16" else set(names) | {n + SCALE_SUFFIX for n in names}
-    if set(arrays) != expected:
-        raise EncodingError(f"an {encoding} update carries arrays {sorted(expected)}, got {sorted(arrays)}")
+def encoded_names(names: tuple[str, ...] | list[str], encoding: str) -> set[str]:
+    """The names of the arrays an update of the shared arrays ``names`` travels as."""
     if encoding == "float16":
-        return {n: np.asarray(arrays[n], dtype=np.float32) for n in names}
+        return set(names)
     if encoding == "int8":
-        out = {}
-        for n in names:
-            q, scale = np.asarray(arrays[n]), np.asarray(arrays[n + SCALE_SUFFIX])
-            if q.dtype != np.int8 or scale.shape != (1,) or not np.isfinite(scale).all() or scale[0] <= 0:
-                raise EncodingError(f"array {n!r}: an int8 update needs int8 values and one positive finite scale")
-            out[n] = (q.astype(np.float32) * scale.astype(np.float32)[0]).astype(np.float32)
-        return out
+        return set(names) | {n + SCALE_SUFFIX for n in names}
     raise EncodingError(f"unknown update encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+
+
+def decode(arrays: Mapping[str, np.ndarray], names: tuple[str, ...] | list[str], encoding: str, *,
+           shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """The float32 update carried by ``arrays`` (names: the shared arrays expected). Anything
+    else is an :class:`EncodingError`: other arrays than :func:`encoded_names`, values in
+    another dtype than the encoding's (float16; int8 with a float32 scale), a scale that is not
+    one positive finite number, and, when ``shapes`` (name -> shape: what the server sent) is
+    given, an array of another shape."""
+    expected = encoded_names(names, encoding)
+    if set(arrays) != expected:
+        raise EncodingError(f"an {encoding} update carries arrays {sorted(expected)}, got {sorted(arrays)[:len(expected) + 5]}")
+    out = {}
+    for n in names:
+        values = np.asarray(arrays[n])
+        if shapes is not None and values.shape != tuple(shapes[n]):
+            raise EncodingError(f"array {n!r}: shape {values.shape}, expected {tuple(shapes[n])}")
+        if encoding == "float16":
+            if values.dtype != np.float16:
+                raise EncodingError(f"array {n!r}: a float16 update carries float16 values, got {values.dtype}")
+            out[n] = values.astype(np.float32)
+        else:
+            scale = np.asarray(arrays[n + SCALE_SUFFIX])
+            if values.dtype != np.int8 or scale.dtype != np.float32 or scale.shape != (1,) or not np.isfinite(scale).all() or scale[0] <= 0:
+                raise EncodingError(f"array {n!r}: an int8 update needs int8 values and one positive finite scale (float32)")
+            out[n] = (values.astype(np.float32) * scale[0]).astype(np.float32)
+    return out
 
 
 def norm(update: Mapping[str, np.ndarray]) -> float:

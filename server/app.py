@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.serverapp.strategy import fedavg as _fedavg_module
 
-from fedpref.models.encoding import EncodingError, decode
+from fedpref.models.encoding import EncodingError, decode, encoded_names
 from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError, cosine_factor
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import AdaptiveClippingNoise, DpMechanism, FixedClippingNoise, NoiseSource, PrivacyLedger, default_delta
@@ -49,11 +49,13 @@ from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_
 from fedpref.server.validation import (
     WEIGHT,
     check_evaluate_reply,
+    check_partial,
     check_size,
     check_train_reply,
     default_max_bytes,
     evaluate_metric_keys,
     examples_bound,
+    partial_counts,
     train_metric_keys,
 )
 
@@ -84,10 +86,11 @@ def clear_round_callbacks() -> None:
 
 
 class StableGrid:
-    """A Grid whose node ids come in a stable order (by each device's key) and that draws
-    cohorts from its own seeded generator, so that the same seed picks the same devices in
-    every run. (Flower samples with the global ``random``, which other threads of the
-    Simulation Engine's process draw from too; see :func:`_seeded_sample_nodes`.)"""
+    """A Grid whose node ids come in a stable order (by each device's key, :func:`device_keys`;
+    devices without a usable key after those with one, by node id) and that draws cohorts from
+    its own seeded generator, so that the same seed picks the same devices in every run. (Flower
+    samples with the global ``random``, which other threads of the Simulation Engine's process
+    draw from too; see :func:`_seeded_sample_nodes`.)"""
 
     def __init__(self, grid: Grid, order: dict[int, int], seed: int) -> None:
         self._grid = grid
@@ -105,7 +108,7 @@ class StableGrid:
         if hasattr(self._grid, "ordered_node_ids"):  # a grid that keeps its ids in key order (the fast engine's million)
             return self._grid.ordered_node_ids()
         ids = list(self._grid.get_node_ids())
-        return sorted(ids, key=lambda n: (self._order.get(n, 1 << 62), n))
+        return sorted(ids, key=lambda n: (0, self._order[n]) if n in self._order else (1, n))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -130,8 +133,18 @@ _flower_sample_nodes = _fedavg_module.sample_nodes
 _fedavg_module.sample_nodes = _seeded_sample_nodes
 
 
+DEVICE_KEY_LIMIT = 2**63  # a device's key: a whole number from 0 to 2**63 - 1 (what a ConfigRecord's int holds)
+
+
 def device_keys(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
-    """Ask every device once for its stable key (its index in a simulation)."""
+    """Ask every device once for its stable key (its index in a simulation, a random number a
+    real device keeps in its store): node id -> key, for the devices that gave a usable one.
+
+    Each reply is a device's word, read as hostile: a reply that is an error, that carries no
+    ConfigRecord ``device`` or whose ``key`` is not a whole number from 0 to 2**63 - 1 (an int;
+    not a bool, a float or a string), is logged with the node id and left out; so are the
+    devices that gave the same key (each of them). A device left out still takes part: it is
+    ordered after the devices with a key, by node id (:class:`StableGrid`)."""
     if hasattr(grid, "device_keys"):  # a grid that plays its devices knows them (no message per device)
         return grid.device_keys()
     deadline = time.time() + timeout
@@ -141,11 +154,47 @@ def device_keys(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, 
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
         for node in ids
     ]
-    keys = {}
+    asked, answered = set(ids), set()
+    claimed: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if not reply.has_error():
-            keys[reply.metadata.src_node_id] = int(reply.content["device"]["key"])
+        node = reply.metadata.src_node_id
+        try:
+            key, reason = _device_key(reply)
+        except Exception as exc:  # a reply that could not even be read: that device's alone
+            key, reason = None, f"unreadable reply ({type(exc).__name__})"
+        if node not in asked or node in answered:
+            reason = "a reply from a node not asked" if node not in asked else "a second reply"
+        answered.add(node)
+        if reason is not None:
+            log(WARNING, "node %s gave no usable device key (%s): it is ordered after the devices that did, by node id", node, reason)
+            claimed.pop(node, None)
+            continue
+        claimed[node] = key
+    holders: dict[int, list[int]] = {}
+    for node, key in claimed.items():
+        holders.setdefault(key, []).append(node)
+    keys = {}
+    for key, nodes in holders.items():
+        if len(nodes) > 1:
+            log(WARNING, "nodes %s gave the same device key %s: each is ordered after the devices with a key of their own, by node id",
+                sorted(nodes), key)
+            continue
+        keys[nodes[0]] = key
     return keys
+
+
+def _device_key(reply: Message) -> tuple[int | None, str | None]:
+    """(the key, None) from a device's answer to the key query, or (None, why it has none)."""
+    if reply.has_error():
+        return None, f"an error reply: {reply.error.reason[:80]!r}"
+    record = reply.content.config_records.get("device")
+    if record is None:
+        return None, "no ConfigRecord 'device'"
+    key = record.get("key")
+    if type(key) is not int or not 0 <= key < DEVICE_KEY_LIMIT:
+        shown = repr(key)
+        return None, f"'key' must be a whole number from 0 to 2**63 - 1, got {type(key).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+    return key, None
 
 
 def population_meta(config: FederatedConfig) -> dict:
@@ -165,11 +214,28 @@ def population_meta(config: FederatedConfig) -> dict:
 
 def _decode(reply: Message, sent_global: dict, encoding: str) -> str | None:
     """Turn a reply carrying an encoded update into the float32 weights ``global + update`` that
-    Flower's strategies average (in place); the reason if it cannot be decoded (it is rejected)."""
+    Flower's strategies average (in place); the reason if it cannot be decoded (it is rejected).
+    Nothing of the reply is used before it is checked: an ArrayRecord ``arrays`` holding
+    exactly the arrays of ``encoding`` (:func:`fedpref.models.encoding.encoded_names`), each
+    readable, in the dtype of the encoding and the shape the server sent."""
+    record = reply.content.array_records.get("arrays")
+    if record is None:
+        found = type(reply.content["arrays"]).__name__ if "arrays" in reply.content else "nothing"
+        return f"undecodable {encoding} update: 'arrays' must be an ArrayRecord, got {found}"
+    names = set(record.keys())
+    expected = encoded_names(list(sent_global), encoding)
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        return f"undecodable {encoding} update: missing arrays {missing[:5]}, unexpected {[n[:40] for n in extra[:5]]}"
+    arrays = {}
+    for name in sorted(names):
+        try:
+            arrays[name] = record[name].numpy()
+        except Exception as exc:  # bytes that are not an array of the declared dtype and shape
+            return f"undecodable {encoding} update: array {name!r} unreadable ({type(exc).__name__})"
     try:
-        arrays = reply.content["arrays"]
-        update = decode({k: arrays[k].numpy() for k in arrays}, list(sent_global), encoding)
-    except (EncodingError, KeyError) as exc:
+        update = decode(arrays, list(sent_global), encoding, shapes={k: v.shape for k, v in sent_global.items()})
+    except EncodingError as exc:
         return f"undecodable {encoding} update: {exc}"
     reply.content["arrays"] = ArrayRecord({k: Array((sent_global[k].astype(np.float32) + update[k]).astype(sent_global[k].dtype)) for k in sent_global})
     return None
@@ -217,10 +283,14 @@ class _NoisedAverage(FedAvg):
 
 def _validated(replies: list[Message], reason_of: Callable[[Message], str | None]) -> tuple[list[Message], int]:
     """The replies for which ``reason_of`` finds nothing wrong, and how many it rejected (each
-    logged with its sender and reason)."""
+    logged with its sender and reason). A check that raises on a reply rejects that reply: what
+    one device sent never stops the round, or the run."""
     kept, rejected = [], 0
     for reply in replies:
-        reason = reason_of(reply)
+        try:
+            reason = reason_of(reply)
+        except Exception as exc:  # a content no check foresaw: that reply's fault alone
+            reason = f"unreadable reply ({type(exc).__name__}: {str(exc)[:200]})"
         if reason is None:
             kept.append(reply)
         else:
@@ -260,7 +330,9 @@ def _known(metrics, keys: frozenset[str]) -> MetricRecord | None:
 
 
 def _partial(reply: Message) -> dict | None:
-    """The partial-aggregate record of a reply that stands for several devices, or None."""
+    """The partial-aggregate record of a reply that stands for several devices, or None. Only
+    for replies whose record passed :func:`fedpref.server.validation.check_partial` (the
+    strategy refuses every other reply that carries one before it counts anything)."""
     if reply.has_error() or PARTIAL_AGGREGATE not in reply.content.config_records:
         return None
     return reply.content.config_records[PARTIAL_AGGREGATE]
@@ -363,20 +435,29 @@ def make_strategy(
             # A device that dropped out (an error reply) is left out: the round goes on with
             # the devices that answered. (Flower's DP wrappers would skip the whole round.)
             replies = list(replies)
-            answered = sum(_devices(r) + int(_partial(r)["dropped"]) if _partial(r) is not None else 1 for r in replies)
-            # Not back within round-timeout (under secure aggregation its grid counts its own dropouts).
-            late = 0 if config.secagg else max(0, getattr(self, "_asked", answered) - answered)
-            dropped = sum(1 for r in replies if r.has_error()) + sum(int(p["dropped"]) for r in replies if (p := _partial(r)) is not None)
+            failed = sum(1 for r in replies if r.has_error())
             replies = [r for r in replies if not r.has_error()]
-            # Validation (fedpref.server.validation): a malformed or out-of-bounds reply is left out and counted.
+            asked = getattr(self, "_asked", None)
+            # Validation (fedpref.server.validation): a malformed or out-of-bounds reply is left out
+            # and counted. Nothing a device sent is read before it is checked: each reply answers
+            # for one device until its partial-aggregate record, from a grid that computes them
+            # (only there), has been checked; from anywhere else such a record is refused.
             max_bytes = config.max_reply_bytes or default_max_bytes(self._sent_global)
             replies, rejected = _validated(replies, lambda r: check_size(r, max_bytes))
+            if partial_train:
+                replies, forged = _validated(replies, lambda r: check_partial(r, asked))
+            else:
+                replies, forged = _validated(replies, lambda r: (
+                    "a device may not send a partial aggregate" if PARTIAL_AGGREGATE in r.content.config_records else None))
+            rejected += forged
+            partials = [counts for r in replies if (counts := partial_counts(r)) is not None]
+            answered = failed + rejected + len(replies) + sum(devices - 1 + gone for devices, gone in partials)
+            dropped = failed + sum(gone for _, gone in partials)
+            # Not back within round-timeout (under secure aggregation its grid counts its own dropouts).
+            late = 0 if config.secagg or asked is None else max(0, asked - answered)
             if config.update_encoding != "float32":
                 replies, undecodable = _validated(replies, lambda r: _decode(r, self._sent_global, config.update_encoding))
                 rejected += undecodable
-            if not partial_train:
-                replies, forged = _validated(replies, lambda r: "a device may not send a partial aggregate" if _partial(r) is not None else None)
-                rejected += forged
             if central_noise:
                 self._round_clip = float(self.dp_wrapper.clipping_norm)  # the bound this round's devices clipped to
             bound = None if config.secagg else (self._round_clip if central_noise else config.clip_norm)

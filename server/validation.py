@@ -18,7 +18,8 @@ What is checked, in order (the first failure is the reason):
    MetricRecords only when they all hold the same keys, and the run store keeps what it
    averages, so one extra or missing key must not reach either;
 4. **names, shapes, dtypes**: exactly the arrays the server sent, each in the shape and dtype sent;
-5. **finite**: no NaN or Inf in any array or metric;
+5. **finite**: no NaN or Inf in any array; every metric one finite number, an int or a float
+   (a list, a string or a bool is not: Flower could not average it, and the run would stop);
 6. **norm**: the update (what was sent minus what the server sent) has L2 norm at most the
    round's clipping bound, times 1 + 1e-5 for float rounding (devices shave their updates to
    within C exactly: ``fedpref.client.guard.encode_update``). Under secure aggregation the server
@@ -30,9 +31,13 @@ What is checked, in order (the first failure is the reason):
    would not cover a device that claimed more).
 
 Evaluation replies (:func:`check_evaluate_reply`) carry only metrics: at most 64 KiB, exactly the
-keys of :func:`evaluate_metric_keys`, finite, the hit rates and NDCGs in [0, 1], and a weight of
-1 (each device ranks one held-out item of each split; a partial aggregate: the devices it
-stands for).
+keys of :func:`evaluate_metric_keys`, each one finite number, the hit rates and NDCGs in [0, 1],
+and a weight of 1 (each device ranks one held-out item of each split; a partial aggregate: the
+devices it stands for).
+
+A partial aggregate's own counts (:func:`check_partial`: how many devices it stands for, how
+many dropped out) are checked before the server counts anything with them, and only from a grid
+that computes partial aggregates itself: from a device such a record is refused.
 """
 
 from __future__ import annotations
@@ -190,12 +195,12 @@ def check_train_reply(
         if norm > bound * (1.0 + NORM_TOLERANCE):
             return f"update norm {norm:.6g} above the clipping bound {bound:.6g}"
     for key, value in metrics.items():
-        if not _finite(value):
-            return f"metric {key!r} is not a finite number"
+        if not _scalar(value):
+            return _not_scalar(key, value)
     weight = metrics.get(WEIGHT)
     if not _number(weight) or not weight > 0:
         return f"num-examples must be a positive number, got {weight!r}"
-    devices = _partial_devices(partial) if partial is not None else 1
+    devices = _whole(partial.get("devices"), 1) if partial is not None else 1
     if devices is None:
         return f"partial aggregate: 'devices' must be a positive whole number, got {partial.get('devices')!r}"
     if dp:
@@ -221,12 +226,12 @@ def check_evaluate_reply(reply: Message, *, metric_keys: Collection[str], partia
     if reason := _metric_names(metrics, metric_keys):
         return reason
     for key, value in metrics.items():
-        if not _finite(value):
-            return f"metric {key!r} is not a finite number"
+        if not _scalar(value):
+            return _not_scalar(key, value)
         if key.endswith(("-hr", "-ndcg")) and not 0.0 <= float(value) <= 1.0:
             return f"metric {key!r} = {value!r} outside [0, 1]"
     partial = content.config_records.get(PARTIAL_AGGREGATE)
-    devices = _partial_devices(partial) if partial is not None else 1
+    devices = _whole(partial.get("devices"), 1) if partial is not None else 1
     if devices is None:
         return f"partial aggregate: 'devices' must be a positive whole number, got {partial.get('devices')!r}"
     weight = metrics.get(WEIGHT)
@@ -251,19 +256,75 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _partial_devices(partial: Mapping) -> int | None:
-    """How many devices a partial aggregate stands for, or None if it does not say so properly."""
-    devices = partial.get("devices")
-    if not _number(devices) or not math.isfinite(devices) or devices < 1 or devices != int(devices):
+def _scalar(value) -> bool:
+    """Whether a metric's value is one finite number, an int or a float. (Not a bool, which
+    Flower's records refuse and no device sends; not a list, which Flower's records allow but
+    could not average with another reply's number; not an int beyond float range, which the
+    average could not multiply by its weight.)"""
+    if not _number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _not_scalar(key: str, value) -> str:
+    """The reason for a metric whose value is not one finite number (the value shortened)."""
+    return f"metric {key!r} must be one finite number (an int or a float), got {type(value).__name__} {_short(value)}"
+
+
+def check_partial(reply: Message, asked: int | None) -> str | None:
+    """Why the partial-aggregate record of ``reply`` (from a grid that computes partial
+    aggregates itself: the fast engine's) cannot be counted, or None if it can (or the reply
+    has none). ``asked``: how many devices the round asked (None: not known). Its ``devices``
+    must be a whole number of at least 1, its ``dropped`` (how many of those asked did not
+    reply) a whole number of at least 0, the two together at most ``asked``; with adaptive
+    clipping its ``norm-bits`` a whole number from 0 to ``devices``. The server counts these
+    in the round's ``replies`` and ``dropped``, and the privacy ledger accounts the round with
+    them, so nothing reads them before this check."""
+    partial = reply.content.config_records.get(PARTIAL_AGGREGATE)
+    if partial is None:
         return None
-    return int(devices)
+    devices = _whole(partial.get("devices"), 1)
+    if devices is None:
+        return f"partial aggregate: 'devices' must be a whole number of at least 1, got {_short(partial.get('devices'))}"
+    dropped = _whole(partial.get("dropped"), 0)
+    if dropped is None:
+        return f"partial aggregate: 'dropped' must be a whole number of at least 0, got {_short(partial.get('dropped'))}"
+    if asked is not None and devices + dropped > asked:
+        return f"partial aggregate: {devices} devices and {dropped} dropped, more than the {asked} the round asked"
+    if "norm-bits" in partial and ((bits := _whole(partial["norm-bits"], 0)) is None or bits > devices):
+        return f"partial aggregate: 'norm-bits' must be a whole number from 0 to its {devices} devices, got {_short(partial.get('norm-bits'))}"
+    return None
 
 
-def _finite(value) -> bool:
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, (int, float)):
-        return math.isfinite(value)
+def partial_counts(reply: Message) -> tuple[int, int] | None:
+    """(devices, dropped) of a partial aggregate that passed :func:`check_partial`, or None for
+    a reply that is not one."""
+    partial = reply.content.config_records.get(PARTIAL_AGGREGATE)
+    if partial is None:
+        return None
+    return int(partial["devices"]), int(partial["dropped"])
+
+
+def _whole(value, low: int) -> int | None:
+    """``value`` as a whole number of at least ``low`` (an int, or a float with no fraction,
+    within int64), or None."""
+    if not _number(value):
+        return None
+    try:
+        whole = int(value)
+    except (OverflowError, ValueError):  # inf, nan
+        return None
+    if whole != value or not low <= whole < 2**63:
+        return None
+    return whole
+
+
+def _short(value) -> str:
+    """``value`` for a reason: its repr, at most 40 characters (a list: its first item and length)."""
     if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return False
+        return f"[{_short(value[0])}, ...] ({len(value)} items)" if len(value) > 1 else repr(value)[:40]
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."

@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedpref.client.app import straggles
 from fedpref.models.federation import FederatedConfig, RunConfigError
@@ -128,14 +129,19 @@ def _hostile_config(population, out, **overrides) -> FederatedConfig:
 
 def _run_without_device_0(population, out, n_devices, **overrides):
     """The same run on the in-process engine with device 0 absent (an error reply to everything
-    it is asked): what the hostile device's run must equal."""
-    from flwr.app import Error, Message
+    it is asked for a round): what the hostile device's run must equal. Asked for its key, it
+    gives none the server can use, as the hostile one does, so that both runs order (and so
+    sample) the devices alike."""
+    from flwr.app import Error
 
     from fedpref.client.app import app as client_app
+    from fedpref.simulations import hostile
     from fedpref.simulations.inprocess import InProcessGrid
 
     def absent(msg, context):
-        if context.node_config["partition-id"] == 0 and msg.metadata.message_type != "query":
+        if context.node_config["partition-id"] == 0:
+            if msg.metadata.message_type == "query":
+                return Message(RecordDict({"device": ConfigRecord({"key": hostile.HOSTILE_KEY})}), reply_to=msg)
             return Message(Error(code=0, reason="gone"), reply_to=msg)
         return client_app(msg, context)
 
@@ -155,10 +161,11 @@ def _known_round_keys(config: FederatedConfig) -> set[str]:
 
 
 def test_one_hostile_device_neither_stops_the_run_nor_moves_the_model_and_no_unknown_metric_is_stored(population, tmp_path):
-    """In-process engine, fedpref's hostile ClientApp: in round 1 device 0 adds a metric to its
-    training reply and leaves one out of its evaluation (Flower's aggregation used to raise:
-    the run failed); in round 2 it claims 1e12 examples for its model and 1e15 perfect hits.
-    The run completes, and is bit for bit the run without device 0."""
+    """In-process engine, fedpref's hostile ClientApp: asked for its key it answers with a string
+    (the server used to stop before round 1); in round 1 device 0 adds a metric to its training
+    reply and leaves one out of its evaluation (Flower's aggregation used to raise: the run
+    failed); in round 2 it claims 1e12 examples for its model and 1e15 perfect hits. The run
+    completes, and is bit for bit the run without device 0."""
     from fedpref.server.runstore import RunStore
     from fedpref.simulations import hostile
     from fedpref.simulations.inprocess import InProcessGrid
@@ -191,7 +198,8 @@ def test_one_hostile_device_neither_stops_the_run_nor_moves_the_model_and_no_unk
 @pytest.mark.slow
 def test_on_the_simulation_engine_one_hostile_device_neither_stops_the_run_nor_takes_over_the_model(tmp_path, synthetic_population):
     """The real Simulation Engine (Ray), four devices, two rounds, fedpref's hostile ClientApp
-    (fedpref.simulations.hostile.app; device 0 malforms its replies, see its SCRIPT)."""
+    (fedpref.simulations.hostile.app; device 0 answers the key query with a string and
+    malforms its replies, see its SCRIPT)."""
     from fedpref.simulations import hostile
     from fedpref.simulations.federated import run_flower_simulation
 
@@ -211,6 +219,74 @@ def test_on_the_simulation_engine_one_hostile_device_neither_stops_the_run_nor_t
         np.testing.assert_allclose(model[name], absent_model[name], rtol=0, atol=1e-3)
     for mine, theirs in zip(result["rounds"], absent["rounds"], strict=True):
         assert mine["val-hr"] == pytest.approx(theirs["val-hr"], abs=1e-9)  # not the 1e15 perfect hits
+
+
+def _list_metric(name):
+    def tamper(msg, reply):
+        if name in reply.content.metric_records.get("metrics", {}):
+            reply.content["metrics"][name] = [0.1, 0.2]  # Flower's records allow a list
+        return reply
+    return tamper
+
+
+def _forged_partial(record):
+    def tamper(msg, reply):
+        if msg.metadata.message_type == "train":
+            reply.content["partial-aggregate"] = ConfigRecord(record)
+        return reply
+    return tamper
+
+
+def _key(msg, reply):
+    if msg.metadata.message_type == "query":
+        return Message(RecordDict({"device": ConfigRecord({"key": "x"})}), reply_to=msg)
+    return reply
+
+
+def _float16_of_another_shape(msg, reply):
+    if msg.metadata.message_type == "train":
+        reply.content["arrays"] = ArrayRecord({k: Array(np.zeros(5, np.float16)) for k in reply.content["arrays"]})
+    return reply
+
+# case -> (what device 3 does to its replies, run config, (rejected, evaluate-rejected, replies) in each round)
+STOPPERS = {
+    "train-loss-as-a-list": (_list_metric("train-loss"), {}, (1, 0, N - 1)),
+    "val-hr-as-a-list": (_list_metric("val-hr"), {}, (0, 1, N)),
+    "empty-partial-aggregate": (_forged_partial({}), {}, (1, 0, N - 1)),
+    "a-million-dropouts": (_forged_partial({"devices": 1, "dropped": 10**6}), {}, (1, 0, N - 1)),
+    "key-not-a-number": (_key, {}, (0, 0, N)),
+    "float16-of-another-shape": (_float16_of_another_shape, {"update_encoding": "float16"}, (1, 0, N - 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(STOPPERS))
+def test_a_device_whose_replies_used_to_stop_the_server_leaves_the_run_to_complete(population, tmp_path, case):
+    """In-process engine, the real ServerApp and ClientApp, device 3 tampered. Each of these
+    replies used to stop the ServerApp (the run store said failed): a metric as a list (TypeError
+    in Flower's average, or in the evaluation check), a forged partial-aggregate record
+    (KeyError, or a million dropouts recorded), a key that is not a number (ValueError before
+    round 1), a float16 update of another shape (NumPy's broadcast error). Now the run completes,
+    the reply is rejected and counted, and nothing else changes."""
+    from fedpref.client.app import app as client_app
+    from fedpref.server.runstore import RunStore
+    from fedpref.simulations.inprocess import InProcessGrid
+
+    # Prepare
+    tamper, overrides, per_round = STOPPERS[case]
+    config = _hostile_config(population, tmp_path / "run", **overrides)
+
+    def device(msg, context):
+        reply = client_app(msg, context)
+        return tamper(msg, reply) if context.node_config["partition-id"] == 3 and not reply.has_error() else reply
+
+    # Execute
+    result = run_inprocess(config, n_devices=N, grid=InProcessGrid(device, N, config.to_run_config()))
+    # Assert: every round ran, the tampered reply rejected and counted, no dropout recorded.
+    (run,) = RunStore(str(tmp_path / "run" / "runs.sqlite")).runs()
+    assert run["status"] == "completed"
+    rows = result["rounds"]
+    assert [(r.get("rejected", 0), r.get("evaluate-rejected", 0), r["replies"]) for r in rows] == [per_round] * 2
+    assert all("dropped" not in r and "late" not in r for r in rows)
 
 
 def test_with_equal_weights_the_fast_engine_weighs_devices_as_the_server_does(population, tmp_path):

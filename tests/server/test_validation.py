@@ -10,13 +10,25 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpref.client.guard import encode_update
-from fedpref.models.federation import RUN_CONFIG_DEFAULTS, FederatedConfig
+from fedpref.models.federation import PARTIAL_AGGREGATE, RUN_CONFIG_DEFAULTS, FederatedConfig
 from fedpref.server.app import make_strategy
-from fedpref.simulations.hostile import EVALUATE_KINDS, KINDS, malform, malform_evaluation, rebuilt, reply_message
+from fedpref.simulations.hostile import (
+    EVALUATE_KINDS,
+    FORGED_PARTIALS,
+    KEY_KINDS,
+    KINDS,
+    bad_key,
+    malform,
+    malform_evaluation,
+    metric_record,
+    rebuilt,
+    reply_message,
+)
 from fedpref.simulations.inprocess import reply_from
 
 C = 1.0
@@ -65,7 +77,7 @@ def _evaluation(node: int, seed: int) -> Message:
 def _evaluation_reply(node: int, metrics: dict) -> Message:
     ask = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
     ask.metadata.__dict__["_message_id"] = f"ask-{node}"
-    return reply_from(ask, RecordDict({"metrics": MetricRecord(metrics)}))
+    return reply_from(ask, RecordDict({"metrics": metric_record(metrics)}))
 
 
 def _check(reply: Message, sent: dict, dp: bool = False) -> str | None:
@@ -149,6 +161,7 @@ def test_every_malformed_update_is_rejected_and_leaves_the_model_unchanged(data,
     # The honest replies alone, in the same order (a sum's rounding depends on its order).
     expected, _ = _aggregate([_honest(i, sent, i) for i in order if i < honest], strategy_name)
     assert seen["rejected"] == len(bad) and seen["replies"] == honest
+    assert seen["dropped"] == 0 and seen["late"] == 0  # a forged partial aggregate counts no dropouts
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
 
@@ -423,3 +436,195 @@ def test_honest_devices_send_exactly_the_metric_names_the_server_expects(synthet
     assert {frozenset(r.content["metrics"].keys()) for r in replies["evaluate"]} == {evaluate_metric_keys(config)}
     (row,) = result["rounds"]
     assert "rejected" not in row and "evaluate-rejected" not in row and row["replies"] == 12
+
+
+# -- nothing a device sends reaches code that can raise before it is checked ------------------
+
+def _adaptive(node: int, sent: dict, seed: int) -> Message:
+    """What a device sends under DP with adaptive clipping: weight 1 and its clipped-or-not bit."""
+    return rebuilt(_honest(node, sent, seed, dp=True), metrics={"num-examples": 1, KEY_NORM_BIT: 1})
+
+
+# (strategy, run config, the honest reply of that run, the metric the hostile device sends as a list)
+RUNS = {
+    "fedavg": ("fedavg", {}, _honest, "train-loss"),
+    "fedadam": ("fedadam", {}, _honest, "update-norm"),
+    "median": ("fedavg", {"aggregation": "median"}, _honest, "train-loss"),
+    "trimmed-mean": ("fedavg", {"aggregation": "trimmed-mean"}, _honest, "clipped"),
+    "dp-adaptive": ("fedavg", {"dp": True, "dp-clipping": "adaptive"}, _adaptive, KEY_NORM_BIT),
+}
+
+
+@pytest.mark.parametrize("value", [[0.1, 0.2], [1.0], []], ids=["two", "one", "empty"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "last"])
+@pytest.mark.parametrize("run", list(RUNS))
+def test_a_training_metric_sent_as_a_list_is_rejected_and_the_round_goes_on(run, first, value):
+    """Flower's records allow a list as a metric's value, and Flower's average could not add it to
+    another reply's number: one such reply stopped the run (TypeError), with any strategy, and
+    under DP with adaptive clipping with the norm bit sent as a list."""
+    # Prepare: three honest replies of this run, and one whose metric is a list, first or last.
+    strategy_name, run_config, honest, metric = RUNS[run]
+    sent = _global()
+    hostile = _with_metrics(honest(3, sent, 3), **{metric: value})
+    good = [honest(n, sent, n) for n in range(3)]
+    # Execute
+    got, seen = _aggregate([hostile] + good if first else good + [hostile], strategy_name, **run_config)
+    # Assert: rejected and counted, the round aggregated the three honest replies; without DP's
+    # noise, bit for bit their model alone.
+    assert (seen["rejected"], seen["replies"]) == (1, 3) and got is not None
+    if "dp" not in run_config:
+        expected, _ = _aggregate([honest(n, sent, n) for n in range(3)], strategy_name, **run_config)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+
+
+@pytest.mark.parametrize("value", ["0.5", "", True], ids=["string", "empty-string", "bool"])
+def test_a_training_metric_that_is_a_string_or_a_bool_is_rejected(value):
+    """Flower's own records refuse these, but the server does not rely on the transport: a record
+    that carries one anyway (an in-process grid, another transport) is rejected like a list. (A
+    bool used to pass as a finite number.)"""
+    # Prepare: the value put in past Flower's record check (fedpref.simulations.hostile.metric_record).
+    sent = _global()
+    hostile = _with_metrics(_honest(3, sent, 3), **{"train-loss": value})
+    assert hostile.content["metrics"]["train-loss"] is value
+    # Execute
+    got, seen = _aggregate([hostile] + [_honest(n, sent, n) for n in range(3)], "fedavg")
+    # Assert: rejected with its reason, the model the honest replies' alone.
+    expected, _ = _aggregate([_honest(n, sent, n) for n in range(3)], "fedavg")
+    assert "must be one finite number" in _check(hostile, sent)
+    assert (seen["rejected"], seen["replies"]) == (1, 3)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+@pytest.mark.parametrize("value", [[1.0], [0.5, 0.5], "1.0"], ids=["list", "two", "string"])
+def test_an_evaluation_metric_sent_as_a_list_or_a_string_is_rejected_and_counted(value):
+    """The evaluation check itself used to raise on ``float(list)``: the run stopped."""
+    # Prepare: the hostile reply first and last among three honest ones.
+    honest = [_evaluation(n, n) for n in range(3)]
+    metrics = {**dict(_evaluation(9, 9).content["metrics"].items()), "val-hr": value}
+    hostile = _evaluation_reply(9, metrics)
+    for order in ([hostile] + honest, honest + [hostile]):
+        # Execute
+        got, row = _aggregate_evaluate(order)
+        # Assert: the honest devices' mean (each weighs 1), the hostile reply counted.
+        assert got["val-hr"] == pytest.approx(sum(float(r.content["metrics"]["val-hr"]) for r in honest) / 3)
+        assert row["evaluate-rejected"] == 1
+
+
+@pytest.mark.parametrize("partial", FORGED_PARTIALS, ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()) or "empty")
+def test_a_partial_aggregate_forged_by_a_device_is_rejected_before_anything_counts_it(partial):
+    """Only the fast engine's grid may send a partial aggregate. From any other grid the strategy
+    counted its 'devices' and 'dropped' before it refused it: {} raised KeyError, 'x' ValueError
+    (the run stopped), and dropped=10**6 was recorded as a million dropouts."""
+    # Prepare: three honest replies and one with a forged partial-aggregate record.
+    sent = _global()
+    forged = rebuilt(_honest(3, sent, 3), extra={PARTIAL_AGGREGATE: ConfigRecord(partial)})
+    # Execute
+    got, seen = _aggregate([forged] + [_honest(n, sent, n) for n in range(3)], "fedavg")
+    # Assert: one reply of one device, rejected; no dropout, nobody late; the honest model.
+    expected, _ = _aggregate([_honest(n, sent, n) for n in range(3)], "fedavg")
+    assert (seen["rejected"], seen["replies"], seen["dropped"], seen["late"]) == (1, 3, 0, 0)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def _aggregate_partials(replies: list[Message], asked: int) -> dict:
+    """One round of the strategy of a grid that computes partial aggregates (the fast engine's)."""
+    config = FederatedConfig.from_run_config({**RUN_CONFIG, "strategy": "fedavg"})
+    seen: dict = {}
+    strategy = make_strategy(config, 8, lambda r, info: seen.update(info), accept_partial=True)
+    strategy._sent_global, strategy._asked = _global(), asked
+    strategy.aggregate_train(1, replies)
+    return seen
+
+
+@pytest.mark.parametrize("partial", [
+    {"devices": 3, "dropped": 10**6}, {"devices": 5, "dropped": 0}, {"devices": 3, "dropped": 2}, {"devices": 3, "dropped": -1},
+    {"devices": 0, "dropped": 1}, {"devices": "x", "dropped": 0}, {"devices": 3}, {"devices": 2.5, "dropped": 0},
+    {"devices": 3, "dropped": 1, "norm-bits": 4}, {"devices": 3, "dropped": 1, "norm-bits": "x"},
+], ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()))
+def test_even_from_the_fast_engines_grid_a_partial_aggregate_counts_only_what_its_round_could_have(partial):
+    """A round that asked 4 devices: a partial aggregate may stand for at most 4, dropouts
+    included, in whole numbers; anything else is rejected before it is counted."""
+    # Prepare: the well-formed partial aggregate of 3 devices of 5 examples each, one dropped.
+    sent = _global()
+    weights = {"num-examples": 15, "train-loss": 0.5, "update-norm": 0.3, "clipped": 0.0}
+    good = rebuilt(_honest(1, sent, 1), metrics=weights, extra={PARTIAL_AGGREGATE: ConfigRecord({"devices": 3, "dropped": 1, "weight": 15.0})})
+    bad = rebuilt(_honest(1, sent, 1), metrics=weights, extra={PARTIAL_AGGREGATE: ConfigRecord(partial)})
+    # Execute
+    honest, hostile = _aggregate_partials([good], asked=4), _aggregate_partials([bad], asked=4)
+    # Assert: the good one counts 3 replies and 1 dropout of the 4 asked; the bad one is one
+    # rejected reply, and the 3 others asked count as late (nothing says what became of them).
+    assert (honest["replies"], honest["dropped"], honest["late"], honest["rejected"]) == (3, 1, 4 - 3 - 1, 0)
+    assert (hostile["replies"], hostile["dropped"], hostile["late"], hostile["rejected"]) == (0, 0, 4 - 1, 1)
+
+
+def test_a_check_that_raises_on_one_reply_rejects_that_reply_and_the_round_goes_on(monkeypatch):
+    """The backstop: should a check meet a content nobody foresaw and raise, the strategy turns
+    that into the reply's rejection (logged with its node id), never the round's failure."""
+    from fedpref.server import app as server_app
+
+    # Prepare: a check that raises on node 3's reply, as an unforeseen content would make it.
+    real = server_app.check_train_reply
+
+    def fragile(reply, *args, **kwargs):
+        if reply.metadata.src_node_id == 3:
+            raise TypeError("a content no check foresaw")
+        return real(reply, *args, **kwargs)
+
+    monkeypatch.setattr(server_app, "check_train_reply", fragile)
+    sent = _global()
+    # Execute
+    got, seen = _aggregate([_honest(n, sent, n) for n in (0, 1, 3, 2)], "fedavg")
+    # Assert
+    expected, _ = _aggregate([_honest(n, sent, n) for n in (0, 1, 2)], "fedavg")
+    assert (seen["rejected"], seen["replies"]) == (1, 3)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+class _Deployment:
+    """A deployment's grid (no ``device_keys`` of its own): devices 11, 12, 13, 14 answer the key
+    query with keys 0, 1, 2, 3, except those in ``bad``, which answer with the given reply."""
+
+    def __init__(self, bad: dict[int, Message]) -> None:
+        self.bad = bad
+
+    def get_node_ids(self):
+        return [11, 12, 13, 14]
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node in self.bad:
+                out.append(self.bad[node])
+                continue
+            m.metadata.__dict__["_message_id"] = f"q{node}"
+            out.append(reply_from(m, RecordDict({"device": ConfigRecord({"key": node - 11})})))
+        return out
+
+
+@pytest.mark.parametrize("kind", list(KEY_KINDS))
+def test_a_device_key_that_is_not_a_whole_number_in_range_leaves_that_device_unordered_and_the_server_running(kind):
+    """The server asks every device for its key before round 1. It read each answer unchecked: no
+    'device' record (KeyError), key 'x' (ValueError) or inf (OverflowError) from one device
+    stopped the ServerApp before the run store opened, and on every restart."""
+    from fedpref.server.app import StableGrid, device_keys
+
+    @given(data=st.data())
+    @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    def check(data):
+        # Prepare: node 13 answers malformed (a duplicate: the key node 11 gave, 0).
+        grid = _Deployment({13: bad_key(13, kind, HypothesisDraw(data), taken=0)})
+        # Execute
+        keys = device_keys(grid, 4, timeout=1)
+        order = StableGrid(grid, keys, seed=0).get_node_ids()
+        # Assert: the honest keys kept (a duplicated key: neither holder's); the devices
+        # without one after the others, by node id, all still there to be sampled.
+        unkeyed = [11, 13] if kind == "duplicate" else [13]
+        assert keys == {node: node - 11 for node in (11, 12, 13, 14) if node not in unkeyed}
+        assert order == [n for n in (11, 12, 13, 14) if n not in unkeyed] + unkeyed
+
+    check()

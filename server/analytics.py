@@ -32,7 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from fedpref.models.federation import POPULARITY_TASK, TASK, FederatedConfig
 
 from .privacy import DpMechanism, NoiseSource
-from .secure import SecureAggregationGrid, quantization_range
+from .secure import SecureAggregationGrid
 
 NAME = "popularity"  # the one array of the task
 
@@ -62,9 +62,10 @@ def dp_popularity(secure: SecureAggregationGrid, nodes: list[int], config: Feder
     z = config.popularity_noise_multiplier
     result = secure.secure_sum(
         messages,
-        bound=quantization_range(config, len(nodes), bound=bound, noise_multiplier=z),
+        bound=bound,
         label="the popularity histogram",
         planned=len(nodes),
+        noise_multiplier=z,
     )
     if result is None:
         return None

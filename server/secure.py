@@ -365,6 +365,7 @@ class _Workflow(SecAggPlusWorkflow):
         self.shapes = [(1,)] + [tuple(s) for s in shapes]  # the weight, then each shared array
         self.skipped_with: int | None = None
         self.collected = 0  # devices whose masked vectors the sum holds
+        self.halted_at: str | None = None  # the stage after which SecAgg+ stopped
         self.refused: list[dict] = []  # {"node", "stage", "reason"} for each refused reply
 
     def _checked(self, grid, stage: str, check: Callable[[list[Message]], dict[int, str]]) -> _StageGrid:
@@ -392,7 +393,7 @@ class _Workflow(SecAggPlusWorkflow):
                         problems[node] = "a public key another device also sent"
             return problems
 
-        return super().setup_stage(self._checked(grid, "setup", check), context, state)
+        return self._went_on("setup", super().setup_stage(self._checked(grid, "setup", check), context, state))
 
     def share_keys_stage(self, grid, context, state) -> bool:
         def one(reply: Message) -> None:
@@ -410,7 +411,7 @@ class _Workflow(SecAggPlusWorkflow):
         # the round. (Flower's unmask stage would ask its neighbours for shares they do not
         # hold, and the round would fail.)
         state.sampled_node_ids = set(state.active_node_ids)
-        return ok
+        return self._went_on("share keys", ok)
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
         def one(reply: Message) -> None:
@@ -425,9 +426,10 @@ class _Workflow(SecAggPlusWorkflow):
         ok = super().collect_masked_vectors_stage(self._checked(grid, "collect masked vectors", lambda replies: _each(replies, one)), context, state)
         self.collected = len(state.active_node_ids)
         if ok and len(state.active_node_ids) < self.required:
+            ok = False
+        if not ok:
             self.skipped_with = len(state.active_node_ids)
-            return False
-        return ok
+        return self._went_on("collect masked vectors", ok)
 
     def unmask_stage(self, grid, context, state) -> bool:
         def one(reply: Message) -> None:
@@ -444,7 +446,12 @@ class _Workflow(SecAggPlusWorkflow):
             if any(len(share) < 20 or len(share) > _MAX_SHARE_BYTES or (len(share) - 4) % 16 for share in shares):
                 raise _BadReply("a share that is not laid out as Shamir's shares are (4 + 16k bytes)")
 
-        return super().unmask_stage(self._checked(grid, "unmask", lambda replies: _each(replies, one)), context, state)
+        return self._went_on("unmask", super().unmask_stage(self._checked(grid, "unmask", lambda replies: _each(replies, one)), context, state))
+
+    def _went_on(self, stage: str, ok: bool) -> bool:
+        if not ok:
+            self.halted_at = stage
+        return ok
 
 
 # Observers of every unmasked average (the only thing about the updates the server learns
@@ -562,8 +569,12 @@ class SecureAggregationGrid:
         if skipped:
             got = workflow.skipped_with
             if got is None:
-                log.warning("%s skipped: SecAgg+ stopped before the sum was unmasked (too few devices, or too few key shares, "
-                            "left of %d); nothing was released", label, cohort)
+                log.warning("%s skipped: SecAgg+ stopped at its %s stage (too few devices, or key shares, left of %d); nothing was %s",
+                            label, workflow.halted_at or "last", cohort, "released" if workflow.halted_at == "unmask" else "unmasked or released")
+                return None
+            if got >= required:
+                log.warning("%s skipped: %d of %d devices sent their masked update, but some device has fewer live neighbours than "
+                            "secagg-reconstruction-threshold needs; nothing was unmasked or released", label, got, cohort)
                 return None
             log.warning(
                 "%s skipped: %s of %d devices sent their masked update, fewer than the %d that "

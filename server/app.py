@@ -910,6 +910,8 @@ def main(grid: Grid, context: Context) -> None:
                 "dropout-tolerance": config.secagg_dropout_tolerance,
                 "required-per-round": required_contributors(config, cohort),
                 "rounds-skipped": sum(1 for r in secure.rounds.values() if r["skipped"]),
+                "sums-refused": sum(1 for r in secure.rounds.values() if r.get("refused")),  # skipped: no honest cohort sends such a sum
+                "replies-refused": sum(len(r.get("refused-replies", ())) for r in secure.rounds.values()),  # counted as dropouts
             }
         write_private(out / "rounds.json", json.dumps(summary, indent=2) + "\n")
         if best["arrays"] is not None:

@@ -23,7 +23,7 @@ What is checked, in order (the first failure is the reason):
 6. **norm**: the update (what was sent minus what the server sent) has L2 norm at most the
    round's clipping bound, times 1 + 1e-5 for float rounding (devices shave their updates to
    within C exactly: ``fedpref.client.guard.encode_update``). Under secure aggregation the server
-   never sees one update, and SecAgg+'s quantisation bounds each coordinate instead;
+   never sees one update: ``fedpref.server.secure`` checks the norm of the sum, which bounds a round, not a device;
 7. **weight**: ``num-examples`` a positive number, at most what one device can hold
    (:func:`examples_bound`: run-config ``max-examples``, the catalogue's size, and in a
    simulation the longest history of the population; a partial aggregate that many times the

@@ -89,13 +89,14 @@ def test_simulate_publishes_the_histogram_and_scores_it_as_a_cold_start_recommen
         app,
         ["simulate", "--dataset", "synthetic:60x300", "--rounds", "1", "--dim", "8", "--engine", "inprocess", "--secagg",
          "--references", "none", "--out", str(out), "--no-progress",
-         "--run-config", "secagg-min-cohort=5 popularity-histogram=true popularity-noise-multiplier=0.5"],
+         "--run-config", "secagg-min-cohort=5 popularity-histogram=true popularity-noise-multiplier=0.1"],
     )
     assert result.exit_code == 0, result.output
     rounds = json.loads((out / "rounds.json").read_text())
     p = rounds["popularity"]
     assert (out / "popularity.json").exists() and p["devices"] == 60
-    # A lightly noised histogram recommends about as well as the true popularity.
+    # A lightly noised histogram (noise of standard deviation 0.1 * sqrt(128) = 1.1 on every count,
+    # drawn afresh each run) recommends about as well as the true popularity.
     assert p["cold-start-test-hr"] == pytest.approx(p["true-popularity-test-hr"], abs=0.1)
     assert "DP popularity histogram" in result.output
 
@@ -149,3 +150,55 @@ def test_nobody_who_knows_the_seed_can_remove_the_noise_from_the_published_histo
     # the run asked for reproducible noise; otherwise the whole noise of std 31.6 remains.
     assert (residual < 0.05) == reproducible, residual
     assert result["popularity"]["noise-source"] == ("run-seed" if reproducible else "os-entropy")
+
+
+@pytest.mark.parametrize("attack", ["one item counted 25 times by 20 devices", "150 more ones than 20 devices hold", "2**30 on every entry"])
+def test_a_device_counting_what_the_cohort_cannot_hold_has_the_histogram_refused(population, tmp_path, caplog, attack):
+    # Prepare: the histogram over all 20 devices, at most 5 items each (a sum of at most 100
+    # ones, at most 20 on any item), with negligible noise. One device adds to its masked
+    # vector (modulo 2**32: still in SecAgg+'s field, so nothing tells it from an honest one).
+    # Its entries are quantised: 2**22 levels over [-sqrt(5), sqrt(5)], a step of 2 sqrt(5) / 2**22,
+    # so adding c to a count takes c / step steps.
+    import logging
+
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from fedpref.client.app import app as client_app
+    from fedpref.simulations.inprocess import InProcessGrid
+
+    n, max_items, step = N_DEVICES, 5, 2 * np.sqrt(5) / 2**22
+    offset = np.zeros(150, dtype=np.int64)
+    if attack.startswith("one item"):
+        offset[7] = round((n + 5) / step)  # its count alone beyond the 20 devices that could hold it
+    elif attack.startswith("150"):
+        offset[:] = round(1 / step)  # one more on every item: 100 + 150 ones in all, no item beyond 20
+    else:
+        offset[:] = 2**30
+    hostile = []
+
+    def app(msg, context):
+        reply = client_app(msg, context)
+        record = None if reply.has_error() else reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if not hostile and record is not None and Key.MASKED_PARAMETERS in record:  # the histogram runs first
+            weight, counts = (bytes_to_ndarray(b) for b in record[Key.MASKED_PARAMETERS])
+            weight = weight + (2**30 if attack.startswith("2**30") else 0)
+            record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(weight % 2**32), ndarray_to_bytes((counts + offset) % 2**32)]
+            hostile.append(context.node_id)
+        return reply
+
+    config = FederatedConfig.from_run_config({
+        "history-dir": str(population), "num-server-rounds": 1, "evaluate-every": 1, "dim": 8, "local-epochs": 1,
+        "fraction-train": 0.5, "clip-norm": 0.5, "secagg": True, "secagg-min-cohort": 5, "popularity-histogram": True,
+        "popularity-noise-multiplier": 1e-6, "popularity-max-items": max_items, "results-dir": str(tmp_path)})
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedpref.secagg"):
+        result = run_inprocess(config, n_devices=n, grid=InProcessGrid(app, n, config.to_run_config()))
+
+    # Assert: the histogram's sum was refused, with a log line, and nothing was published;
+    # training went on.
+    assert hostile, "the attack did not happen"
+    assert "popularity" not in result and not (tmp_path / "popularity.json").exists()
+    assert "the popularity histogram skipped" in caplog.text and "is refused" in caplog.text
+    assert result["rounds"][0]["replies"] == 10

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.common import bytes_to_ndarray
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedpref.client.app import drops_out
@@ -14,9 +14,17 @@ from fedpref.client.history import load_history
 from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.server import app as server_app
 from fedpref.server.privacy import DpMechanism, PrivacyLedger
-from fedpref.server.secure import quantization_levels, quantization_range, required_contributors, shares_per_device
+from fedpref.server.secure import (
+    check_average,
+    device_noise_std,
+    quantization_levels,
+    quantization_range,
+    required_contributors,
+    shares_per_device,
+    sum_limit,
+)
 from fedpref.simulations.federated import run_flower_simulation
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.inprocess import InProcessGrid, run_inprocess
 
 N_DEVICES = 20
 
@@ -207,3 +215,142 @@ def test_in_a_secure_run_a_device_refuses_to_send_an_update_in_the_clear(populat
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config=config.to_run_config())
     with pytest.raises(PermissionError, match="secure aggregation"):
         client_app(Message(content, dst_node_id=5, message_type=MessageType.TRAIN), context)
+
+
+# -- a hostile device under secure aggregation ----------------------------------------------
+
+
+def one_hostile_device(key, tamper):
+    """fedpref's ClientApp, except that the first device to put ``key`` in a SecAgg+ reply
+    (once in the run) sends ``tamper(value)`` in its place: what a device running its own code
+    can send. ``app.hostile`` holds that device's node id."""
+    from fedpref.client.app import app as client_app
+
+    hostile = []
+
+    def app(msg, context):
+        reply = client_app(msg, context)
+        if not hostile and not reply.has_error():
+            record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if record is not None and key in record:
+                record[key] = tamper(record[key])
+                hostile.append(context.node_id)
+        return reply
+
+    app.hostile = hostile
+    return app
+
+
+def run_with(population, tmp_path, client_app, **overrides):
+    config = config_for(population, tmp_path, **{"num-server-rounds": 1, "evaluate-every": 1, **overrides})
+    return run_inprocess(config, n_devices=N_DEVICES, grid=InProcessGrid(client_app, N_DEVICES, config.to_run_config())), config
+
+
+def shifted(offsets):
+    """Masked arrays with ``offsets[i]`` added to array i (modulo 2**32, so still in SecAgg+'s field)."""
+    return lambda vectors: [ndarray_to_bytes((bytes_to_ndarray(b) + offset) % 2**32) for b, offset in zip(vectors, offsets, strict=True)]
+
+
+def zeroed_shares(shares):
+    """Shares laid out as Shamir's are (4-byte index, 16-byte blocks) whose blocks are all zero."""
+    return [share[:4] + bytes(len(share) - 4) for share in shares]
+
+
+@pytest.mark.parametrize(
+    "key, tamper, replies, dropped, skipped",
+    [
+        # setup: a public key that is no key (its neighbours could not share keys with it)
+        (Key.PUBLIC_KEY_1, lambda key: b"not a key", 9, 1, False),
+        # share keys: one ciphertext fewer than destinations
+        (Key.DESTINATION_LIST, lambda destinations: destinations[:-1], 9, 1, False),
+        # collect masked vectors: one masked vector of 3 entries instead of the weight and 2 arrays
+        (Key.MASKED_PARAMETERS, lambda vectors: [ndarray_to_bytes(np.zeros(3, dtype=np.int64))], 9, 1, False),
+        # unmask: one share fewer than neighbours (its masked vector is in the sum: 10 replies)
+        (Key.SHARE_LIST, lambda shares: shares[:-1], 10, 0, False),
+        # unmask: shares said to be of devices that are not its neighbours
+        (Key.NODE_ID_LIST, lambda owners: [owner + 12345 for owner in owners], 10, 0, False),
+        # unmask: well-formed shares of nothing (no check can tell): the round is lost, not the run
+        (Key.SHARE_LIST, zeroed_shares, None, 0, True),
+    ],
+    ids=["setup-bad-key", "share-keys-short", "masked-vector-short", "unmask-short", "unmask-strangers", "unmask-wrong-shares"],
+)
+def test_a_hostile_reply_at_any_stage_of_secagg_never_stops_the_run(population, tmp_path, caplog, key, tamper, replies, dropped, skipped):
+    # Prepare: one device of the cohort of 10 sends a hostile reply at one stage of round 1.
+    app = one_hostile_device(key, tamper)
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedpref.secagg"):
+        result, _ = run_with(population, tmp_path, app)
+
+    # Assert: the run completed; the device counted as dropped where its reply was refused
+    # before its update was summed, and the round went on (or, with shares no check can tell
+    # from good ones, was skipped with a log line).
+    assert app.hostile, "the attack did not happen"
+    row = result["rounds"][0]
+    assert row.get("replies") == replies and row["dropped"] == dropped and row["secagg-skipped"] is skipped
+    assert result["secure-aggregation"]["replies-refused"] == (0 if skipped else 1)
+    if skipped:
+        assert "secure aggregation failed" in caplog.text
+    else:
+        assert f"the reply of node {app.hostile[0]} is refused and counts as a dropout" in caplog.text
+    final = np.load(tmp_path / "final_model.npz")
+    assert all(np.isfinite(final[name]).all() for name in final)
+
+
+@pytest.mark.parametrize("attack", ["2**30 on every entry", "an L2 move of 2C", "2**30 with distributed noise"])
+def test_a_device_shifting_its_masked_vector_has_the_sum_refused_and_cannot_move_the_model(population, tmp_path, caplog, attack):
+    # Prepare: one device adds a constant to its masked vector (modulo 2**32: still in the
+    # field, so nothing tells it from an honest one). Its entries are quantised updates:
+    # 2**22 levels over [-C, C] (a step of 2C / 2**22), the weight first.
+    overrides = {"dp-noise-multiplier": 1.0, "dp-noise-placement": "distributed"} if "noise" in attack else {}
+    config = config_for(population, tmp_path, **overrides)
+    initial = config.model_spec.build(1, 150, seed=config.seed).get_shared()
+    cohort, levels = 10, 2**22
+    if attack.startswith("2**30"):
+        offsets = [2**30] * 3  # the reviewer's: the weight and both arrays
+    else:
+        # s steps on every coordinate move the sum by s 2C / 2**22 each, the average of 10
+        # by a tenth of that: an L2 move of 2C over d coordinates needs s = 2**22 * 10 / sqrt(d).
+        d = sum(a.size for a in initial.values())
+        offsets = [0] + [round(levels * cohort / np.sqrt(d))] * 2
+    app = one_hostile_device(Key.MASKED_PARAMETERS, shifted(offsets))
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="fedpref.secagg"):
+        result, config = run_with(population, tmp_path, app, **overrides)
+
+    # Assert: the round's sum is refused (skipped, logged, counted) and the model is the one
+    # the round started from. (Before the check, the 2**30 shift moved the item embeddings
+    # by 33 in L2 norm, where the average of 10 updates of norm at most C = 0.5 moves them at most 0.5.)
+    assert app.hostile, "the attack did not happen"
+    row = result["rounds"][0]
+    assert row["secagg-skipped"] is True and row["dropped"] == 0
+    assert result["secure-aggregation"]["sums-refused"] == 1
+    assert "masked vectors is refused" in caplog.text
+    final = np.load(tmp_path / "final_model.npz")
+    moved = np.sqrt(sum(np.sum((final[name].astype(np.float64) - initial[name]) ** 2) for name in initial))
+    assert moved == 0.0, f"the model moved {moved:.3f}"
+
+
+def test_the_limit_on_a_sum_is_the_bound_plus_rounding_plus_a_bound_on_the_noise_that_honest_noise_stays_below(population, tmp_path):
+    # Prepare: a cohort of 10 with distributed noise z = 1, C = 0.5, d = 1350 coordinates.
+    config = config_for(population, tmp_path, **{"dp-noise-multiplier": 1.0, "dp-noise-placement": "distributed"})
+    m, d, C = 10, 1350, 0.5
+    R = quantization_range(config, m)
+    std = device_noise_std(config, m)
+
+    # Execute
+    limits = sum_limit(config, contributors=m, dims=d, bound=C, coordinate=R, levels=2**22, device_std=std)
+
+    # Assert: the arithmetic; and 2000 honest averages (an update of norm C plus the noise of
+    # 10 shares of N(0, (zC)^2 / 10) averaged: std zC / 10 per coordinate) are all accepted.
+    assert std == pytest.approx(1.0 * C / np.sqrt(m))
+    noise_bound = (C / 10) * (np.sqrt(d) + np.sqrt(2 * np.log(1e9)))
+    assert limits.norm == pytest.approx(C * (1 + 1e-5) + np.sqrt(d) * 2 * R / 2**22 + noise_bound)
+    rng = np.random.default_rng(0)
+    update = rng.normal(size=d)
+    update *= C / np.linalg.norm(update)
+    averages = update + rng.normal(0.0, C / 10, size=(2000, d))
+    assert all(check_average({"x": a}, limits) is None for a in averages)
+    assert check_average({"x": update * 2.0}, sum_limit(config_for(population, tmp_path), contributors=m, dims=d, bound=C,
+                                                         coordinate=C, levels=2**22, device_std=0.0)) is not None

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time as _time
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -35,6 +34,7 @@ import torch
 
 from fedpref.models.contract import Params
 from fedpref.models.federation import FederatedConfig
+from fedpref.models.files import private_folder, replace_private
 from fedpref.models.preference import ModelSpec
 from fedpref.models.train import LocalData, local_update
 
@@ -55,10 +55,9 @@ from .inputs import (
     shown,
 )
 from .ledger import PrivacyReport, privacy_report
-from .store import IN_MEMORY, OWNER_ONLY, Event, EventStore, Retention, make_private
+from .store import IN_MEMORY, Event, EventStore, Retention
 
 EXPORT_FORMAT = "fedpref-device-export/2"
-PRIVATE_FOLDER = 0o700  # the mode of every folder the device creates
 MAX_EPOCHS = 10_000
 # The settings the export shows in their own sections; any other is shown as it is stored.
 EXPORTED_SETTINGS = frozenset({
@@ -354,10 +353,8 @@ class Device:
         if cache_dir is None:
             if self.store.path == IN_MEMORY:
                 raise ValueError("an in-memory device needs cache_dir= for the models it fetches")
-            cache_dir = self.models_folder()
-            _private_folder(cache_dir, tighten=True)
-        elif not Path(cache_dir).exists():
-            _private_folder(Path(cache_dir), tighten=False)
+            cache_dir = private_folder(self.models_folder(), tighten=True)
+        # (a cache_dir given is created 0700 by fetch_latest if it does not exist)
         result = fetch_latest(server, public_key, cache_dir=cache_dir, timeout=timeout, now=self.clock())
         self.log_sent({
             "time": self.clock(), "server": server, "message": "model-fetch", "arrays": [], "metrics": [], "configs": [],
@@ -597,7 +594,7 @@ class Device:
         only (mode 0600; an existing file is replaced)."""
         text = json.dumps(self.export(), indent=2)
         if path is not None:
-            _write_private(Path(path), text.encode())
+            replace_private(path, text.encode())
         return text
 
     def forget(self) -> None:
@@ -622,25 +619,3 @@ def _described(arrays: Params) -> dict:
         name: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()}
         for name, a in arrays.items()
     }
-
-
-def _private_folder(folder: Path, *, tighten: bool) -> None:
-    """Create ``folder`` with mode 0700 (whatever the umask); ``tighten``: also an existing one."""
-    existed = folder.is_dir()
-    folder.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
-    if tighten or not existed:
-        make_private(folder, PRIVATE_FOLDER)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``path`` whole, mode 0600: a temporary file of the same folder (mkstemp makes it
-    0600), then renamed over ``path``, so that a reader never sees half a file."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), OWNER_ONLY)
-            f.write(data)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise

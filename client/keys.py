@@ -20,32 +20,22 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-KEY_MODE = 0o600
-FOLDER_MODE = 0o700
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist) with mode 0600 and write ``data``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_MODE)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), KEY_MODE)  # explicitly: the umask only ever narrows os.open's mode
-        f.write(data)
+from fedpref.models.files import create_private, private_folder
 
 
 def write_device_key(folder: str | Path, name: str = "device") -> tuple[Path, Path]:
     """Write ``folder/name`` (the private key) and ``folder/name.pub``, both mode 0600;
     refuses to overwrite. A missing ``folder`` is created with mode 0700."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        folder.mkdir(mode=FOLDER_MODE, parents=True)
-        os.chmod(folder, FOLDER_MODE)
+    folder = private_folder(folder)
     private, public = folder / name, folder / f"{name}.pub"
     for path in (private, public):
         if path.exists():
             raise FileExistsError(f"{path} exists: a device keeps its key (remove it first to make a new one)")
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_new(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    _write_new(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
+    for path, data in ((private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())),
+                       (public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())):
+        with os.fdopen(create_private(path), "wb") as f:  # (it must not exist)
+            f.write(data)
     return private, public
 
 

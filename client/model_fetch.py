@@ -37,8 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -52,6 +50,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedpref.models.files import private_folder, replace_private
 from fedpref.models.published import (
     MAX_MANIFEST_BYTES,
     MODEL_MEDIA_TYPE,
@@ -320,21 +319,7 @@ def _highest(cache_dir: Path, trusted: str, cached: _Cached | None) -> Installed
 def _record_highest(cache_dir: Path, manifest: Manifest) -> None:
     record = _read_highest(cache_dir)
     record[manifest.key_id] = {"sequence": manifest.sequence, "sha256": manifest.sha256, "version": manifest.version}
-    _replace(cache_dir / HIGHEST, json.dumps(record, sort_keys=True, indent=2).encode())
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically (a temporary file in the same folder, mode 600, then os.replace)."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    replace_private(cache_dir / HIGHEST, json.dumps(record, sort_keys=True, indent=2).encode())
 
 
 class _TooLarge(Exception):
@@ -415,9 +400,7 @@ def fetch_latest(
     if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
         raise ValueError(f"now must be a finite time in seconds since the epoch, got {now!r}")
     cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        cache_dir.mkdir(parents=True, mode=0o700)
-        os.chmod(cache_dir, 0o700)  # whatever the umask: it says which model this device has
+    private_folder(cache_dir)  # a new one 0700, whatever the umask: it says which model this device has
     trusted = key_id(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
     cached = _load_cache(cache_dir, key)
     base = base_url.rstrip("/") + MODELS_PATH
@@ -456,8 +439,8 @@ def fetch_latest(
     # 4. Size, hash, format and identity; then the cache, the highest sequence first.
     model = _check_model(model_answer.body, model_answer.sha256, manifest)
     _record_highest(cache_dir, manifest)
-    _replace(cache_dir / CACHED_MODEL, model_answer.body)  # model, then manifest: a crash between leaves a pair
-    _replace(cache_dir / CACHED_MANIFEST, answer.body)  # that fails verification and is fetched again
+    replace_private(cache_dir / CACHED_MODEL, model_answer.body)  # model, then manifest: a crash between leaves a pair
+    replace_private(cache_dir / CACHED_MANIFEST, answer.body)  # that fails verification and is fetched again
     return FetchResult(model=model, manifest=manifest, downloaded_bytes=len(model_answer.body) + len(answer.body), not_modified=False)
 
 

@@ -59,6 +59,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.pool import StaticPool
 
+from fedpref.models.files import FILE_MODE, make_private
+
 SCHEMA_VERSION = 1
 IN_MEMORY = ":memory:"
 
@@ -141,19 +143,8 @@ class Event:
     time: float
 
 
-OWNER_ONLY = 0o600  # the mode of every file the device writes about its person
+OWNER_ONLY = FILE_MODE  # the mode of every file the device writes about its person
 COMPANIONS = ("-wal", "-shm", "-journal")  # the files SQLite keeps next to a database
-
-
-def make_private(path: str | Path, mode: int = OWNER_ONLY) -> None:
-    """Set ``path``'s mode to ``mode`` (0600 for a file, 0700 for a folder), when this user
-    owns it (the mode of someone else's file cannot be changed; SQLite says if it cannot use it)."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return
-    if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != mode:
-        os.chmod(path, mode)
 
 
 def _create_private_file(path: Path) -> None:

@@ -42,7 +42,7 @@ from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunCon
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
 from fedpref.server.privacy import AdaptiveClippingNoise, DpMechanism, FixedClippingNoise, NoiseSource, PrivacyLedger, default_delta
 from fedpref.server import checkpoint
-from fedpref.server.files import open_private, private_folder, write_private
+from fedpref.models.files import open_private, private_folder, write_private
 from fedpref.server.publish import ModelPublisher
 from fedpref.server.runstore import RunStore, default_url
 from fedpref.server.secure import SecureAggregationGrid, check_secagg, required_contributors, shares_per_device

@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 
 from fedpref.models.federation import RUN_CONFIG_DEFAULTS
 
-from .files import create_private, private_folder
+from fedpref.models.files import create_private, private_folder
 from .privacy import PrivacyConfigError, PrivacyLedger
 
 CHECKPOINT_FILE = "checkpoint.npz"

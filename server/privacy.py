@@ -223,9 +223,9 @@ class NoiseSource:
             log(logging.WARNING, message)
 
 
-class FixedClippingNoise(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's central DP wrapper with fixed clipping, its noise drawn from a :class:`NoiseSource`
-    (Flower's own draws from NumPy's global generator)."""
+class _NoiseFromSource:
+    """What both wrappers below change in Flower's: the noise on the average comes from a
+    :class:`NoiseSource` (Flower's own draws from NumPy's global generator)."""
 
     def __init__(self, *args, noise: NoiseSource, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -237,18 +237,13 @@ class FixedClippingNoise(DifferentialPrivacyClientSideFixedClipping):
         return self.noise.noised(aggregated_arrays, std)
 
 
-class AdaptiveClippingNoise(DifferentialPrivacyClientSideAdaptiveClipping):
+class FixedClippingNoise(_NoiseFromSource, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's central DP wrapper with fixed clipping, its noise drawn from a :class:`NoiseSource`."""
+
+
+class AdaptiveClippingNoise(_NoiseFromSource, DifferentialPrivacyClientSideAdaptiveClipping):
     """Flower's central DP wrapper with adaptive clipping, the noise on the average and on the
     count of unclipped updates drawn from a :class:`NoiseSource`."""
-
-    def __init__(self, *args, noise: NoiseSource, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.noise = noise
-
-    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
-        log(INFO, "aggregate_fit: central DP noise with %.4f stdev added (%s)", std, self.noise.mode)
-        return self.noise.noised(aggregated, std)
 
     def _noisy_fraction(self, count: int, total: int) -> float:
         return self.noise.normal(count, self.clipped_count_stddev) / float(total)

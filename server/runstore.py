@@ -24,7 +24,7 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, Stri
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from .files import ensure_private_file, open_to_others, private_folder
+from fedpref.models.files import ensure_private_file, open_to_others, private_folder
 
 SCHEMA_VERSION = 1
 

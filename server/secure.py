@@ -224,6 +224,15 @@ def _list_of(record: ConfigRecord, key: str, kind: type) -> list:
     return value
 
 
+def _one_each(record: ConfigRecord, ids_key: str, values_key: str, expected: set[int]) -> list[bytes] | None:
+    """The byte strings under ``values_key`` if the node ids under ``ids_key`` name each node of
+    ``expected`` exactly once, one value each; None otherwise."""
+    ids, values = _list_of(record, ids_key, int), _list_of(record, values_key, bytes)
+    if len(ids) != len(values) or len(set(ids)) != len(ids) or set(ids) != expected:
+        return None
+    return values
+
+
 def _check_public_keys(record: ConfigRecord) -> tuple[bytes, bytes]:
     keys = []
     for key in (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2):
@@ -399,10 +408,8 @@ class _Workflow(SecAggPlusWorkflow):
         def one(reply: Message) -> None:
             node = reply.metadata.src_node_id
             record = _stage_record(reply)
-            destinations = _list_of(record, Key.DESTINATION_LIST, int)
-            ciphertexts = _list_of(record, Key.CIPHERTEXT_LIST, bytes)
             expected = (state.nid_to_neighbours[node] & state.active_node_ids) - {node}
-            if len(destinations) != len(ciphertexts) or len(set(destinations)) != len(destinations) or set(destinations) != expected:
+            if _one_each(record, Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST, expected) is None:
                 raise _BadReply("its key shares are not one for each of its live neighbours")
 
         ok = super().share_keys_stage(self._checked(grid, "share keys", lambda replies: _each(replies, one)), context, state)
@@ -435,13 +442,12 @@ class _Workflow(SecAggPlusWorkflow):
         def one(reply: Message) -> None:
             node = reply.metadata.src_node_id
             record = _stage_record(reply)
-            owners = _list_of(record, Key.NODE_ID_LIST, int)
-            shares = _list_of(record, Key.SHARE_LIST, bytes)
             # A device holds one share of each of its neighbours' secrets (its own included) and
             # is asked for exactly those: the live ones' mask seeds, the dropped ones' keys
             # (neighbours that left before sharing keys are no longer in the round).
             expected = state.nid_to_neighbours[node] & state.sampled_node_ids
-            if len(owners) != len(shares) or len(set(owners)) != len(owners) or set(owners) != expected:
+            shares = _one_each(record, Key.NODE_ID_LIST, Key.SHARE_LIST, expected)
+            if shares is None:
                 raise _BadReply("its shares are not one for each of its neighbours")
             if any(len(share) < 20 or len(share) > _MAX_SHARE_BYTES or (len(share) - 4) % 16 for share in shares):
                 raise _BadReply("a share that is not laid out as Shamir's shares are (4 + 16k bytes)")

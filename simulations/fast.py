@@ -56,7 +56,7 @@ from fedpref.simulations.compiled import LOSS_KINDS, device_evaluate, device_rou
 from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError
 from fedpref.models.metrics import ndcg
 from fedpref.models.train import LocalData
-from fedpref.server.files import open_private, private_folder
+from fedpref.models.files import open_private, private_folder
 
 
 

@@ -122,6 +122,25 @@ class NumpyDraw:
         return float(np.exp(self.rng.uniform(np.log(low), np.log(high))))  # log-uniform: small and large excesses
 
 
+class HypothesisDraw:
+    """Choices drawn by hypothesis (``st.data()`` in a property test), so that a failing case
+    shrinks; hypothesis is a test dependency, imported only here."""
+
+    def __init__(self, data) -> None:
+        from hypothesis import strategies
+
+        self.data, self.st = data, strategies
+
+    def choice(self, options: Sequence):
+        return self.data.draw(self.st.sampled_from(list(options)))
+
+    def integer(self, low: int, high: int) -> int:
+        return self.data.draw(self.st.integers(low, high))
+
+    def real(self, low: float, high: float) -> float:
+        return self.data.draw(self.st.floats(low, high))
+
+
 def reply_message(node: int, content: RecordDict) -> Message:
     """``content`` as a reply from ``node`` to a training message."""
     return reply_from(_ask(node, MessageType.TRAIN), content)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpref.server.files import open_private, private_folder, write_private
+from fedpref.models.files import open_private, private_folder, write_private
 
 from .split import LeaveOneOutSplit
 

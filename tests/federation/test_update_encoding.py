@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fedpref.models.encoding import EncodingError, decode, encode, encode_within, norm
 from fedpref.models.federation import FederatedConfig, RunConfigError
-from fedpref.simulations.hostile import ENCODED_KINDS, malform_encoded, reply_message
+from fedpref.simulations.hostile import ENCODED_KINDS, HypothesisDraw, malform_encoded, reply_message
 from fedpref.simulations.inprocess import run_inprocess
 
 
@@ -135,20 +135,6 @@ def _aggregate(replies: list[Message], encoding: str) -> tuple[dict | None, dict
     return (None if arrays is None else {k: arrays[k].numpy() for k in arrays}), seen
 
 
-class _Draw:
-    def __init__(self, data) -> None:
-        self.data = data
-
-    def choice(self, options):
-        return self.data.draw(st.sampled_from(list(options)))
-
-    def integer(self, low, high):
-        return self.data.draw(st.integers(low, high))
-
-    def real(self, low, high):
-        return self.data.draw(st.floats(low, high))
-
-
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), encoding=st.sampled_from(["float16", "int8"]), kinds=st.lists(st.sampled_from(list(ENCODED_KINDS)), min_size=1, max_size=3),
        honest=st.integers(1, 3))
@@ -158,7 +144,7 @@ def test_every_malformed_encoded_update_is_rejected_and_leaves_the_model_unchang
     (AttributeError) or bytes that are no array (ValueError) escaped the decoder's own errors
     and stopped the run; each is now one rejected reply."""
     # Prepare: honest encoded replies, and malformed ones, in an order hypothesis draws.
-    bad = [malform_encoded(_encoded(100 + i, encoding), kind, _Draw(data), encoding=encoding) for i, kind in enumerate(kinds)]
+    bad = [malform_encoded(_encoded(100 + i, encoding), kind, HypothesisDraw(data), encoding=encoding) for i, kind in enumerate(kinds)]
     order = data.draw(st.permutations(range(honest + len(bad))), label="order")
     replies = [_encoded(n, encoding) for n in range(honest)] + bad
     # Execute

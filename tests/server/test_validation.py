@@ -22,6 +22,7 @@ from fedpref.simulations.hostile import (
     FORGED_PARTIALS,
     KEY_KINDS,
     KINDS,
+    HypothesisDraw,
     bad_key,
     malform,
     malform_evaluation,
@@ -89,20 +90,6 @@ def _check(reply: Message, sent: dict, dp: bool = False) -> str | None:
 
 
 # -- the hostile kit (fedpref.simulations.hostile), its choices drawn by hypothesis ---------
-
-class HypothesisDraw:
-    def __init__(self, data: st.DataObject) -> None:
-        self.data = data
-
-    def choice(self, options):
-        return self.data.draw(st.sampled_from(list(options)))
-
-    def integer(self, low, high):
-        return self.data.draw(st.integers(low, high))
-
-    def real(self, low, high):
-        return self.data.draw(st.floats(low, high))
-
 
 def _mutate(reply: Message, sent: dict, kind: str, data: st.DataObject) -> Message:
     return malform(reply, sent, kind, HypothesisDraw(data), bound=C, max_examples=MAX_EXAMPLES)

@@ -1,21 +1,38 @@
-"""Files that hold a server's state (the run store, checkpoints): readable by their owner only.
+"""Files that hold a person's data or a server's state, readable by their owner only: the
+device's store, exports, fetched models and keys; the run store, checkpoints and results.
 
 A new file is created with mode 0600 and a new folder with 0700, set explicitly so that a
 permissive umask cannot widen them. A folder that already exists is left as it is (it may be
-shared, such as ``/tmp``); the files fedpref creates in it are still 0600.
+shared, such as ``/tmp``) unless asked to tighten it; the files fedpref creates in it are
+still 0600. The device and the server both write such files, so this lives beside the model
+contract that they share.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
 
 
-def private_folder(folder: str | Path) -> Path:
-    """``folder``, created (with any missing parents) readable by its owner only."""
+def make_private(path: str | Path, mode: int = FILE_MODE) -> None:
+    """Set ``path``'s mode to ``mode`` (0600 for a file, 0700 for a folder) when this user owns
+    it (the mode of someone else's file cannot be changed); nothing if it does not exist."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def private_folder(folder: str | Path, *, tighten: bool = False) -> Path:
+    """``folder``, created (with any missing parents) readable by its owner only; ``tighten``:
+    an existing ``folder`` (not its parents) is set to 0700 too."""
     folder = Path(folder)
     missing = []
     level = folder
@@ -30,6 +47,8 @@ def private_folder(folder: str | Path) -> Path:
         except FileExistsError:  # made by another process meanwhile: its mode is its own
             continue
         os.chmod(path, FOLDER_MODE)  # mkdir's mode is filtered by the umask
+    if tighten and not missing:
+        make_private(folder, FOLDER_MODE)
     return folder
 
 
@@ -56,6 +75,24 @@ def write_private(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path``, mode 0600."""
     with open_private(path, "w") as f:
         f.write(text)
+
+
+def replace_private(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically, mode 0600: a temporary file of the same folder
+    (mkstemp makes it 0600), synced, then renamed over ``path``, so that a reader sees the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def ensure_private_file(path: str | Path) -> bool:

@@ -28,9 +28,7 @@ Built on SQLAlchemy Core (the project's database layer; the run store uses it to
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import stat
 import threading
 import time as _time
 from collections.abc import Iterable, Sequence
@@ -59,7 +57,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.pool import StaticPool
 
-from fedpref.models.files import FILE_MODE, make_private
+from fedpref.models.files import ensure_private_file, make_private
 
 SCHEMA_VERSION = 1
 IN_MEMORY = ":memory:"
@@ -143,7 +141,6 @@ class Event:
     time: float
 
 
-OWNER_ONLY = FILE_MODE  # the mode of every file the device writes about its person
 COMPANIONS = ("-wal", "-shm", "-journal")  # the files SQLite keeps next to a database
 
 
@@ -151,13 +148,8 @@ def _create_private_file(path: Path) -> None:
     """Create ``path`` empty with mode 0600 if it does not exist (SQLite then makes a database of
     it, and gives its companions its mode); set the mode of an existing one and its companions
     (a store written by an older fedpref may be 0644)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, OWNER_ONLY)
-    try:
-        info = os.fstat(fd)
-        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != OWNER_ONLY:
-            os.fchmod(fd, OWNER_ONLY)  # explicitly: the umask only ever narrows os.open's mode
-    finally:
-        os.close(fd)
+    if not ensure_private_file(path):
+        make_private(path)
     for suffix in COMPANIONS:
         make_private(f"{path}{suffix}")
 

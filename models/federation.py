@@ -119,6 +119,12 @@ class RunConfigError(ValueError):
     """A run-config key is unknown or its value is invalid."""
 
 
+def run_config_bool(value: object) -> bool:
+    """How a run-config value reads as a switch: a bool as itself, anything else on when its text
+    is "1", "true" or "yes" (any case)."""
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
 @dataclass(frozen=True)
 class FederatedConfig:
     """The run config, typed. Built with :meth:`from_run_config`."""
@@ -208,7 +214,7 @@ class FederatedConfig:
             value = values[key]
             try:
                 if isinstance(default, bool):
-                    kwargs[f.name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                    kwargs[f.name] = run_config_bool(value)
                 elif isinstance(default, int):
                     if isinstance(value, float) and not value.is_integer():
                         raise ValueError

@@ -62,7 +62,8 @@ def create_private(path: str | Path) -> int:
 def open_private(path: str | Path, mode: str = "wb"):
     """Open ``path`` for writing from its start (created, or emptied if it exists), its mode
     0600 either way; a file object."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    # O_NOFOLLOW: a link planted where the file goes is refused, not written through
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # os.open's mode is filtered by the umask, and an old file keeps its own
         return os.fdopen(fd, mode)

@@ -97,14 +97,17 @@ MODELS_PREFIX = "/models"
 # Run-config keys whose value names a file, a folder or a database: from the API they must
 # resolve inside the configured roots. (Values that name none: "" is the server's default,
 # checkpoint-dir "none" turns checkpoints off.)
-# Simulation settings a real run must not take: noise computable from the run's seed. A value
-# counts as on when the ServerApp would read it as on (FederatedConfig: a bool, or "1", "true",
-# "yes" in any case).
+# Simulation settings a real run must not take: noise computable from the run's seed, refused
+# when the ServerApp would read the value as on. That reading is
+# fedpref.models.federation.run_config_bool, written again here because importing that module
+# would load PyTorch into the operator API.
 SIMULATION_ONLY = ("reproducible-noise",)
 
 
 def _switched_on(value: object) -> bool:
-    return value is True or (not isinstance(value, bool) and str(value).strip().lower() in ("1", "true", "yes"))
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
 PATH_KEYS = ("history-dir", "store-dir", "results-dir", "run-store", "checkpoint-dir", "publish-dir", "publish-key")
 NO_PATH_VALUES = {"checkpoint-dir": frozenset({"none"})}
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from google.protobuf.message import DecodeError
 
 from fedpref.models.federation import RUN_CONFIG_DEFAULTS
 
-from fedpref.models.files import create_private, private_folder
+from fedpref.models.files import private_folder, replace_private
 from .privacy import PrivacyConfigError, PrivacyLedger
 
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -166,15 +165,8 @@ def save(folder: str | Path, checkpoint: Checkpoint) -> Path:
 
 
 def _write(folder: str | Path, data: bytes) -> Path:
-    folder = private_folder(folder)
-    target = folder / CHECKPOINT_FILE
-    tmp = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
-    tmp.unlink(missing_ok=True)  # left by a killed writer of the same pid and thread (a reused pid)
-    with os.fdopen(create_private(tmp), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)  # atomic: a kill leaves the old checkpoint or the new one
+    target = private_folder(folder) / CHECKPOINT_FILE
+    replace_private(target, data)  # atomic: a kill leaves the old checkpoint or the new one
     return target
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedpref.models.files import replace_private
 from fedpref.models.published import (
     DEFAULT_EXPIRY_DAYS,
     LATEST_MANIFEST,
@@ -116,9 +117,10 @@ def _write_new(path: Path, data: bytes) -> None:
         os.unlink(tmp)
 
 
-def _write_replace(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` atomically: a reader sees the old file or the new one, never a mix."""
-    tmp = _temp_copy(path, data, mode)
+def _write_replace(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically, a public file (0644): a reader sees the old file or the new
+    one, never a mix."""
+    tmp = _temp_copy(path, data)
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -126,14 +128,13 @@ def _write_replace(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def _temp_copy(path: Path, data: bytes, mode: int = 0o644) -> Path:
+def _temp_copy(path: Path, data: bytes) -> Path:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 600
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    if mode != 0o600:
-        os.chmod(name, mode)  # published files are public
+    os.chmod(name, 0o644)  # published files are public
     return Path(name)
 
 
@@ -212,7 +213,7 @@ class ModelPublisher:
             )
             manifest = replace(unsigned, signature=base64.b64encode(self._key.sign(unsigned.signed_bytes())).decode())
             # The sequence first: a crash after it leaves a gap, never one number on two models.
-            _write_replace(self.folder / SEQUENCE_FILE, json.dumps({"sequence": sequence, "key_id": self.key_id}).encode(), mode=0o600)
+            replace_private(self.folder / SEQUENCE_FILE, json.dumps({"sequence": sequence, "key_id": self.key_id}).encode())
             # Model first, then its manifest, then latest: whoever sees a manifest finds its model.
             _write_new(model_path, data)
             _write_new(manifest_path, manifest.to_json())

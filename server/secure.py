@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat
 from flwr.server.compat.legacy_context import LegacyContext
@@ -94,10 +94,7 @@ def quantization_range(config: FederatedConfig, cohort: int, *, bound: float | N
     coordinate of an update is at most its L2 norm), widened by 8 standard deviations of the
     device's share of the noise when the noise is distributed. Defaults: the training's C and z."""
     bound = config.clip_norm if bound is None else bound
-    z = config.dp_noise_multiplier if noise_multiplier is None else noise_multiplier
-    if z > 0 and config.dp_noise_placement == "distributed":
-        return bound * (1.0 + 8.0 * z / math.sqrt(cohort))
-    return bound
+    return bound + 8.0 * device_noise_std(config, cohort, bound=bound, noise_multiplier=noise_multiplier)
 
 
 def shares_per_device(config: FederatedConfig, cohort: int) -> int:
@@ -272,7 +269,7 @@ def _check_masked_vector(data: object, shape: tuple[int, ...], modulus: int) -> 
         raise _BadReply(f"a masked array of shape {tuple(got)} and dtype {dtype}, not {tuple(shape)} int64")
     if len(data) - stream.tell() != math.prod(shape) * 8:
         raise _BadReply("a masked array's data does not match its header")
-    array = bytes_to_ndarray(data)
+    array = np.frombuffer(data, dtype=dtype, offset=stream.tell())  # a view: no copy of what Flower decodes next
     if array.size and (int(array.min()) < 0 or int(array.max()) >= modulus):
         raise _BadReply(f"a masked array with entries outside [0, {modulus})")
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedpref.models.files import open_private
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -60,8 +61,6 @@ def write_dev_certificates(folder: str | Path, hosts: tuple[str, ...] = ("127.0.
     paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(pem))
     paths["cert"].write_bytes(cert.public_bytes(pem))
-    descriptor = os.open(paths["key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(descriptor, "wb") as out:
-        os.fchmod(out.fileno(), 0o600)  # an older file keeps its mode through O_CREAT: set it before the key is written
+    with open_private(paths["key"]) as out:  # 0600 before the key is written, an older file too; no link followed
         out.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return paths

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpref.models.files import open_to_others
+
 # -- device store ------------------------------------------------------------------------
 
 KINDS = ("view", "click", "purchase", "rating")
@@ -445,8 +447,7 @@ def _not_private(folder: Path) -> list[str]:
     """The files in ``folder`` (and the folder) that accounts other than the owner may open."""
     if not folder.exists():
         return []
-    paths = [folder, *folder.iterdir()]
-    return [str(p) for p in paths if p.stat().st_mode & 0o077]
+    return [str(p) for p in [folder, *folder.iterdir()] if open_to_others(p)]
 
 
 def _run_store_state(results: Path) -> dict:

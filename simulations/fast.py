@@ -55,8 +55,8 @@ from fedpref.simulations.inprocess import NODE_ID_BASE, reply_from
 from fedpref.simulations.compiled import LOSS_KINDS, device_evaluate, device_round, unsupported
 from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError
 from fedpref.models.metrics import ndcg
-from fedpref.models.train import LocalData
 from fedpref.models.files import open_private, private_folder
+from fedpref.models.train import LocalData
 
 
 
@@ -351,6 +351,7 @@ class FastGrid(Grid):
         # float64); the sum is divided in float64.
         acc = np.zeros((q.shape[0], q.shape[1] + 1), dtype=np.float32)
         clipping = False  # whether the last update needed clipping (then measure before adding)
+        equal = _equal_weights(config)
         for k in batches():
             user = int(training[k])
             items = self.population.train_items(user)
@@ -363,7 +364,7 @@ class FastGrid(Grid):
             out.private[k], out.loss[k], out.ok[k], out.examples[k] = p, loss, True, len(items)
             if out.late[k]:  # trained, but its update comes after the round is over
                 continue
-            weight = 1.0 if _equal_weights(config) else float(len(items))
+            weight = 1.0 if equal else float(len(items))
             if self.per_device:  # the update goes out alone (not into this thread's sum)
                 alone = np.zeros(acc.shape)
                 out.norm[k], out.clipped[k] = _clip_and_add(q, bq, rows, item_rows, bias_rows, np.float64(bound), 1.0, alone)
@@ -381,6 +382,7 @@ class FastGrid(Grid):
         """Models the compiled round does not cover: the device's own ``local_round`` and guard."""
         config = self.config
         acc = {name: np.zeros(value.shape, dtype=np.float64) for name, value in shared.items()}
+        equal = _equal_weights(config)
         for k in batches():
             user = int(training[k])
             items = self.population.train_items(user)
@@ -393,7 +395,7 @@ class FastGrid(Grid):
             if out.late[k]:
                 continue
             sent, norm, clipped = encode_update(shared, update, bound)
-            weight = 1.0 if _equal_weights(config) else float(len(items))
+            weight = 1.0 if equal else float(len(items))
             recovered = {name: sent[name].astype(np.float64) - shared[name].astype(np.float64) for name in shared}
             if not self.per_device:
                 for name in shared:

@@ -1,16 +1,21 @@
 """The run configuration that the ServerApp and every ClientApp share.
 
-One flat namespace of hyphenated keys, as Flower's run config is: defaults live in
-``pyproject.toml`` under ``[tool.flwr.app.config]`` and here (a test keeps the two equal);
-overrides come from ``flwr run . --run-config "clip-norm=0.5"`` or ``fedpref simulate``.
-A key that is not known is an error that lists the known ones, never silently ignored.
+One flat namespace of hyphenated keys, as Flower's run config is. Each key is declared once, as a
+field of :class:`FederatedConfig` with its type, default and help; :data:`RUN_CONFIG_DEFAULTS`,
+:data:`RUN_CONFIG_HELP` and the ``fedpref`` command's run-config options are derived from it, and
+``pyproject.toml`` repeats the defaults under ``[tool.flwr.app.config]`` because Flower reads them
+there (a test keeps the two equal). Overrides come from ``flwr run . --run-config "clip-norm=0.5"``
+or ``fedpref simulate``. A key that is not known is an error that lists the known ones, never
+silently ignored.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 
 from .availability import AvailabilityPattern
 from .encoding import ENCODINGS
@@ -33,79 +38,6 @@ POPULARITY_TASK = "popularity"
 # not reply ("dropped") and, with adaptive clipping, how many sent the norm bit ("norm-bits").
 PARTIAL_AGGREGATE = "partial-aggregate"
 
-# key -> default. The order is the order of `--help`.
-RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {
-    "history-dir": "",  # the device histories (written by `fedpref simulate` / `fedpref population`)
-    "catalogue-size": 0,  # real devices: the number of items in the catalogue (0: from history-dir's meta.json)
-    "devices": 0,  # real devices: how many the server waits for and samples from, its population for DP accounting (0: from history-dir)
-    "num-server-rounds": 50,
-    "fraction-train": 1.0,  # share of devices that train each round
-    "min-train-nodes": 2,  # at least this many devices per round
-    "fraction-evaluate": 1.0,  # share of devices that evaluate (rank their own held-out items)
-    "evaluate-every": 5,  # federated evaluation every this many rounds (and after the last)
-    "strategy": "fedadam",  # per-coordinate steps: rows few devices touched still move (docs/federated.md)
-    "server-lr": 0.06,  # fedavgm: server step on the averaged update; fedadam/fedyogi: eta
-    "server-lr-end": 0.05,  # server-lr is cosine-decayed to this fraction of itself by the last round (1: constant)
-    "server-momentum": 0.0,  # fedavgm only
-    "adaptivity": 1e-6,  # fedadam/fedyogi: tau; a rarely touched row moves ~1e-5 a round, which 1e-3 would swamp
-    "model": "mf",
-    "dim": 64,
-    "loss": "softmax",
-    "num-negatives": 20,  # as centrally: 5 ranked lower on validation, full ranking most (docs/federated.md)
-    "private-epochs": 2,  # before its local epochs, a device fits its private vector to the global items
-    "local-epochs": 3,  # the private vector learns only on the device: give it work each round
-    "lr": 0.3,  # device step size (SGD; Adam needs about 0.01)
-    "lr-end": 1.0,  # lr is cosine-decayed across rounds to this fraction of itself by the last round (1: constant)
-    "optimizer": "sgd",  # device optimiser: sgd (steps that keep the gradient's size; docs/federated.md), adam or lazy-adam
-    "l2": 0.01,
-    "batch-size": 64,
-    "clip-norm": 10.0,  # C: the L2 norm bound of every update that leaves a device
-    "update-encoding": "float32",  # how an update travels: float32 (weights), float16 or int8 (the update, stochastic rounding)
-    "dp-noise-multiplier": 0.0,  # z > 0 turns on user-level DP: Gaussian noise z*C on the sum of each round's updates
-    "dp-delta": 0.0,  # delta of the reported (epsilon, delta); 0: 1/(10 N) for a population of N
-    "dp-clipping": "fixed",  # with DP: fixed (C = clip-norm) or adaptive (C starts at clip-norm and follows dp-target-quantile)
-    "dp-target-quantile": 0.5,  # adaptive clipping: C tracks this quantile of the update norms (the share left unclipped)
-    "dp-clip-lr": 0.2,  # adaptive clipping: geometric step of C each round (Andrew et al. 2021)
-    "dp-target-epsilon": 0.0,  # stop before a round would take epsilon past this (0: no target)
-    "dp-noise-placement": "central",  # central: the server noises the average; distributed: each device adds its share (needs secagg)
-    "reproducible-noise": False,  # simulation only: the server's DP noise (and, under DP, its cohorts) from `seed`, so a run repeats; anyone who knows the seed removes the noise
-    "secagg": False,  # secure aggregation (Flower's SecAgg+): the server learns only each round's sum of updates
-    "secagg-min-cohort": 10,  # secagg: refuse a cohort, and skip a round whose sum would cover, fewer devices than this
-    "secagg-num-shares": 0,  # secagg: neighbours holding shares of each device's keys (0: 2*ceil(log2 m)+1, at most the cohort)
-    "secagg-reconstruction-threshold": 0.6,  # secagg: share of a device's key shares needed to remove its masks
-    "secagg-dropout-tolerance": 0.3,  # secagg: a round survives this share of its cohort dropping out; beyond it, it is skipped
-    "secagg-timeout": 0.0,  # secagg: seconds to wait for each protocol stage's replies (0: wait for all)
-    "popularity-histogram": False,  # before training: a DP histogram of item popularity through secure aggregation, published with the model
-    "popularity-noise-multiplier": 1.0,  # the histogram's z: Gaussian noise z*sqrt(max-items) on each item's count
-    "popularity-max-items": 128,  # a device counts at most this many of its items (a random subset; docs/privacy.md)
-    "popularity-fraction": 1.0,  # share of devices asked for the histogram
-    "dropout": 0.0,  # simulation: share of each round's sampled devices that drop out mid-round (after sharing keys)
-    "stragglers": 0.0,  # simulation: share of each round's sampled devices that answer straggler-delay seconds late
-    "straggler-delay": 30.0,  # simulation: how late a straggler answers (seconds)
-    "round-timeout": 0.0,  # seconds the server waits for a round's replies; later ones are left out (0: Flower's one hour)
-    "min-replies": 1,  # a round with fewer valid replies than this (after dropouts, stragglers, rejections) is skipped: the model stays
-    "aggregation": "mean",  # mean (the strategy's weighted average), median (Flower's FedMedian) or trimmed-mean (FedTrimmedAvg)
-    "trim-fraction": 0.1,  # trimmed-mean: share of the highest and of the lowest values cut per coordinate
-    "server-norm-bound": 0.0,  # > 0: the server clips each update to this L2 norm and weighs every device the same (a poisoning defence)
-    "max-reply-bytes": 0,  # a reply larger than this is rejected unread (0: the shared arrays in float32 plus 64 KiB)
-    "max-examples": 100000,  # the most num-examples a device may claim (also at most the catalogue, or in a simulation its longest history); more is rejected
-    "weighting": "examples",  # how devices weigh in the average: examples (their num-examples, bounded) or equal (every device the same)
-    "availability": "always",  # simulation: when virtual devices may train: always, diurnal or random:P (fedpref.client.eligibility)
-    "store-dir": "",  # simulation: a folder of device stores (device-<i>.sqlite); each device then keeps consent and a record of what left
-    "personalize-epochs": 1,  # before evaluating, a device refits its private vector locally
-    "k": 10,
-    "seed": 0,
-    "results-dir": "",  # where the ServerApp writes per-round metrics (empty: do not write)
-    "run-store": "",  # SQLAlchemy URL of the run store (empty: sqlite <results-dir>/runs.sqlite; none without results-dir)
-    "run-name": "",  # the run's name in the run store (empty: the results folder's name)
-    "checkpoint-dir": "",  # checkpoint after every round here (empty: <results-dir>/checkpoint, none without results-dir; "none": never)
-    "resume": True,  # an unfinished checkpoint of the same config is resumed from its last completed round
-    "publish-dir": "",  # publish every round's global model here, signed (empty: do not publish)
-    "publish-key": "",  # the Ed25519 signing key (PEM) for publish-dir (`fedpref signing-key` makes one)
-    "publish-expiry-days": DEFAULT_EXPIRY_DAYS,  # a published model expires this long after it is published: devices then refuse it
-}
-
-
 def cosine_factor(server_round: int, num_rounds: int, end: float) -> float:
     """The step-size factor of ``server_round`` (1-based): 1 at round 1, ``end`` at round
     ``num_rounds``, a half cosine in between; 1 throughout when ``end`` is 1."""
@@ -113,6 +45,12 @@ def cosine_factor(server_round: int, num_rounds: int, end: float) -> float:
         return 1.0
     t = min(max(server_round - 1, 0), num_rounds - 1) / (num_rounds - 1)
     return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def key(default: bool | int | float | str, help: str) -> Field:
+    """A run-config key of :class:`FederatedConfig`: its default and its help (one line, lower case,
+    as ``--help`` shows it)."""
+    return field(default=default, metadata={"help": help})
 
 
 class RunConfigError(ValueError):
@@ -127,80 +65,97 @@ def run_config_bool(value: object) -> bool:
 
 @dataclass(frozen=True)
 class FederatedConfig:
-    """The run config, typed. Built with :meth:`from_run_config`."""
+    """The run config, typed: the one declaration of every run-config key, with its default and its help.
 
-    history_dir: str
-    catalogue_size: int
-    devices: int
-    num_server_rounds: int
-    fraction_train: float
-    min_train_nodes: int
-    fraction_evaluate: float
-    evaluate_every: int
-    strategy: str
-    server_lr: float
-    server_lr_end: float
-    server_momentum: float
-    adaptivity: float
-    model: str
-    dim: int
-    loss: str
-    num_negatives: int
-    private_epochs: int
-    local_epochs: int
-    lr: float
-    lr_end: float
-    optimizer: str
-    l2: float
-    batch_size: int
-    clip_norm: float
-    update_encoding: str
-    dp_noise_multiplier: float
-    dp_delta: float
-    dp_clipping: str
-    dp_target_quantile: float
-    dp_clip_lr: float
-    dp_target_epsilon: float
-    dp_noise_placement: str
-    reproducible_noise: bool
-    secagg: bool
-    secagg_min_cohort: int
-    secagg_num_shares: int
-    secagg_reconstruction_threshold: float
-    secagg_dropout_tolerance: float
-    secagg_timeout: float
-    popularity_histogram: bool
-    popularity_noise_multiplier: float
-    popularity_max_items: int
-    popularity_fraction: float
-    dropout: float
-    stragglers: float
-    straggler_delay: float
-    round_timeout: float
-    min_replies: int
-    aggregation: str
-    trim_fraction: float
-    server_norm_bound: float
-    max_reply_bytes: int
-    max_examples: int
-    weighting: str
-    availability: str
-    store_dir: str
-    personalize_epochs: int
-    k: int
-    seed: int
-    results_dir: str
-    run_store: str
-    run_name: str
-    checkpoint_dir: str
-    resume: bool
-    publish_dir: str
-    publish_key: str
-    publish_expiry_days: float
+    Each field is the key with ``_`` for ``-``. Built with :meth:`from_run_config`, which also validates;
+    frozen, so a parsed config can be shared (and cached) safely.
+    """
+
+    history_dir: str = key("", 'the device histories (written by `fedpref simulate` / `fedpref population`)')
+    catalogue_size: int = key(0, "real devices: the number of items in the catalogue (0: from history-dir's meta.json)")
+    devices: int = key(0, 'real devices: how many the server waits for and samples from, its population for DP accounting (0: from history-dir)')
+    num_server_rounds: int = key(50, 'federated rounds')
+    fraction_train: float = key(1.0, 'share of devices that train each round')
+    min_train_nodes: int = key(2, 'at least this many devices per round')
+    fraction_evaluate: float = key(1.0, 'share of devices that evaluate (rank their own held-out items)')
+    evaluate_every: int = key(5, 'federated evaluation every this many rounds (and after the last)')
+    strategy: str = key("fedadam", "server optimiser: fedavg, fedavgm, fedadam or fedyogi (fedadam's per-coordinate steps still move rows few devices touched; docs/federated.md)")
+    server_lr: float = key(0.06, 'fedavgm: server step on the averaged update; fedadam/fedyogi: eta')
+    server_lr_end: float = key(0.05, 'server-lr is cosine-decayed to this fraction of itself by the last round (1: constant)')
+    server_momentum: float = key(0.0, 'fedavgm only')
+    adaptivity: float = key(1e-6, 'fedadam/fedyogi: tau; a rarely touched row moves ~1e-5 a round, which 1e-3 would swamp')
+    model: str = key("mf", 'preference model: mf or neumf')
+    dim: int = key(64, 'embedding size')
+    loss: str = key("softmax", 'device ranking loss: bpr, bce or softmax')
+    num_negatives: int = key(20, 'as centrally: 5 ranked lower on validation, full ranking most (docs/federated.md)')
+    private_epochs: int = key(2, 'before its local epochs, a device fits its private vector to the global items')
+    local_epochs: int = key(3, 'the private vector learns only on the device: give it work each round')
+    lr: float = key(0.3, 'device step size (SGD; Adam needs about 0.01)')
+    lr_end: float = key(1.0, 'lr is cosine-decayed across rounds to this fraction of itself by the last round (1: constant)')
+    optimizer: str = key("sgd", "device optimiser: sgd (steps that keep the gradient's size; docs/federated.md), adam or lazy-adam")
+    l2: float = key(0.01, 'L2 on the embeddings each batch touches')
+    batch_size: int = key(64, 'positives per step')
+    clip_norm: float = key(10.0, 'C: the L2 norm bound of every update that leaves a device')
+    update_encoding: str = key("float32", 'how an update travels: float32 (weights), float16 or int8 (the update, stochastic rounding)')
+    dp_noise_multiplier: float = key(0.0, "z > 0 turns on user-level DP: Gaussian noise z*C on the sum of each round's updates")
+    dp_delta: float = key(0.0, 'delta of the reported (epsilon, delta); 0: 1/(10 N) for a population of N')
+    dp_clipping: str = key("fixed", 'with DP: fixed (C = clip-norm) or adaptive (C starts at clip-norm and follows dp-target-quantile)')
+    dp_target_quantile: float = key(0.5, 'adaptive clipping: C tracks this quantile of the update norms (the share left unclipped)')
+    dp_clip_lr: float = key(0.2, 'adaptive clipping: geometric step of C each round (Andrew et al. 2021)')
+    dp_target_epsilon: float = key(0.0, 'stop before a round would take epsilon past this (0: no target)')
+    dp_noise_placement: str = key("central", 'central: the server noises the average; distributed: each device adds its share (needs secagg)')
+    reproducible_noise: bool = key(False, "simulation only: the server's DP noise (and, under DP, its cohorts) from `seed`, so a run repeats; anyone who knows the seed removes the noise")
+    secagg: bool = key(False, "secure aggregation (Flower's SecAgg+): the server learns only each round's sum of updates")
+    secagg_min_cohort: int = key(10, 'secagg: refuse a cohort, and skip a round whose sum would cover, fewer devices than this')
+    secagg_num_shares: int = key(0, "secagg: neighbours holding shares of each device's keys (0: 2*ceil(log2 m)+1, at most the cohort)")
+    secagg_reconstruction_threshold: float = key(0.6, "secagg: share of a device's key shares needed to remove its masks")
+    secagg_dropout_tolerance: float = key(0.3, 'secagg: a round survives this share of its cohort dropping out; beyond it, it is skipped')
+    secagg_timeout: float = key(0.0, "secagg: seconds to wait for each protocol stage's replies (0: wait for all)")
+    popularity_histogram: bool = key(False, 'before training: a DP histogram of item popularity through secure aggregation, published with the model')
+    popularity_noise_multiplier: float = key(1.0, "the histogram's z: Gaussian noise z*sqrt(max-items) on each item's count")
+    popularity_max_items: int = key(128, 'a device counts at most this many of its items (a random subset; docs/privacy.md)')
+    popularity_fraction: float = key(1.0, 'share of devices asked for the histogram')
+    dropout: float = key(0.0, "simulation: share of each round's sampled devices that drop out mid-round (after sharing keys)")
+    stragglers: float = key(0.0, "simulation: share of each round's sampled devices that answer straggler-delay seconds late")
+    straggler_delay: float = key(30.0, 'simulation: how late a straggler answers (seconds)')
+    round_timeout: float = key(0.0, "seconds the server waits for a round's replies; later ones are left out (0: Flower's one hour)")
+    min_replies: int = key(1, 'a round with fewer valid replies than this (after dropouts, stragglers, rejections) is skipped: the model stays')
+    aggregation: str = key("mean", "mean (the strategy's weighted average), median (Flower's FedMedian) or trimmed-mean (FedTrimmedAvg)")
+    trim_fraction: float = key(0.1, 'trimmed-mean: share of the highest and of the lowest values cut per coordinate')
+    server_norm_bound: float = key(0.0, '> 0: the server clips each update to this L2 norm and weighs every device the same (a poisoning defence)')
+    max_reply_bytes: int = key(0, 'a reply larger than this is rejected unread (0: the shared arrays in float32 plus 64 KiB)')
+    max_examples: int = key(100000, 'the most num-examples a device may claim (also at most the catalogue, or in a simulation its longest history); more is rejected')
+    weighting: str = key("examples", 'how devices weigh in the average: examples (their num-examples, bounded) or equal (every device the same)')
+    availability: str = key("always", 'simulation: when virtual devices may train: always, diurnal or random:P (fedpref.client.eligibility)')
+    store_dir: str = key("", 'simulation: a folder of device stores (device-<i>.sqlite); each device then keeps consent and a record of what left')
+    personalize_epochs: int = key(1, 'before evaluating, a device refits its private vector locally')
+    k: int = key(10, 'the cut-off of the ranking metrics (HR@k, NDCG@k)')
+    seed: int = key(0, "base seed: the split, the cohorts, initialisation and each device's draws derive from it")
+    results_dir: str = key("", 'where the ServerApp writes per-round metrics (empty: do not write)')
+    run_store: str = key("", 'SQLAlchemy URL of the run store (empty: sqlite <results-dir>/runs.sqlite; none without results-dir)')
+    run_name: str = key("", "the run's name in the run store (empty: the results folder's name)")
+    checkpoint_dir: str = key("", 'checkpoint after every round here (empty: <results-dir>/checkpoint, none without results-dir; "none": never)')
+    resume: bool = key(True, 'an unfinished checkpoint of the same config is resumed from its last completed round')
+    publish_dir: str = key("", "publish every round's global model here, signed (empty: do not publish)")
+    publish_key: str = key("", 'the Ed25519 signing key (PEM) for publish-dir (`fedpref signing-key` makes one)')
+    publish_expiry_days: float = key(DEFAULT_EXPIRY_DAYS, 'a published model expires this long after it is published: devices then refuse it')
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> FederatedConfig:
-        unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS))
+        """The typed, validated config of a run config (keys as in ``pyproject.toml``; missing ones
+        take their defaults). The same run config gives the same (frozen) object: a message's
+        handlers each ask for it, and it is parsed once."""
+        try:
+            # The value's type is part of the key: 1 and 1.0 are equal but read differently as text.
+            items = tuple((k, type(v), v) for k, v in sorted(run_config.items(), key=lambda kv: kv[0]))
+            hash(items)
+        except TypeError:  # an unorderable key or an unhashable value: parse (and refuse) it uncached
+            return cls._parse(run_config)
+        return _parse_cached(cls, items)
+
+    @classmethod
+    def _parse(cls, run_config: Mapping[str, object]) -> FederatedConfig:
+        unknown = sorted(map(str, set(run_config) - set(RUN_CONFIG_DEFAULTS)))
         if unknown:
             raise RunConfigError(
                 f"unknown run-config key(s) {unknown}; the known keys are: {', '.join(RUN_CONFIG_DEFAULTS)}"
@@ -210,21 +165,21 @@ class FederatedConfig:
         kwargs = {}
         for f in fields(cls):
             key = f.name.replace("_", "-")
-            default = RUN_CONFIG_DEFAULTS[key]
+            kind = RUN_CONFIG_TYPES[key]
             value = values[key]
             try:
-                if isinstance(default, bool):
+                if kind is bool:
                     kwargs[f.name] = run_config_bool(value)
-                elif isinstance(default, int):
+                elif kind is int:
                     if isinstance(value, float) and not value.is_integer():
                         raise ValueError
                     kwargs[f.name] = int(value)  # type: ignore[arg-type]
-                elif isinstance(default, float):
+                elif kind is float:
                     kwargs[f.name] = float(value)  # type: ignore[arg-type]
                 else:
                     kwargs[f.name] = str(value)
             except (TypeError, ValueError):
-                raise RunConfigError(f"run-config key {key!r} must be a {type(default).__name__}, got {value!r}") from None
+                raise RunConfigError(f"run-config key {key!r} must be a {kind.__name__}, got {value!r}") from None
         config = cls(**kwargs)
         config.validate()
         return config
@@ -409,3 +364,17 @@ class FederatedConfig:
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+_HINTS = typing.get_type_hints(FederatedConfig)
+#: key -> its type (bool, int, float or str), in declaration order.
+RUN_CONFIG_TYPES: dict[str, type] = {f.name.replace("_", "-"): _HINTS[f.name] for f in fields(FederatedConfig)}
+#: key -> default, in declaration order (the order of ``--help`` and of pyproject's table).
+RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = {f.name.replace("_", "-"): f.default for f in fields(FederatedConfig)}
+#: key -> its help text.
+RUN_CONFIG_HELP: dict[str, str] = {f.name.replace("_", "-"): f.metadata["help"] for f in fields(FederatedConfig)}
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_cached(cls: type[FederatedConfig], items: tuple[tuple[str, type, object], ...]) -> FederatedConfig:
+    return cls._parse({k: v for k, _, v in items})

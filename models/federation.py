@@ -47,7 +47,7 @@ def cosine_factor(server_round: int, num_rounds: int, end: float) -> float:
     return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def key(default: bool | int | float | str, help: str) -> Field:
+def key(default: bool | float | str, help: str) -> Field:
     """A run-config key of :class:`FederatedConfig`: its default and its help (one line, lower case,
     as ``--help`` shows it)."""
     return field(default=default, metadata={"help": help})

@@ -1,4 +1,5 @@
-"""The ``fedpref`` command line.
+"""The research commands of ``fedpref`` (the root command, :mod:`fedpref.cli`, mounts them beside
+the operator's and the device's):
 
     fedpref data       --dataset movielens-small           # what a data set holds, and its split
     fedpref central    --dataset movielens-small --model mf # centralised training (the ceiling)
@@ -27,16 +28,13 @@ from fedpref.models.preference import MODELS
 from fedpref.models.train import LOSSES, TrainConfig, default_config
 
 from .data.interactions import DataFormatError, DataWarning
-from fedpref.client.cli import device_app
-
 from .data.registry import describe_sources, load_dataset
 from .evaluate import evaluate, popularity_scorer, random_scorer
 from .reference import ReferenceResult, train_centralised, train_local_only
 from .progress import progress_bar
 from .split import LeaveOneOutSplit, SplitError, leave_one_out
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="fedpref: on-device federated personalisation.")
-app.add_typer(device_app, name="device")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="fedpref research: data, reference training, simulations and experiments.")
 console = Console()
 ENGINES = ("flower", "inprocess", "fast")
 err = Console(stderr=True)
@@ -316,65 +314,9 @@ def tune(
     _write(out, {"command": "tune", "dataset": dataset, "split": _split_info(split), "seed": seed, "trials": trials, "chosen": asdict(config), "val": final.val.as_dict(), "test": final.test.as_dict(), "best_epoch": final.best_epoch})
 
 
-if __name__ == "__main__":
-    app()
-
-
 # ---------------------------------------------------------------------------------------------
 # Federated simulation
 # ---------------------------------------------------------------------------------------------
-
-
-@app.command("dev-certs")
-def dev_certs(
-    out: Annotated[Path, typer.Option(help="Folder for ca.pem, server.pem and server.key.")] = Path("certs"),
-    host: Annotated[list[str], typer.Option(help="A host name or IP address the SuperLink is reached at (repeat the option).")] = ["127.0.0.1", "localhost"],
-    days: int = 30,
-) -> None:
-    """A private CA and a SuperLink certificate, for tests and a first deployment (production:
-    certificates from your own CA). Devices get ca.pem as --root-certificates."""
-    from fedpref.server.tls import write_dev_certificates
-
-    try:
-        paths = write_dev_certificates(out, tuple(host), days)
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
-    console.print(f"wrote {paths['ca']}, {paths['cert']} and {paths['key']} for {', '.join(host)}, valid {days} days")
-    console.print(f"flower-superlink --ssl-ca-certfile {paths['ca']} --ssl-certfile {paths['cert']} --ssl-keyfile {paths['key']} --enable-supernode-auth ...")
-
-
-@app.command()
-def serve(
-    run_store: Annotated[Optional[str], typer.Option(help="The run store's SQLAlchemy URL or file (default: FEDPREF_RUN_STORE, else sqlite:///runs.sqlite).")] = None,
-    publish_dir: Annotated[Optional[Path], typer.Option(help="Serve the signed models published here at /models (default: FEDPREF_PUBLISH_DIR).")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to bind (default: FEDPREF_HOST, else 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default: FEDPREF_PORT, else 8000).")] = None,
-) -> None:
-    """The operator API and dashboard (FastAPI, uvicorn) over a run store. Settings come from
-    FEDPREF_* variables (docs/operations.md); outside development FEDPREF_API_KEYS must hold real keys."""
-    from pydantic import ValidationError
-
-    from fedpref.server.api import serve as serve_api
-    from fedpref.server.settings import OperatorSettings
-
-    overrides = {k: v for k, v in (("run_store", run_store), ("publish_dir", publish_dir), ("host", host), ("port", port)) if v is not None}
-    try:
-        settings = OperatorSettings(**overrides)
-    except ValidationError as exc:
-        _fail("the operator API's settings are not valid:\n" + "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()))
-    serve_api(settings)
-
-
-@app.command("signing-key")
-def signing_key(out: Annotated[Path, typer.Option(help="The private key's file (PEM, mode 600); the public key goes to OUT.pub.")] = Path("signing.key")) -> None:
-    """An Ed25519 key for signing published models (run-config publish-key); give devices OUT.pub."""
-    from fedpref.server.publish import generate_signing_key
-
-    try:
-        private, public = generate_signing_key(out)
-    except (FileExistsError, OSError) as exc:
-        _fail(str(exc))
-    console.print(f"wrote {private} (keep it on the server) and {public} (give it to devices)")
 
 
 @app.command()
@@ -891,3 +833,7 @@ def reliability(
         figures = {p: figures[p] for p in PARTS if p in figures}
     page = write_page(figures, out, "fedpref reliability")
     console.print(f"{time.perf_counter() - started:.0f} s; wrote {page}")
+
+
+if __name__ == "__main__":
+    app()

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from fedpref.client import Device
 from fedpref.models.preference import ModelSpec
-from fedpref.simulations.cli import app
+from fedpref.cli import app
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from fedpref.simulations.cli import app
+from fedpref.cli import app
 
 KEY = "serve-operator-key-0123456789-abcdefgh"
 

@@ -19,7 +19,7 @@ from dataclasses import Field, dataclass, field, fields, replace
 
 from .availability import AvailabilityPattern
 from .encoding import ENCODINGS
-from .preference import ModelSpec
+from .preference import MODELS, ModelSpec
 from .published import DEFAULT_EXPIRY_DAYS, MAX_EXPIRY_DAYS
 from .train import LOSSES, TrainConfig, default_config
 
@@ -82,14 +82,14 @@ class FederatedConfig:
     strategy: str = key("fedadam", "server optimiser: fedavg, fedavgm, fedadam or fedyogi (fedadam's per-coordinate steps still move rows few devices touched; docs/federated.md)")
     server_lr: float = key(0.06, 'fedavgm: server step on the averaged update; fedadam/fedyogi: eta')
     server_lr_end: float = key(0.05, 'server-lr is cosine-decayed to this fraction of itself by the last round (1: constant)')
-    server_momentum: float = key(0.0, 'fedavgm only')
+    server_momentum: float = key(0.0, 'server momentum (fedavgm only)')
     adaptivity: float = key(1e-6, 'fedadam/fedyogi: tau; a rarely touched row moves ~1e-5 a round, which 1e-3 would swamp')
-    model: str = key("mf", 'preference model: mf or neumf')
+    model: str = key("mf", f"preference model: {' or '.join(MODELS)}")
     dim: int = key(64, 'embedding size')
     loss: str = key("softmax", 'device ranking loss: bpr, bce or softmax')
-    num_negatives: int = key(20, 'as centrally: 5 ranked lower on validation, full ranking most (docs/federated.md)')
+    num_negatives: int = key(20, 'sampled negatives per positive (as centrally: 5 ranked lower on validation, full ranking most; docs/federated.md)')
     private_epochs: int = key(2, 'before its local epochs, a device fits its private vector to the global items')
-    local_epochs: int = key(3, 'the private vector learns only on the device: give it work each round')
+    local_epochs: int = key(3, 'passes over its own history a device makes each round (its private vector learns only there: give it work)')
     lr: float = key(0.3, 'device step size (SGD; Adam needs about 0.01)')
     lr_end: float = key(1.0, 'lr is cosine-decayed across rounds to this fraction of itself by the last round (1: constant)')
     optimizer: str = key("sgd", "device optimiser: sgd (steps that keep the gradient's size; docs/federated.md), adam or lazy-adam")

@@ -31,6 +31,7 @@ from .data.interactions import DataFormatError, DataWarning
 from .data.registry import describe_sources, load_dataset
 from .evaluate import evaluate, popularity_scorer, random_scorer
 from .reference import ReferenceResult, train_centralised, train_local_only
+from .options import option, run_config_options
 from .progress import progress_bar
 from .split import LeaveOneOutSplit, SplitError, leave_one_out
 
@@ -45,6 +46,14 @@ Threshold = Annotated[Optional[float], typer.Option(help="Keep only ratings at o
 Seed = Annotated[int, typer.Option(help="Base seed: split, negatives, initialisation and sampling derive from it.")]
 Out = Annotated[Optional[Path], typer.Option(help="Where to write the JSON result (default: results/<command>-<model>-<dataset>.json).")]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+Model = option("model")
+# Centralised training's settings (fedpref.models.train.TrainConfig), by default the model's tuned values.
+TrainDim = Annotated[Optional[int], typer.Option(help="Embedding size (default: the model's tuned value).")]
+TrainLoss = Annotated[Optional[str], typer.Option(help=f"Ranking loss: {', '.join(LOSSES)}.")]
+TrainLr = Annotated[Optional[float], typer.Option(help="Adam step size.")]
+TrainL2 = Annotated[Optional[float], typer.Option(help="L2 on the embeddings each batch touches.")]
+TrainNegatives = Annotated[Optional[int], typer.Option(help="Sampled negatives per positive.")]
+TrainBatchSize = Annotated[Optional[int], typer.Option(help="Positives per step.")]
 
 
 def _fail(message: str) -> None:
@@ -186,15 +195,15 @@ def _train_command(trainer: str, **kw) -> None:
 @app.command()
 def central(
     dataset: Dataset = "movielens-small",
-    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = _RC["model"],
+    model: Model = _RC["model"],
     format: Format = None,
     rating_threshold: Threshold = None,
-    dim: Annotated[Optional[int], typer.Option(help="Embedding size (default: the model's tuned value).")] = None,
-    loss: Annotated[Optional[str], typer.Option(help=f"Ranking loss: {', '.join(LOSSES)}.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam step size.")] = None,
-    l2: Annotated[Optional[float], typer.Option(help="L2 on the embeddings each batch touches.")] = None,
-    negatives: Annotated[Optional[int], typer.Option(help="Sampled negatives per positive.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Positives per step.")] = None,
+    dim: TrainDim = None,
+    loss: TrainLoss = None,
+    lr: TrainLr = None,
+    l2: TrainL2 = None,
+    negatives: TrainNegatives = None,
+    batch_size: TrainBatchSize = None,
     max_epochs: Annotated[int, typer.Option(help="Upper bound; the epoch is chosen on validation.")] = 60,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation NDCG@10.")] = 5,
     seed: Seed = 0,
@@ -208,15 +217,15 @@ def central(
 @app.command("local-only")
 def local_only(
     dataset: Dataset = "movielens-small",
-    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = _RC["model"],
+    model: Model = _RC["model"],
     format: Format = None,
     rating_threshold: Threshold = None,
-    dim: Annotated[Optional[int], typer.Option(help="Embedding size.")] = None,
-    loss: Annotated[Optional[str], typer.Option(help=f"Ranking loss: {', '.join(LOSSES)}.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam step size.")] = None,
-    l2: Annotated[Optional[float], typer.Option(help="L2 on the embeddings each batch touches.")] = None,
-    negatives: Annotated[Optional[int], typer.Option(help="Sampled negatives per positive.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Positives per step.")] = None,
+    dim: TrainDim = None,
+    loss: TrainLoss = None,
+    lr: TrainLr = None,
+    l2: TrainL2 = None,
+    negatives: TrainNegatives = None,
+    batch_size: TrainBatchSize = None,
     max_epochs: Annotated[int, typer.Option(help="Upper bound; the epoch is chosen on validation.")] = 30,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation NDCG@10.")] = 3,
     seed: Seed = 0,
@@ -271,7 +280,7 @@ def _ints(text: str) -> list[int]:
 @app.command()
 def tune(
     dataset: Dataset = "movielens-small",
-    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = _RC["model"],
+    model: Model = _RC["model"],
     format: Format = None,
     rating_threshold: Threshold = None,
     loss: Annotated[str, typer.Option(help="Comma-separated losses to try.")] = "softmax,bpr",
@@ -418,28 +427,18 @@ def _run_config_overrides(text: str) -> dict[str, object]:
 
 
 @app.command()
+@run_config_options(
+    "num-server-rounds", "fraction-train", "local-epochs", "model", "dim", "lr", "l2", "clip-norm", "strategy", "server-lr",
+    "server-lr-end", "lr-end", "evaluate-every", "dp-noise-multiplier", "dp-target-epsilon", "secagg", "reproducible-noise",
+    names={"num-server-rounds": "rounds"},
+    notes={"num-server-rounds": "the reported round is chosen on validation"},
+)
 def simulate(
     dataset: Dataset = "movielens-small",
     format: Format = None,
     rating_threshold: Threshold = None,
-    rounds: Annotated[int, typer.Option(help="Federated rounds; the reported round is chosen on validation.")] = _RC["num-server-rounds"],
-    fraction_train: Annotated[float, typer.Option(help="Share of devices that train each round.")] = _RC["fraction-train"],
+    run_config_values: dict = None,  # type: ignore[assignment]  # the options above, by run-config key
     devices_per_round: Annotated[Optional[int], typer.Option(help="Number of devices per round (instead of --fraction-train).")] = None,
-    local_epochs: Annotated[int, typer.Option(help="Passes over its own history a device makes per round.")] = _RC["local-epochs"],
-    model: Annotated[str, typer.Option(help=f"Preference model: {', '.join(MODELS)}.")] = _RC["model"],
-    dim: Annotated[int, typer.Option(help="Embedding size.")] = _RC["dim"],
-    lr: Annotated[float, typer.Option(help="Device step size (run-config optimizer: lazy-adam, adam or sgd).")] = _RC["lr"],
-    l2: Annotated[float, typer.Option(help="L2 on the embeddings each batch touches.")] = _RC["l2"],
-    clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update that leaves a device.")] = _RC["clip-norm"],
-    strategy: Annotated[str, typer.Option(help="Server: fedavg, fedavgm (server lr, momentum), fedadam or fedyogi.")] = _RC["strategy"],
-    server_lr: Annotated[float, typer.Option(help="fedavgm: server step on the averaged update; fedadam/fedyogi: eta.")] = _RC["server-lr"],
-    server_lr_end: Annotated[float, typer.Option(help="Cosine-decay the server step to this fraction of --server-lr by the last round (1: constant).")] = _RC["server-lr-end"],
-    lr_end: Annotated[float, typer.Option(help="Cosine-decay the device step to this fraction of --lr by the last round (1: constant).")] = _RC["lr-end"],
-    evaluate_every: Annotated[int, typer.Option(help="Federated evaluation every this many rounds (and after the last).")] = _RC["evaluate-every"],
-    dp_noise_multiplier: Annotated[float, typer.Option(help="User-level DP: Gaussian noise z*C on each round's sum of clipped updates (0: off).")] = _RC["dp-noise-multiplier"],
-    dp_target_epsilon: Annotated[float, typer.Option(help="With DP: stop before a round would take epsilon past this (0: no target).")] = _RC["dp-target-epsilon"],
-    secagg: Annotated[bool, typer.Option("--secagg/--no-secagg", help="Secure aggregation (SecAgg+): the server learns only each round's sum (options: secagg-* run-config keys).")] = _RC["secagg"],
-    reproducible_noise: Annotated[bool, typer.Option("--reproducible-noise/--no-reproducible-noise", help="Draw the server's DP noise (and, under DP, its cohorts) from --seed, so that the run repeats bit for bit. Anyone who knows the seed can remove that noise: for simulations only (default: from the operating system).")] = _RC["reproducible-noise"],
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"server-momentum=0.9 batch-size=32\".")] = "",
     seed: Seed = 0,
     engine: Annotated[str, typer.Option(help="flower: Flower's Simulation Engine (Ray), the apps that run on phones; inprocess: the same apps and messages, devices called one by one in this process; fast: the same server, a cohort's devices computed at once (compiled, 20x and more faster; docs/federated.md).")] = "flower",
@@ -463,6 +462,7 @@ def simulate(
 
     if engine not in ENGINES:
         _fail(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    rounds, model, strategy = (run_config_values[k] for k in ("num-server-rounds", "model", "strategy"))
     split = _load_split(dataset, format, rating_threshold, seed)
     out = out or Path("results") / f"sim-{_slug(dataset)}-{model}-{strategy}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
@@ -471,15 +471,9 @@ def simulate(
     if devices_per_round is not None:
         if not 1 <= devices_per_round <= split.n_users:
             _fail(f"--devices-per-round must lie in [1, {split.n_users}], got {devices_per_round}")
-        fraction_train = devices_per_round / split.n_users
+        run_config_values["fraction-train"] = devices_per_round / split.n_users
         overrides.setdefault("min-train-nodes", devices_per_round)
-    values = {
-        "history-dir": str(folder.resolve()), "num-server-rounds": rounds, "fraction-train": fraction_train,
-        "local-epochs": local_epochs, "model": model, "dim": dim, "lr": lr, "l2": l2, "clip-norm": clip_norm,
-        "strategy": strategy, "server-lr": server_lr, "server-lr-end": server_lr_end, "lr-end": lr_end, "dp-noise-multiplier": dp_noise_multiplier, "dp-target-epsilon": dp_target_epsilon, "secagg": secagg, "reproducible-noise": reproducible_noise, "evaluate-every": evaluate_every, "seed": seed,
-        "results-dir": str(out.resolve()),
-    }
-    values.update(overrides)
+    values = {"history-dir": str(folder.resolve()), **run_config_values, "seed": seed, "results-dir": str(out.resolve()), **overrides}
     try:
         config = FederatedConfig.from_run_config(values)
         if config.dp:  # refuse a target that one round passes, or too much noise for adaptive clipping, before any work
@@ -572,15 +566,19 @@ def simulate(
 
 
 @app.command()
+@run_config_options(
+    "num-server-rounds", "fraction-train", "clip-norm",
+    names={"num-server-rounds": "rounds"},
+    defaults={"num-server-rounds": 3, "fraction-train": 0.1, "clip-norm": 0.5},
+    notes={"num-server-rounds": "per mode; the server's view of every round is attacked", "fraction-train": "the size of each secure sum"},
+)
 def audit(
     dataset: Dataset = "movielens-small",
     format: Format = None,
     rating_threshold: Threshold = None,
-    rounds: Annotated[int, typer.Option(help="Training rounds per mode; the server's view of every round is attacked.")] = 3,
-    fraction_train: Annotated[float, typer.Option(help="Share of devices per round (the size of each secure sum).")] = 0.1,
+    run_config_values: dict = None,  # type: ignore[assignment]  # the options above, by run-config key
     modes: Annotated[str, typer.Option(help="Comma-separated modes: plain, dp, secagg, secagg-dp.")] = "plain,dp,secagg,secagg-dp",
     noise_multiplier: Annotated[float, typer.Option(help="z of the DP modes.")] = 1.0,
-    clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update.")] = 0.5,
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"dim=32 secagg-min-cohort=50\".")] = "",
     seed: Seed = 0,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/audit-<dataset>).")] = None,
@@ -601,8 +599,8 @@ def audit(
     out = out or Path("results") / f"audit-{_slug(dataset)}"
     out.mkdir(parents=True, exist_ok=True)
     folder = write_population(split, out / "population")
-    base = {"history-dir": str(folder.resolve()), "num-server-rounds": rounds, "evaluate-every": rounds, "fraction-train": fraction_train,
-            "clip-norm": clip_norm, "seed": seed, **_run_config_overrides(run_config)}
+    rounds, clip_norm = run_config_values["num-server-rounds"], run_config_values["clip-norm"]
+    base = {"history-dir": str(folder.resolve()), **run_config_values, "evaluate-every": rounds, "seed": seed, **_run_config_overrides(run_config)}
     try:
         for mode in chosen:
             config = FederatedConfig.from_run_config({**base, **mode_overrides(mode, noise_multiplier)})
@@ -632,14 +630,19 @@ def audit(
 
 
 @app.command()
+@run_config_options(
+    "num-server-rounds", "fraction-train", "evaluate-every",
+    names={"num-server-rounds": "rounds"},
+    defaults={"num-server-rounds": 30, "fraction-train": 0.1, "evaluate-every": 10},
+    notes={"num-server-rounds": "per run", "fraction-train": "a median or trimmed mean holds every one's update: mind the memory",
+           "evaluate-every": "the test figure is the round chosen on validation"},
+)
 def poison(
     dataset: Dataset = "movielens-small",
     format: Format = None,
     rating_threshold: Threshold = None,
     population: Annotated[Optional[Path], typer.Option(help="An existing population folder (`fedpref population --out DIR`) instead of --dataset.")] = None,
-    rounds: Annotated[int, typer.Option(help="Rounds per run.")] = 30,
-    fraction_train: Annotated[float, typer.Option(help="Share of devices that train each round (a median or trimmed mean holds every one's update: mind the memory).")] = 0.1,
-    evaluate_every: Annotated[int, typer.Option(help="Evaluation every this many rounds; the test figure is the round chosen on validation.")] = 10,
+    run_config_values: dict = None,  # type: ignore[assignment]  # the options above, by run-config key
     fractions: Annotated[str, typer.Option(help="Comma-separated shares of compromised devices (0: the clean run).")] = "0,0.01,0.05,0.1",
     defences: Annotated[str, typer.Option(help="Comma-separated defences: none, median, trimmed-mean, norm-bound.")] = "none,median,trimmed-mean,norm-bound",
     norm_bound: Annotated[Optional[float], typer.Option(help="The norm-bound defence's bound (default: --norm-quantile of the clean run's honest update norms).")] = None,
@@ -688,7 +691,8 @@ def poison(
         folder = write_population(split, out / "population")
     if target is not None and not 0 <= target < n_items:
         _fail(f"--target must be an item index in [0, {n_items}), got {target}")
-    base = {"num-server-rounds": rounds, "fraction-train": fraction_train, "evaluate-every": evaluate_every, **_run_config_overrides(run_config)}
+    rounds = run_config_values["num-server-rounds"]
+    base = {**run_config_values, **_run_config_overrides(run_config)}
     try:
         for defence in chosen:
             config = FederatedConfig.from_run_config({**base, "history-dir": str(folder.resolve()), **defence_overrides(defence, 1.0)})
@@ -724,15 +728,19 @@ def poison(
 
 
 @app.command("privacy-sweep")
+@run_config_options(
+    "num-server-rounds", "evaluate-every", "clip-norm",
+    names={"num-server-rounds": "rounds"},
+    defaults={"num-server-rounds": 40, "evaluate-every": 10, "clip-norm": 0.5},
+    notes={"num-server-rounds": "per run; epsilon counts them all", "evaluate-every": "the test figure is the round chosen on validation"},
+)
 def privacy_sweep(
     dataset: Dataset = "movielens-small",
     format: Format = None,
     rating_threshold: Threshold = None,
     noise: Annotated[str, typer.Option(help="Comma-separated DP noise multipliers z (a run without DP is added for each cohort).")] = "0.5,1,2,4",
     cohorts: Annotated[str, typer.Option(help="Comma-separated devices per round.")] = "67,335",
-    rounds: Annotated[int, typer.Option(help="Rounds per run; epsilon counts them all.")] = 40,
-    evaluate_every: Annotated[int, typer.Option(help="Evaluation every this many rounds; the test figure is the round chosen on validation.")] = 10,
-    clip_norm: Annotated[float, typer.Option(help="C: the L2 bound of every update.")] = 0.5,
+    run_config_values: dict = None,  # type: ignore[assignment]  # the options above, by run-config key
     run_config: Annotated[str, typer.Option(help="More run-config overrides, Flower style: \"strategy=fedavgm server-lr=1\".")] = "",
     seed: Seed = 0,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/privacy-sweep-<dataset>).")] = None,
@@ -768,8 +776,8 @@ def privacy_sweep(
     out.mkdir(parents=True, exist_ok=True)
     if split is not None:
         folder = write_population(split, out / "population")
-    base = {"history-dir": str(folder.resolve()), "num-server-rounds": rounds, "evaluate-every": evaluate_every, "clip-norm": clip_norm,
-            "seed": seed, **_run_config_overrides(run_config)}
+    rounds, clip_norm = run_config_values["num-server-rounds"], run_config_values["clip-norm"]
+    base = {"history-dir": str(folder.resolve()), **run_config_values, "seed": seed, **_run_config_overrides(run_config)}
     runs = sweep_runs(zs, ms)
     try:
         for m, z in runs:

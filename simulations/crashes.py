@@ -1,8 +1,10 @@
 """Crash trials: kill the device store and the server with SIGKILL at random moments, and check
 that nothing committed is lost and that a resumed run ends where an uninterrupted one does.
 
-    python -m fedpref.simulations.crashes store  --trials 200 --out results/crashes-store.json
-    python -m fedpref.simulations.crashes resume --trials 30  --out results/crashes-resume.json
+    fedpref crashes store  --trials 200 --out results/crashes-store.json
+    fedpref crashes resume --trials 30  --out results/crashes-resume.json
+
+(``python -m fedpref.simulations.crashes`` is the same; a store trial's child runs it.)
 
 **Device store** (:func:`store_kill_trials`). Each trial starts a child process that opens a
 fresh :class:`~fedpref.client.store.EventStore` file and writes events in batches of 1..20

@@ -58,3 +58,33 @@ def test_the_cosine_schedule_runs_from_one_to_its_end():
 def test_a_schedule_end_outside_0_1_is_refused(key, value):
     with pytest.raises(RunConfigError, match=rf"'{key}'.*must lie in \(0, 1\]"):
         FederatedConfig.from_run_config({key: value})
+
+
+def test_a_run_config_is_parsed_once_into_a_frozen_config():
+    import dataclasses
+
+    run_config = {"clip-norm": 0.5, "secagg": False, "run-name": "a"}
+    config = FederatedConfig.from_run_config(run_config)
+    assert FederatedConfig.from_run_config(dict(reversed(run_config.items()))) is config  # a message's handlers share one parse
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.clip_norm = 100.0  # type: ignore[misc]
+    assert FederatedConfig.from_run_config(run_config).clip_norm == 0.5
+    # Equal values of other types read differently as text: they are not mistaken for each other.
+    assert FederatedConfig.from_run_config({"run-name": 1}).run_name == "1"
+    assert FederatedConfig.from_run_config({"run-name": 1.0}).run_name == "1.0"
+    # A value that cannot be a cache key is still parsed, and refused as before.
+    with pytest.raises(RunConfigError, match="must be a float"):
+        FederatedConfig.from_run_config({"clip-norm": [1.0]})
+
+
+def test_each_key_is_declared_once_with_its_type_default_and_help():
+    import dataclasses
+
+    from fedpref.models.federation import RUN_CONFIG_HELP, RUN_CONFIG_TYPES
+
+    fields = dataclasses.fields(FederatedConfig)
+    assert [f.name.replace("_", "-") for f in fields] == list(RUN_CONFIG_DEFAULTS) == list(RUN_CONFIG_HELP) == list(RUN_CONFIG_TYPES)
+    for key, default in RUN_CONFIG_DEFAULTS.items():
+        assert type(default) is RUN_CONFIG_TYPES[key], key
+        assert RUN_CONFIG_HELP[key].strip(), key
+    assert FederatedConfig.from_run_config({}).to_run_config() == RUN_CONFIG_DEFAULTS

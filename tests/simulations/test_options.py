@@ -14,7 +14,7 @@ def _app(**kwargs):
 
     @app.command()
     @run_config_options("num-server-rounds", "clip-norm", "secagg", "strategy", **kwargs)
-    def command(name: str = "x", run_config_values: dict = None, after: int = 0) -> None:  # type: ignore[assignment]
+    def command(name: str = "x", run_config_values: dict = None, after: int = 0) -> None:  # type: ignore[assignment]  # noqa: RUF013
         seen.update(name=name, values=run_config_values, after=after)
 
     return app, seen
@@ -51,5 +51,5 @@ def test_only_schema_keys_can_be_offered():
 
 def _app_with(key):
     @run_config_options(key)
-    def command(run_config_values: dict = None) -> None:  # type: ignore[assignment]
+    def command(run_config_values: dict = None) -> None:  # type: ignore[assignment]  # noqa: RUF013
         pass

@@ -1,4 +1,4 @@
-"""Ranking metrics of the evaluation protocol (DESIGN.md, "one ruler").
+"""Ranking metrics of the evaluation protocol (docs/design.md).
 
 Ranks are 0-based: rank 0 means the held-out item scored above every candidate.
 Ties are broken uniformly at random (seeded), so a model that gives every item the

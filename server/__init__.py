@@ -1,1 +1,1 @@
-"""The aggregation server: Flower ServerApp and strategy, DP and secure aggregation, run store, publishing, operator API (see DESIGN.md)."""
+"""The aggregation server: Flower ServerApp and strategy, DP and secure aggregation, run store, publishing, operator API (see docs/design.md)."""

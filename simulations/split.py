@@ -1,4 +1,4 @@
-"""Temporal leave-one-out split with fixed sampled negatives (DESIGN.md, evaluation protocol).
+"""Temporal leave-one-out split with fixed sampled negatives (docs/design.md, the evaluation protocol).
 
 Per user, interactions are ordered by time (ties by item id; a seeded random order when the
 data has no timestamps). The latest is the test item, the one before it the validation
@@ -76,7 +76,7 @@ class LeaveOneOutSplit:
 
 
 def leave_one_out(interactions: Interactions, *, n_negatives: int = 99, seed: int = 0) -> LeaveOneOutSplit:
-    """Split ``interactions`` by the protocol of DESIGN.md (see module docstring)."""
+    """Split ``interactions`` by the protocol of docs/design.md (see module docstring)."""
     if n_negatives < 1:
         raise SplitError(f"n_negatives must be at least 1, got {n_negatives}")
     rng = np.random.default_rng(seed)

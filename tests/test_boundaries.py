@@ -1,4 +1,4 @@
-"""The folder roles of DESIGN.md: who may import whom.
+"""The folder roles of docs/design.md: who may import whom.
 
 models imports neither client, server nor simulations; client and server never import each
 other (what they share is the model contract and Flower's messages); only simulations sees

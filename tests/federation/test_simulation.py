@@ -1,8 +1,8 @@
 """End to end through Flower's real Simulation Engine (Ray): a small synthetic population.
 
 One simulation (20 devices, 3 rounds) is run per module and every exchange between server
-and devices is recorded, so that DESIGN.md's invariants 1 and 2 are checked on what the
-devices actually sent.
+and devices is recorded, so that privacy invariants 1 and 2 of docs/design.md are checked on
+what the devices actually sent.
 """
 
 import warnings

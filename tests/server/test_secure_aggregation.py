@@ -307,7 +307,7 @@ def test_a_device_shifting_its_masked_vector_has_the_sum_refused_and_cannot_move
     initial = config.model_spec.build(1, 150, seed=config.seed).get_shared()
     cohort, levels = 10, 2**22
     if attack.startswith("2**30"):
-        offsets = [2**30] * 3  # the reviewer's: the weight and both arrays
+        offsets = [2**30] * 3  # the weight and both arrays
     else:
         # s steps on every coordinate move the sum by s 2C / 2**22 each, the average of 10
         # by a tenth of that: an L2 move of 2C over d coordinates needs s = 2**22 * 10 / sqrt(d).

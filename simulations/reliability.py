@@ -124,7 +124,7 @@ def secagg_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | N
 
 def straggler_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
     """Flower's Simulation Engine, real clock: stragglers sleep, the server stops at round-timeout."""
-    from fedpref.client.app import straggles
+    from fedpref.simulations.device import straggles
 
     from .federated import backend_config, run_flower_simulation
 

@@ -96,7 +96,7 @@ class DeviceProvider(Protocol):
         """Called when a training reply is ready, before it is sent."""
 
 
-def _round_of(msg: Message) -> int:
+def round_of(msg: Message) -> int:
     """The server round a message belongs to (Flower's workflows put it in the group id)."""
     config = msg.content.config_records.get("config")
     if config is not None and "server-round" in config:
@@ -119,7 +119,7 @@ def _secure_aggregation(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-def _shared_of(config: FederatedConfig, arrays: dict[str, np.ndarray]) -> Params:
+def shared_of(config: FederatedConfig, arrays: dict[str, np.ndarray]) -> Params:
     return {name: arrays[name] for name in config.model_spec.build(1, 2, init=False).shared_names}
 
 
@@ -201,7 +201,7 @@ class DeviceApp:
         if reply is None:  # the handler failed: Flower sends an error reply with the exception's type
             reply = Message(Error(code=0, reason=failure or ""), reply_to=msg)
         entry = describe_message(reply, time=time.time(), server=_server_of(context), details=details)
-        entry["round"] = _round_of(msg)
+        entry["round"] = round_of(msg)
         if failure is not None:
             entry["message"] = "error"
         device.log_sent(entry)
@@ -281,7 +281,7 @@ class DeviceApp:
             norm, clipped = float(np.sqrt(sent[names[0]].sum())), False
         else:
             server_round = int(task.config.get("server-round", 1))
-            update, _ = self._local_round(context, config, _shared_of(config, arrays), server_round)
+            update, _ = self._local_round(context, config, shared_of(config, arrays), server_round)
             sent, norm, clipped = clip_update(update, config.clip_norm)
             z, bound = config.dp_noise_multiplier, config.clip_norm
         noise_std = 0.0
@@ -312,7 +312,7 @@ class DeviceApp:
         if config.secagg:
             raise PermissionError("this run uses secure aggregation: the device sends no update outside the SecAgg+ protocol")
         arrays = msg.content["arrays"]
-        shared = _shared_of(config, {name: arrays[name].numpy() for name in arrays})
+        shared = shared_of(config, {name: arrays[name].numpy() for name in arrays})
         server_round = int(msg.content["config"].get("server-round", 1))
         update, metrics = self._local_round(context, config, shared, server_round)
         bound = config.clip_norm
@@ -370,4 +370,4 @@ def make_app(provider: DeviceProvider | None = None, train_mods: list | tuple = 
 app = make_app()  # a real device's ClientApp (node config ``store``)
 
 
-__all__ = ["DECLINED", "DeviceApp", "DeviceProvider", "NoStore", "app", "device_index", "make_app"]
+__all__ = ["DECLINED", "DeviceApp", "DeviceProvider", "NoStore", "app", "device_index", "make_app", "round_of", "shared_of"]

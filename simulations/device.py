@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message
 
-from fedpref.client.app import DECLINED, _round_of, _shared_of, device_index, make_app
+from fedpref.client.app import DECLINED, round_of, shared_of, device_index, make_app
 from fedpref.client.device import initial_private, local_round, refit_private
 from fedpref.models.availability import AvailabilityPattern
 from fedpref.models.contract import Params
@@ -75,7 +75,7 @@ def availability_mod(msg: Message, context: Context, call_next) -> Message:
     device whose node config names a store follows its own eligibility policy instead)."""
     if "store" not in context.node_config:
         config = FederatedConfig.from_run_config(context.run_config)
-        server_round = _round_of(msg)
+        server_round = round_of(msg)
         if not AvailabilityPattern.parse(config.availability).available(config.seed, device_index(context), server_round):
             reason = f"not available in round {server_round} (simulated availability '{config.availability}')"
             return Message(Error(code=DECLINED, reason=f"declined: {reason}"), reply_to=msg)
@@ -147,7 +147,7 @@ class SimulatedDevices:
         torch.set_num_threads(1)  # one device per CPU slot; Ray gives each actor its own
         arrays = msg.content["arrays"]
         history = load_history(config.history_dir, device_index(context))
-        shared = _shared_of(config, {name: arrays[name].numpy() for name in arrays})
+        shared = shared_of(config, {name: arrays[name].numpy() for name in arrays})
         server_round = int(msg.content["config"].get("server-round", 0))
         rng = stream_rng(config.seed, history.user, server_round, Stream.EVALUATE)
         private = _private(context, config, history.user)

@@ -33,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from _results import write_results
@@ -41,6 +40,7 @@ from _results import write_results
 from fedpref.client.device import initial_private, local_round
 from fedpref.models.federation import FederatedConfig
 from fedpref.models.train import init_params
+from fedpref.models.wire import Stream, stream_rng
 from fedpref.simulations.compiled import LOSS_KINDS, device_round
 from fedpref.simulations.data.movielens import load_movielens_small
 from fedpref.simulations.fast import Population, run_fast
@@ -66,11 +66,11 @@ def local_training(folder: str, config: FederatedConfig) -> dict:
         items = pop.train_items(user)
         private = initial_private(config.model_spec, 0, user)
         start = time.perf_counter()
-        local_round(config, shared, private, items, pop.n_items, np.random.default_rng([0, user, 1, 1]), 1)
+        local_round(config, shared, private, items, pop.n_items, stream_rng(0, user, 1, Stream.TRAIN), 1)
         torch_times.append(time.perf_counter() - start)
-        device_round(np.random.default_rng([0, user, 1, 1]), items, q, bq, private["user_embedding.weight"][0], 1, 0.1, 1, 0.1, 64, 20, 0.01, 0)  # warm
+        device_round(stream_rng(0, user, 1, Stream.TRAIN), items, q, bq, private["user_embedding.weight"][0], 1, 0.1, 1, 0.1, 64, 20, 0.01, 0)  # warm
         start = time.perf_counter()
-        device_round(np.random.default_rng([0, user, 1, 1]), items, q, bq, private["user_embedding.weight"][0], config.private_epochs,
+        device_round(stream_rng(0, user, 1, Stream.TRAIN), items, q, bq, private["user_embedding.weight"][0], config.private_epochs,
                      config.train_config().lr, config.local_epochs, config.train_config(1).lr, config.batch_size, config.num_negatives, config.l2, LOSS_KINDS[config.loss])
         compiled_times.append(time.perf_counter() - start)
         sizes.append(len(items))

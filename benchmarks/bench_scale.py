@@ -87,6 +87,7 @@ def aggregation(folder: Path, cohorts: list[int], flower_memory_gb: float) -> li
     from fedpref.client.device import initial_privates
     from fedpref.models.federation import FederatedConfig
     from fedpref.models.train import init_params
+    from fedpref.models.wire import Stream, stream_rng
     from fedpref.simulations.compiled import LOSS_KINDS, device_round
     from fedpref.simulations.fast import Population, _clip_and_add
 
@@ -100,7 +101,7 @@ def aggregation(folder: Path, cohorts: list[int], flower_memory_gb: float) -> li
     private = initial_privates(config.model_spec, 0, users)
     updates = []
     for k, user in enumerate(users):
-        p, rows, item_rows, bias_rows, loss, ok = device_round(np.random.default_rng([0, int(user), 1, 1]), pop.train_items(int(user)), q, bq, private[k],
+        p, rows, item_rows, bias_rows, loss, ok = device_round(stream_rng(0, int(user), 1, Stream.TRAIN), pop.train_items(int(user)), q, bq, private[k],
                                                                2, 0.3, 3, 0.3, 64, 20, 0.01, LOSS_KINDS["softmax"])
         updates.append((rows, item_rows, bias_rows))
     dense_bytes = q.nbytes + bq.nbytes  # one reply's float32 weights

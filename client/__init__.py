@@ -2,14 +2,13 @@
 
 from .consent import Consent, Level
 from .device import Device, NoModelError
-from .eligibility import ALWAYS, AvailabilityPattern, Conditions, EligibilityPolicy
+from .eligibility import ALWAYS, Conditions, EligibilityPolicy
 from .inputs import InvalidInput
 from .ledger import PrivacyReport
 from .store import EventStore, Retention, StoreError
 
 __all__ = [
     "ALWAYS",
-    "AvailabilityPattern",
     "Conditions",
     "Consent",
     "Device",

@@ -4,9 +4,6 @@ A policy the app supplies decides from the conditions the app last reported. The
 modelled on production federated learning (Bonawitz et al., 2019, "Towards federated learning
 at scale"): train only while charging, on an unmetered network and idle, and only on
 conditions reported within the last 15 minutes.
-
-In simulations each virtual device can be given an availability pattern instead
-(run-config ``availability``: :class:`fedpref.models.availability.AvailabilityPattern`).
 """
 
 from __future__ import annotations
@@ -14,9 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from fedpref.models.availability import AvailabilityPattern
-
-__all__ = ["ALWAYS", "AvailabilityPattern", "Conditions", "EligibilityPolicy"]
+__all__ = ["ALWAYS", "Conditions", "EligibilityPolicy"]
 
 
 @dataclass(frozen=True)

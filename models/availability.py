@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
+from .wire import Stream, stream_rng
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class AvailabilityPattern:
         if self.kind == "always":
             return True
         if self.kind == "random":
-            return bool(np.random.default_rng([seed, device, server_round, 6]).random() < self.probability)
-        offset = int(np.random.default_rng([seed, device, 7]).integers(24))
+            return bool(stream_rng(seed, device, server_round, Stream.AVAILABILITY).random() < self.probability)
+        offset = int(stream_rng(seed, device, None, Stream.TIME_ZONE).integers(24))
         hour = (server_round + offset) % 24
         start, end = self.night
         return hour >= start or hour < end

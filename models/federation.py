@@ -27,16 +27,8 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 WEIGHTINGS = ("examples", "equal")  # how devices weigh in the average (run-config weighting)
 
-# Keys of a secure round's training task (server.secure writes them, client.app reads them):
-SECAGG_ARRAY_NAMES = "secagg-array-names"  # the order of the shared arrays in the legacy task
-SECAGG_COHORT = "secagg-cohort"  # m, for each device's share of distributed noise
-TASK = "task"  # a secure round's task: absent for training, POPULARITY_TASK for the histogram
-POPULARITY_TASK = "popularity"
-# A reply that stands for several devices' replies (the fast engine's, fedpref.simulations.fast):
-# its arrays and metrics are their weighted average, its "num-examples" their summed weight, and
-# this ConfigRecord says how many devices it covers ("devices"), how many of those asked did
-# not reply ("dropped") and, with adaptive clipping, how many sent the norm bit ("norm-bits").
-PARTIAL_AGGREGATE = "partial-aggregate"
+# The wire's keys, re-exported: they are declared in fedpref.models.wire.
+from .wire import PARTIAL_AGGREGATE, POPULARITY_TASK, SECAGG_ARRAY_NAMES, SECAGG_COHORT, TASK  # noqa: F401
 
 def cosine_factor(server_round: int, num_rounds: int, end: float) -> float:
     """The step-size factor of ``server_round`` (1-based): 1 at round 1, ``end`` at round

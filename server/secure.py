@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat
@@ -74,6 +74,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fedpref.models.federation import SECAGG_ARRAY_NAMES, SECAGG_COHORT, FederatedConfig, RunConfigError
+from fedpref.models.wire import aggregate_content
 
 log = logging.getLogger("fedpref.secagg")
 
@@ -505,7 +506,7 @@ class SecureAggregationGrid:
         model = ArrayRecord({name: Array((c.astype(np.float64) + average[name]).astype(c.dtype)) for name, c in current.items()})
         by_node = {m.metadata.dst_node_id: m for m in messages}
         return [
-            Message(RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": 1})}), reply_to=by_node[node])
+            Message(aggregate_content(model), reply_to=by_node[node])
             for node in contributors
         ]
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpref.client.history import load_history
+from fedpref.simulations.history import load_history
 from fedpref.models.federation import FederatedConfig
 
 from .inprocess import NODE_ID_BASE, run_inprocess

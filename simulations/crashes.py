@@ -324,7 +324,7 @@ from fedpref.models.federation import FederatedConfig
 from fedpref.server.app import add_round_callback
 from fedpref.simulations.inprocess import run_inprocess
 # Imported here, so that the kill clock (from START) runs over the rounds, not over imports:
-import fedpref.client.app
+import fedpref.simulations.device
 import sqlalchemy.dialects.sqlite  # the run store's dialect, loaded on first use
 import torch._dynamo  # torch.optim imports it when the first optimiser is made (over a second)
 

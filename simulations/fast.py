@@ -41,20 +41,22 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpref.client.app import DECLINED, answers_late, drops_out
+from fedpref.client.app import DECLINED
 from fedpref.client.device import initial_privates, local_round
 from fedpref.client.guard import encode_update
 from fedpref.models.availability import AvailabilityPattern
+from fedpref.simulations.device import answers_late, drops_out
 from fedpref.simulations.inprocess import NODE_ID_BASE, reply_from
 from fedpref.simulations.compiled import LOSS_KINDS, device_evaluate, device_round, unsupported
-from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError
-from fedpref.models.metrics import ndcg
+from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.models.wire import (Stream, evaluation_content, evaluation_metrics, partial_training_metrics, stream_rng,
+                                  training_content, training_metrics)
 from fedpref.models.files import open_private, private_folder
 from fedpref.models.train import LocalData
 
@@ -298,22 +300,8 @@ class FastGrid(Grid):
         # What the devices' float32 weights average to (Flower's FedAvg averages weights).
         summed = {name: sum(a[name].astype(np.float64) for a in accumulators) / total for name in shared}
         average = {name: (shared[name].astype(np.float64) + summed[name]).astype(shared[name].dtype) for name in shared}
-        if config.dp:
-            metrics = {"num-examples": contributing}
-            if config.dp_clipping == "adaptive":
-                metrics[KEY_NORM_BIT] = float((~out.clipped[ok]).sum()) / contributing
-        else:
-            share = weights / total
-            metrics = {
-                "num-examples": int(total),
-                "train-loss": float(share @ out.loss[ok]),
-                "update-norm": float(share @ out.norm[ok]),
-                "clipped": float(share @ out.clipped[ok].astype(np.float64)),
-            }
-        partial = {"devices": contributing, "dropped": dropped, "weight": total}
-        if config.dp and config.dp_clipping == "adaptive":
-            partial["norm-bits"] = int((~out.clipped[ok]).sum())
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in average.items()}), "metrics": MetricRecord(metrics), PARTIAL_AGGREGATE: ConfigRecord(partial)})
+        metrics, partial = partial_training_metrics(config, weights, out.examples[ok], out.loss[ok], out.norm[ok], out.clipped[ok], dropped)
+        content = training_content(average, metrics, partial)
         self.timings.append({"round": server_round, "devices": len(group), "train_seconds": trained - started, "seconds": time.perf_counter() - started})
         return self._reply(group[0], content)
 
@@ -333,12 +321,8 @@ class FastGrid(Grid):
                 continue
             kept = out.kept[k]
             weights = {name: (shared[name].astype(np.float64) + kept[name].reshape(shared[name].shape)).astype(shared[name].dtype) for name in shared}
-            if config.dp:
-                metrics = {"num-examples": 1}
-            else:
-                metrics = {"num-examples": int(out.examples[k]), "train-loss": float(out.loss[k]),
-                           "update-norm": float(out.norm[k]), "clipped": float(out.clipped[k])}
-            replies.append(self._reply(msg, RecordDict({"arrays": ArrayRecord({n: Array(v) for n, v in weights.items()}), "metrics": MetricRecord(metrics)})))
+            metrics = training_metrics(config, examples=int(out.examples[k]), loss=float(out.loss[k]), norm=float(out.norm[k]), clipped=bool(out.clipped[k]))
+            replies.append(self._reply(msg, training_content(weights, metrics)))
         return replies
 
     def _compiled_worker(self, batches, training, private, shared, server_round, bound, out) -> dict[str, np.ndarray]:
@@ -355,7 +339,7 @@ class FastGrid(Grid):
         for k in batches():
             user = int(training[k])
             items = self.population.train_items(user)
-            rng = np.random.default_rng([config.seed, user, server_round, 1])
+            rng = stream_rng(config.seed, user, server_round, Stream.TRAIN)
             p, rows, item_rows, bias_rows, loss, ok = device_round(
                 rng, items, q, bq, private[k], config.private_epochs, refit_lr, config.local_epochs, lr,
                 config.batch_size, config.num_negatives, config.l2, LOSS_KINDS[config.loss])
@@ -386,7 +370,7 @@ class FastGrid(Grid):
         for k in batches():
             user = int(training[k])
             items = self.population.train_items(user)
-            rng = np.random.default_rng([config.seed, user, server_round, 1])
+            rng = stream_rng(config.seed, user, server_round, Stream.TRAIN)
             try:
                 update, new_private, metrics = local_round(config, shared, self.private.as_params(private[k]), items, self.population.n_items, rng, server_round)
             except FloatingPointError:
@@ -439,7 +423,7 @@ class FastGrid(Grid):
                 for k in range(start, min(start + 32, len(users))):
                     user = int(users[k])
                     items = pop.train_items(user)
-                    rng = np.random.default_rng([config.seed, user, server_round, 2])
+                    rng = stream_rng(config.seed, user, server_round, Stream.EVALUATE)
                     negatives = np.asarray(pop.negatives[user], dtype=np.int64)
                     if self.compiled:
                         p, r, good = device_evaluate(rng, items, q, bq, private[k], config.personalize_epochs, lr, config.batch_size,
@@ -456,16 +440,8 @@ class FastGrid(Grid):
             self.private.set(users[ok], new_private[ok])
         if not ok.any():
             return self._error(group[0], f"no device could evaluate in round {server_round}")
-        k = config.k
-        good = ranks[ok]
-        metrics: dict[str, float | int] = {"num-examples": int(ok.sum())}
-        for col, which in ((0, "val"), (2, "test")):
-            metrics[f"{which}-hr"] = float(np.mean(good[:, col] < k))
-            metrics[f"{which}-ndcg"] = ndcg(good[:, col], k)
-            metrics[f"{which}-full-hr"] = float(np.mean(good[:, col + 1] < k))
-            metrics[f"{which}-full-ndcg"] = ndcg(good[:, col + 1], k)
         partial = {"devices": int(ok.sum()), "dropped": int((~ok).sum()), "weight": float(ok.sum())}
-        return self._reply(group[0], RecordDict({"metrics": MetricRecord(metrics), PARTIAL_AGGREGATE: ConfigRecord(partial)}))
+        return self._reply(group[0], evaluation_content(evaluation_metrics(ranks[ok], config.k), partial))
 
     # -- replies --------------------------------------------------------------------
     def _reply(self, msg: Message, content: RecordDict) -> Message:
@@ -493,9 +469,9 @@ def _evaluate_locally(config, shared, vectors, private, items, pop, user, rng):
     """Evaluation for a model the compiled evaluation does not cover (NeuMF): the ClientApp's own."""
     import torch
 
-    from fedpref.client.app import rank_locally
+    from fedpref.simulations.device import rank_locally
     from fedpref.client.device import refit_private
-    from fedpref.client.history import DeviceHistory
+    from fedpref.simulations.history import DeviceHistory
 
     params = vectors.as_params(private)
     if config.personalize_epochs > 0 and len(items):

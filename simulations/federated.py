@@ -36,7 +36,7 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
 
-    from fedpref.client.app import app as honest_app
+    from fedpref.simulations.device import app as honest_app
     from fedpref.server.app import app as server_app
 
     client_app = client_app or honest_app
@@ -46,7 +46,7 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
     run_config = config.to_run_config()
     with tempfile.TemporaryDirectory(prefix="fedpref-app-") as app_dir:
         lines = ["[project]", 'name = "fedpref-simulation"', 'version = "0.0.0"', "", "[tool.flwr.app]", 'publisher = "fedpref"', "", "[tool.flwr.app.components]",
-                 'serverapp = "fedpref.server.app:app"', 'clientapp = "fedpref.client.app:app"', "", "[tool.flwr.app.config]"]
+                 'serverapp = "fedpref.server.app:app"', 'clientapp = "fedpref.simulations.device:app"', "", "[tool.flwr.app.config]"]
         lines += [f"{key} = {json.dumps(value)}" for key, value in run_config.items()]
         Path(app_dir, "pyproject.toml").write_text("\n".join(lines) + "\n")
         server_context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))

@@ -15,7 +15,7 @@ unordered, never stop.
 
 :data:`app` is a ClientApp for Flower's Simulation Engine that plays one hostile device among
 honest ones: device :data:`HOSTILE_DEVICE` runs the honest ClientApp
-(``fedpref.client.app``) and then malforms its replies as :data:`SCRIPT` says for each round.
+(``fedpref.simulations.device``) and then malforms its replies as :data:`SCRIPT` says for each round.
 The hostile behaviour lives here, in the simulations: the device's own code never knows it is
 simulated.
 """
@@ -391,7 +391,7 @@ def _round(msg: Message) -> int:
 
 
 def _honest(msg: Message, context: Context) -> Message:
-    from fedpref.client.app import app as honest_app
+    from fedpref.simulations.device import app as honest_app
 
     return honest_app(msg, context)
 

@@ -25,7 +25,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpref.client.app import SIMULATED_CLOCK, answers_late
+from fedpref.simulations.device import SIMULATED_CLOCK, answers_late
 from fedpref.models.federation import FederatedConfig, RunConfigError
 
 
@@ -133,7 +133,7 @@ def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=No
     """Run ``config`` on ``n_devices`` in-process devices; returns the server's rounds.json.
     ``before_delivery(message, device_index)`` is called before each message is delivered.
     ``grid``: another grid to run the server on (one that wraps an ``InProcessGrid``)."""
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
     from fedpref.server.app import main as server_main
 
     if not config.results_dir:

@@ -49,12 +49,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpref.client.guard import encode_update
-from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, RunConfigError
+from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.models.wire import PARTIAL_AGGREGATE, Stream, stream_rng, training_content, training_metrics
 
 from .inprocess import NODE_ID_BASE, reply_from
 
@@ -158,7 +159,7 @@ class TargetBoost:
     def update(self, shared: Mapping[str, np.ndarray], bound: float, attacker: int, server_round: int) -> tuple[dict, dict]:
         """The arrays a compromised device sends (``global + update`` in the shared dtype, the
         update within ``bound``) and its metrics."""
-        rng = np.random.default_rng([self.seed, attacker, server_round, 0xB0057])
+        rng = stream_rng(self.seed, attacker, server_round, Stream.ATTACK)
         q = np.asarray(shared["item_embedding.weight"], dtype=np.float64)
         b = np.asarray(shared["item_bias.weight"], dtype=np.float64).reshape(-1)
         users, loss = self.fake_users(q, b, rng)
@@ -171,12 +172,8 @@ class TargetBoost:
         update["item_embedding.weight"][self.target] = (size * direction[:-1]).astype(update["item_embedding.weight"].dtype)
         update["item_bias.weight"][self.target, 0] = size * direction[-1]
         sent, norm, clipped = encode_update(dict(shared), update, bound)
-        if self.config.dp:
-            metrics: dict = {"num-examples": 1}
-            if self.config.dp_clipping == "adaptive":
-                metrics[KEY_NORM_BIT] = int(not clipped)
-        else:
-            metrics = {"num-examples": self.num_examples, "train-loss": loss, "update-norm": float(norm), "clipped": float(clipped)}
+        # What an honest device would report of such an update (fedpref.models.wire).
+        metrics = training_metrics(self.config, examples=self.num_examples, loss=loss, norm=float(norm), clipped=bool(clipped))
         return sent, metrics
 
 
@@ -277,7 +274,7 @@ class PoisonGrid(Grid):
             bound = float(config[KEY_CLIPPING_NORM])
         sent, metrics = self.attack.update(shared, bound, user, server_round)
         self.crafted[server_round] = self.crafted.get(server_round, 0) + 1
-        return reply_from(msg, RecordDict({"arrays": ArrayRecord({name: Array(np.asarray(v)) for name, v in sent.items()}), "metrics": MetricRecord(metrics)}))
+        return reply_from(msg, training_content(sent, metrics))
 
     def _error(self, msg: Message, reason: str) -> Message:
         return reply_from(msg, Error(code=ATTACK_ERROR, reason=reason))
@@ -315,7 +312,7 @@ class PoisonGrid(Grid):
                 values[fresh] = initial_privates(spec, self.config.seed, fresh)
             return values
         if hasattr(inner, "device_states"):  # the in-process engine: each device's context.state
-            from fedpref.client.app import PRIVATE_KEY
+            from fedpref.simulations.device import PRIVATE_KEY
 
             states = inner.device_states()
             n = len(states)
@@ -370,7 +367,7 @@ def target_exposure(final_arrays: Mapping[str, np.ndarray], population_folder: s
     refit = np.empty_like(start)
     for k, user in enumerate(users):
         items = pop.train_items(user)
-        rng = np.random.default_rng([config.seed, user, stream_round, 2])  # federated evaluation's generator
+        rng = stream_rng(config.seed, user, stream_round, Stream.EVALUATE)  # federated evaluation's generator
         if epochs < 1 or not len(items):
             refit[k] = start[k]
         elif compiled:
@@ -503,7 +500,7 @@ def _attack_key(fraction, defence, target, seed, norm_bound, silent_fraction, at
 
 
 def _inprocess_grid(config: FederatedConfig, n_users: int, compromised, attack, silent, record_norms) -> PoisonGrid:
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
 
     from .inprocess import InProcessGrid
 

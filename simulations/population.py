@@ -1,6 +1,6 @@
 """Hand every user's history to one virtual device: write a split as a population folder.
 
-The folder is what ``fedpref.client.history`` reads (each device its own row, memory-mapped),
+The folder is what ``fedpref.simulations.history`` reads (each device its own row, memory-mapped),
 and what the server reads the catalogue size from (``meta.json``).
 """
 
@@ -66,7 +66,7 @@ def write_device_stores(population: str | Path, out: str | Path, *, consent: str
     import time
 
     from fedpref.client.device import Device
-    from fedpref.client.history import load_history, population_size
+    from fedpref.simulations.history import load_history, population_size
 
     from .progress import progress_bar
 

@@ -124,7 +124,7 @@ def secagg_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | N
 
 def straggler_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
     """Flower's Simulation Engine, real clock: stragglers sleep, the server stops at round-timeout."""
-    from fedpref.client.app import straggles
+    from fedpref.simulations.device import straggles
 
     from .federated import backend_config, run_flower_simulation
 
@@ -159,11 +159,11 @@ def straggler_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] 
 def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
     """Every kind of malformed reply, ``trials`` each: rejected by the server's checks, and the
     round's aggregate equal to the honest replies' alone."""
-    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedpref.client.guard import encode_update
+    from fedpref.models.wire import training_content, training_metrics
     from fedpref.server.app import make_strategy
     from fedpref.server.validation import check_train_reply, default_max_bytes, examples_bound, train_metric_keys
 
@@ -180,8 +180,8 @@ def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int =
         scale = float(rng.choice([0.01, 0.1, 1.0, 10.0]))
         update = {k: rng.normal(0, scale, a.shape).astype(np.float32) * (rng.random(a.shape[0]) < 0.1)[:, None] for k, a in sent.items()}
         weights, norm, clipped = encode_update(sent, update, bound)
-        metrics = {"num-examples": int(rng.integers(1, max_examples + 1)), "train-loss": float(rng.random()), "update-norm": norm, "clipped": float(clipped)}
-        return reply_message(node, RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}), "metrics": MetricRecord(metrics)}))
+        metrics = training_metrics(config, examples=int(rng.integers(1, max_examples + 1)), loss=float(rng.random()), norm=norm, clipped=bool(clipped))
+        return reply_message(node, training_content(weights, metrics))
 
     def aggregate(replies):
         seen = {}

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_pyproject_defaults_are_the_code_defaults():
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["config"] == RUN_CONFIG_DEFAULTS
-    assert flwr["components"] == {"serverapp": "fedpref.server.app:app", "clientapp": "fedpref.client.app:app"}
+    assert flwr["components"] == {"serverapp": "fedpref.server.app:app", "clientapp": "fedpref.simulations.device:app"}
 
 
 def test_unknown_keys_are_an_error_that_lists_the_known_ones():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedpref.client.app import straggles
+from fedpref.simulations.device import straggles
 from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.simulations.fast import run_fast
 from fedpref.simulations.inprocess import run_inprocess
@@ -134,7 +134,7 @@ def _run_without_device_0(population, out, n_devices, **overrides):
     sample) the devices alike."""
     from flwr.app import Error
 
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
     from fedpref.simulations import hostile
     from fedpref.simulations.inprocess import InProcessGrid
 
@@ -267,7 +267,7 @@ def test_a_device_whose_replies_used_to_stop_the_server_leaves_the_run_to_comple
     (KeyError, or a million dropouts recorded), a key that is not a number (ValueError before
     round 1), a float16 update of another shape (NumPy's broadcast error). Now the run completes,
     the reply is rejected and counted, and nothing else changes."""
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
     from fedpref.server.runstore import RunStore
     from fedpref.simulations.inprocess import InProcessGrid
 

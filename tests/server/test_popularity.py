@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedpref.client.history import load_history
+from fedpref.simulations.history import load_history
 from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.server.analytics import popularity_mechanism
 from fedpref.server.privacy import DpMechanism
@@ -164,7 +164,7 @@ def test_a_device_counting_what_the_cohort_cannot_hold_has_the_histogram_refused
     from flwr.common import bytes_to_ndarray, ndarray_to_bytes
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
     from fedpref.simulations.inprocess import InProcessGrid
 
     n, max_items, step = N_DEVICES, 5, 2 * np.sqrt(5) / 2**22

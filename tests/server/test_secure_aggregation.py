@@ -9,8 +9,8 @@ import pytest
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from fedpref.client.app import drops_out
-from fedpref.client.history import load_history
+from fedpref.simulations.device import drops_out
+from fedpref.simulations.history import load_history
 from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.server import app as server_app
 from fedpref.server.privacy import DpMechanism, PrivacyLedger
@@ -206,7 +206,7 @@ def test_in_a_secure_run_a_device_refuses_to_send_an_update_in_the_clear(populat
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     config = config_for(population, tmp_path)
@@ -224,7 +224,7 @@ def one_hostile_device(key, tamper):
     """fedpref's ClientApp, except that the first device to put ``key`` in a SecAgg+ reply
     (once in the run) sends ``tamper(value)`` in its place: what a device running its own code
     can send. ``app.hostile`` holds that device's node id."""
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
 
     hostile = []
 

@@ -355,7 +355,7 @@ def test_in_a_run_a_hostile_devices_replies_count_as_rejected_and_change_nothing
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
     from fedpref.server.app import main as server_main
     from fedpref.simulations.inprocess import InProcessGrid
 

@@ -105,9 +105,9 @@ def test_what_the_compiled_trainer_covers():
 
 def test_the_compiled_evaluation_ranks_as_the_device_does(synthetic_population, tmp_path):
     """device_evaluate against the ClientApp's own refit and rank_locally."""
-    from fedpref.client.app import rank_locally
+    from fedpref.simulations.device import rank_locally
     from fedpref.client.device import refit_private
-    from fedpref.client.history import load_history
+    from fedpref.simulations.history import load_history
 
     folder = synthetic_population(tmp_path, 12, 300, 30, 3)
     config = FederatedConfig.from_run_config({"history-dir": str(folder), "dim": 16})
@@ -258,7 +258,7 @@ def test_a_device_that_sends_a_partial_aggregate_is_rejected(population, tmp_pat
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpref.client.app import app as client_app
+    from fedpref.simulations.device import app as client_app
     from fedpref.models.federation import PARTIAL_AGGREGATE
     from fedpref.server.app import main as server_main
     from fedpref.simulations.inprocess import InProcessGrid

@@ -1,4 +1,4 @@
-"""A simulated device's own history, read from a population folder.
+"""A simulated device's own history, read from a population folder (what :mod:`fedpref.simulations.device` plays).
 
 In a simulation the ``simulations`` package writes every user's split once, as memory-mapped
 NumPy files (see ``fedpref.simulations.population``); each virtual device opens the folder

@@ -21,8 +21,9 @@ step, whose sensitivity is not C / m).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from logging import INFO, WARNING
 
 import numpy as np
@@ -410,9 +411,9 @@ class FedprefFedYogi(FedprefStrategy, FedYogi, CohortsAndAverage):
         self.eta = step
 
 
-STRATEGIES: dict[str, type[FedprefStrategy]] = {
+STRATEGIES: Mapping[str, type[FedprefStrategy]] = MappingProxyType({
     "fedavg": FedprefFedAvg, "fedavgm": FedprefFedAvgM, "fedadam": FedprefFedAdam, "fedyogi": FedprefFedYogi,
-}
+})
 
 
 def make_strategy(

@@ -124,3 +124,22 @@ def test_the_checks_find_what_they_look_for():
             test_no_server_module_assigns_to_anything_of_flower(tmp)
         finally:
             tmp.unlink()
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavgm", "fedadam", "fedyogi"])
+@pytest.mark.parametrize("aggregation", ["mean", "median", "trimmed-mean", "central-dp"])
+def test_every_strategy_is_a_named_class_composed_of_flowers(strategy, aggregation):
+    """No class is built at run time: each run config gets one of the named classes, above the
+    Flower optimiser of its name, whatever average it takes."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
+
+    from fedpref.models.federation import FederatedConfig
+    from fedpref.server.strategy import STRATEGIES, CohortsAndAverage, FedprefStrategy, make_strategy
+
+    values = {"catalogue-size": 30, "devices": 8, "dim": 4, "strategy": strategy}
+    values.update({"dp-noise-multiplier": 0.5} if aggregation == "central-dp" else {"aggregation": aggregation})
+    made = make_strategy(FederatedConfig.from_run_config(values), 8, lambda report: None)
+    flower = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}[strategy]
+    assert type(made) is STRATEGIES[strategy] and type(made).__module__ == "fedpref.server.strategy"
+    assert isinstance(made, FedprefStrategy) and isinstance(made, flower) and isinstance(made, CohortsAndAverage)
+    assert len({type(make_strategy(FederatedConfig.from_run_config(values), 8, lambda report: None)) for _ in range(2)}) == 1

@@ -231,31 +231,12 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
         sampler.rng = noise.sampler(config.seed)
 
     initial = config.model_spec.build(1, n_items, seed=config.seed).get_shared()
-    num_rounds, account = config.num_server_rounds, None
     cohort = config.cohort_size(n_devices)
     secure = None
     if config.secagg:
         check_secagg(config, cohort)
         secure = SecureAggregationGrid(stable, config, cohort, observers=hooks.on_sum)
-    if config.dp:
-        mechanism, delta, num_rounds = privacy_plan(config, n_devices)
-        account = PrivacyAccount(PrivacyLedger(mechanism, delta, config.dp_noise_placement), mechanism, delta, record={
-            "noise-multiplier": config.dp_noise_multiplier,
-            "noise-placement": config.dp_noise_placement,
-            "clipping": config.dp_clipping,
-            "clip-norm": config.clip_norm,  # adaptive: the first round's; each round's is in its row
-            "population": n_devices,
-            "cohort": mechanism.cohort,
-            "delta": delta,
-            "target-epsilon": config.dp_target_epsilon or None,
-            "rounds-planned": config.num_server_rounds,
-            "rounds-run": num_rounds,
-            "stopped-by-target": num_rounds < config.num_server_rounds,
-            "accountant": "dp-accounting RDP; cohorts drawn without replacement; replace-one neighbours (fedpref.server.privacy)",
-            # os-entropy (nobody can compute it) or run-seed (reproducible-noise: whoever knows the seed can)
-            "noise-source": noise.mode if config.dp_noise_placement == "central" else "devices",
-            "cohort-source": noise.mode,
-        })
+    account, num_rounds = _privacy_account(config, n_devices, noise)
 
     # Checkpoint and resume (fedpref.server.checkpoint), and the run store.
     checkpoint_dir = config.checkpoint_dir or (str(Path(config.results_dir) / "checkpoint") if config.results_dir else "")
@@ -266,28 +247,8 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
     run_name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.run_name or (Path(config.results_dir).name if config.results_dir else "run")).strip("-.") or "run"
     if resumed is not None:
         log(WARNING, "resuming from the checkpoint in %s: rounds 1..%s are done", checkpoint_dir, resumed.completed_round)
-        run_id = resumed.run_store_id
-        if store is not None and run_id is not None:
-            store.resume_run(run_id, resumed.completed_round)
-    elif store is not None:
-        if checkpoint_dir:
-            _close_abandoned(store, run_name, checkpoint_dir)
-        run_id = store.start_run(
-            name=run_name, config=config.to_run_config(), devices=n_devices, items=n_items, rounds_planned=num_rounds,
-            flower_run_id=int(context.run_id), dp=config.dp, secure_aggregation=config.secagg,
-            delta=account.delta if account else None, target_epsilon=config.dp_target_epsilon or None,
-        )
-    else:
-        run_id = None
-
-    publisher = ModelPublisher(config.publish_dir, config.publish_key, expiry_days=config.publish_expiry_days) if config.publish_dir else None
-    if publisher is not None and resumed is None:
-        taken = [v for v in publisher.versions() if v.startswith(f"{run_name}-r")]
-        if taken:  # a published version never changes: a new run may not reuse the names
-            raise RunConfigError(
-                f"publish-dir {config.publish_dir} already holds versions of a run named {run_name!r} ({taken[0]}, ...): "
-                "give this run another run-name, or publish to another folder"
-            )
+    run_id = _run_store_id(store, config, context, resumed, checkpoint_dir, run_name, n_devices, n_items, num_rounds, account)
+    publisher = _publisher(config, run_name, resumed)
 
     popularity = counts = None
     if resumed is not None:
@@ -317,25 +278,7 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
     start_arrays, first_round = initial, 1
     if resumed is not None:
         start_arrays, first_round = resumed.arrays, resumed.completed_round + 1
-        strategy.restore(resumed.strategy)
-        strategy.round_offset = resumed.completed_round
-        _restore_random(sampler, noise, resumed, checkpoint_dir)
-        if account is not None:
-            if resumed.ledger is None or (resumed.ledger.mechanism, resumed.ledger.delta) != (account.mechanism, account.delta):
-                raise checkpoint.CheckpointError(
-                    f"{Path(checkpoint_dir) / checkpoint.CHECKPOINT_FILE} holds no privacy ledger of this run's mechanism: "
-                    "remove it, or set resume=false, to start the run again"
-                )
-            account.ledger = resumed.ledger
-        table.rounds.update(resumed.rounds)
-        table.best_round = resumed.best["round"]
-        table.best_arrays = None if resumed.best["arrays"] is None else ArrayRecord({k: Array(v) for k, v in resumed.best["arrays"].items()})
-        table.latest_round = resumed.completed_round
-        table.latest_arrays = ArrayRecord({k: Array(v) for k, v in resumed.arrays.items()})
-        if secure is not None:
-            secure.rounds.update(resumed.secure_rounds)
-        if resumed.devices is not None:
-            engine.restore_device_states(resumed.devices)
+        _resume(resumed, checkpoint_dir, strategy, sampler, noise, table, engine, secure)
     if checkpoints is not None:
         checkpoints.strategy, checkpoints.first_round, checkpoints.run_store_id = strategy, first_round, run_id
         checkpoints.popularity = (popularity, counts) if popularity is not None else None
@@ -371,6 +314,91 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
     if hooks.on_result is not None:
         hooks.on_result(result)
     return result
+
+
+def _privacy_account(config: FederatedConfig, n_devices: int, noise: NoiseSource) -> tuple[PrivacyAccount | None, int]:
+    """The run's DP accounting (None without DP), and how many rounds run (:func:`privacy_plan`)."""
+    if not config.dp:
+        return None, config.num_server_rounds
+    mechanism, delta, num_rounds = privacy_plan(config, n_devices)
+    return PrivacyAccount(PrivacyLedger(mechanism, delta, config.dp_noise_placement), mechanism, delta, record={
+            "noise-multiplier": config.dp_noise_multiplier,
+            "noise-placement": config.dp_noise_placement,
+            "clipping": config.dp_clipping,
+            "clip-norm": config.clip_norm,  # adaptive: the first round's; each round's is in its row
+            "population": n_devices,
+            "cohort": mechanism.cohort,
+            "delta": delta,
+            "target-epsilon": config.dp_target_epsilon or None,
+            "rounds-planned": config.num_server_rounds,
+            "rounds-run": num_rounds,
+            "stopped-by-target": num_rounds < config.num_server_rounds,
+            "accountant": "dp-accounting RDP; cohorts drawn without replacement; replace-one neighbours (fedpref.server.privacy)",
+            # os-entropy (nobody can compute it) or run-seed (reproducible-noise: whoever knows the seed can)
+            "noise-source": noise.mode if config.dp_noise_placement == "central" else "devices",
+            "cohort-source": noise.mode,
+        }), num_rounds
+
+
+def _run_store_id(store: RunStore | None, config: FederatedConfig, context: Context, resumed: checkpoint.Checkpoint | None,
+                  checkpoint_dir: str, run_name: str, n_devices: int, n_items: int, num_rounds: int,
+                  account: PrivacyAccount | None) -> int | None:
+    """The run's id in the run store: the resumed run's, or a new run's (None without a store)."""
+    if resumed is not None:
+        if store is not None and resumed.run_store_id is not None:
+            store.resume_run(resumed.run_store_id, resumed.completed_round)
+        return resumed.run_store_id
+    if store is None:
+        return None
+    if checkpoint_dir:
+        _close_abandoned(store, run_name, checkpoint_dir)
+    return store.start_run(
+        name=run_name, config=config.to_run_config(), devices=n_devices, items=n_items, rounds_planned=num_rounds,
+        flower_run_id=int(context.run_id), dp=config.dp, secure_aggregation=config.secagg,
+        delta=account.delta if account else None, target_epsilon=config.dp_target_epsilon or None,
+    )
+
+
+def _publisher(config: FederatedConfig, run_name: str, resumed: checkpoint.Checkpoint | None) -> ModelPublisher | None:
+    """The model publisher of ``publish-dir`` (None if unset); a new run may not reuse a run name
+    published there (a published version never changes)."""
+    if not config.publish_dir:
+        return None
+    publisher = ModelPublisher(config.publish_dir, config.publish_key, expiry_days=config.publish_expiry_days)
+    if resumed is None:
+        taken = [v for v in publisher.versions() if v.startswith(f"{run_name}-r")]
+        if taken:
+            raise RunConfigError(
+                f"publish-dir {config.publish_dir} already holds versions of a run named {run_name!r} ({taken[0]}, ...): "
+                "give this run another run-name, or publish to another folder"
+            )
+    return publisher
+
+
+def _resume(resumed: checkpoint.Checkpoint, checkpoint_dir: str, strategy: FedprefStrategy, sampler: CohortSampler, noise: NoiseSource,
+            table: RoundTable, engine: EngineGrid, secure: SecureAggregationGrid | None) -> None:
+    """Continue a checkpointed run where it stopped: the strategy, the random states, the DP
+    ledger, the rows and models, the secure rounds and the devices the grid plays."""
+    strategy.restore(resumed.strategy)
+    strategy.round_offset = resumed.completed_round
+    _restore_random(sampler, noise, resumed, checkpoint_dir)
+    account = table.account
+    if account is not None:
+        if resumed.ledger is None or (resumed.ledger.mechanism, resumed.ledger.delta) != (account.mechanism, account.delta):
+            raise checkpoint.CheckpointError(
+                f"{Path(checkpoint_dir) / checkpoint.CHECKPOINT_FILE} holds no privacy ledger of this run's mechanism: "
+                "remove it, or set resume=false, to start the run again"
+            )
+        account.ledger = resumed.ledger
+    table.rounds.update(resumed.rounds)
+    table.best_round = resumed.best["round"]
+    table.best_arrays = None if resumed.best["arrays"] is None else ArrayRecord({k: Array(v) for k, v in resumed.best["arrays"].items()})
+    table.latest_round = resumed.completed_round
+    table.latest_arrays = ArrayRecord({k: Array(v) for k, v in resumed.arrays.items()})
+    if secure is not None:
+        secure.rounds.update(resumed.secure_rounds)
+    if resumed.devices is not None:
+        engine.restore_device_states(resumed.devices)
 
 
 def _result(config: FederatedConfig, n_devices: int, n_items: int, table: RoundTable, final: dict, account: PrivacyAccount | None,

@@ -26,7 +26,7 @@ import psutil
 from _results import write_results
 
 from fedpref.models.federation import FederatedConfig
-from fedpref.server import app as server_app
+from fedpref.server.app import ServerHooks
 from fedpref.simulations.data.movielens import load_movielens_small
 from fedpref.simulations.federated import run_flower_simulation
 from fedpref.simulations.population import write_population
@@ -75,11 +75,7 @@ def run(split, n: int, rounds: int, dim: int, extra: dict) -> dict:
             # The run-config defaults (what `fedpref simulate` runs), evaluating every round.
             {"history-dir": str(folder), "num-server-rounds": rounds, "dim": dim, "results-dir": str(Path(tmp) / "out"), "evaluate-every": 1, **extra}
         )
-        server_app.add_exchange_observer(observe)
-        try:
-            result = run_flower_simulation(config, n_devices=n)
-        finally:
-            server_app.clear_exchange_observers()
+        result = run_flower_simulation(config, n_devices=n, hooks=ServerHooks(on_exchange=[observe]))
     ends = [r["seconds"] for r in result["rounds"]]
     per_round = float(np.mean(np.diff(ends))) if len(ends) > 1 else ends[0]
     return {

@@ -21,7 +21,7 @@ from pathlib import Path
 from _results import write_results
 
 from fedpref.models.federation import FederatedConfig
-from fedpref.server import app as server_app
+from fedpref.server.app import ServerHooks
 from fedpref.server.secure import shares_per_device
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
 from fedpref.simulations.inprocess import run_inprocess
@@ -33,16 +33,13 @@ N_DEVICES, N_ITEMS = 150, 300
 
 def seconds_per_round(folder: Path, out: Path, cohort: int, rounds: int, secagg: bool) -> float:
     stamps: list[float] = []
-    server_app.add_round_callback(lambda row: stamps.append(time.perf_counter()) if row["event"] == "train" else None)
-    try:
-        config = FederatedConfig.from_run_config({
-            "history-dir": str(folder), "num-server-rounds": rounds, "evaluate-every": 10_000, "fraction-evaluate": 0.0,
-            "fraction-train": cohort / N_DEVICES, "min-train-nodes": cohort, "secagg": secagg, "secagg-min-cohort": 2,
-            "results-dir": str(out),
-        })
-        run_inprocess(config, n_devices=N_DEVICES)
-    finally:
-        server_app.clear_round_callbacks()
+    hooks = ServerHooks(on_round=[lambda row: stamps.append(time.perf_counter()) if row["event"] == "train" else None])
+    config = FederatedConfig.from_run_config({
+        "history-dir": str(folder), "num-server-rounds": rounds, "evaluate-every": 10_000, "fraction-evaluate": 0.0,
+        "fraction-train": cohort / N_DEVICES, "min-train-nodes": cohort, "secagg": secagg, "secagg-min-cohort": 2,
+        "results-dir": str(out),
+    })
+    run_inprocess(config, n_devices=N_DEVICES, hooks=hooks)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return sum(gaps) / len(gaps)
 

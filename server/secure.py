@@ -75,6 +75,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fedpref.models.federation import SECAGG_ARRAY_NAMES, SECAGG_COHORT, FederatedConfig, RunConfigError
 from fedpref.models.wire import aggregate_content
+from fedpref.server.grid import GridView
 
 log = logging.getLogger("fedpref.secagg")
 
@@ -275,13 +276,13 @@ def _check_masked_vector(data: object, shape: tuple[int, ...], modulus: int) -> 
         raise _BadReply(f"a masked array with entries outside [0, {modulus})")
 
 
-class _StageGrid:
+class _StageGrid(GridView):
     """The grid one SecAgg+ stage talks through. Before Flower's stage reads the replies, each
     is checked; one that fails its check becomes an error reply, which the stage counts as a
     dropout. Replies from devices that were not asked, and second replies, are dropped."""
 
     def __init__(self, grid, stage: str, check: Callable[[list[Message]], dict[int, str]], refused: list) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._stage = stage
         self._check = check
         self._refused = refused
@@ -305,9 +306,6 @@ class _StageGrid:
                 reply = Message(Error(code=_REFUSED_CODE, reason=f"refused at {self._stage}: {problems[node]}"), metadata=reply.metadata)
             checked.append(reply)
         return checked
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
 
 
 def _each(replies: list[Message], check: Callable[[Message], None]) -> dict[int, str]:
@@ -458,26 +456,20 @@ class _Workflow(SecAggPlusWorkflow):
         return ok
 
 
-# Observers of every unmasked average (the only thing about the updates the server learns
-# under secure aggregation): the leakage audit attacks exactly that. Called with
+# An observer of every unmasked average (the only thing about the updates the server learns
+# under secure aggregation; the leakage audit attacks exactly that), called with
 # (server_round, {name: average update}, contributing node ids).
-_sum_observers: list = []
+SumObserver = Callable[[int, dict, list], None]
 
 
-def add_sum_observer(observer) -> None:
-    _sum_observers.append(observer)
-
-
-def clear_sum_observers() -> None:
-    _sum_observers.clear()
-
-
-class SecureAggregationGrid:
+class SecureAggregationGrid(GridView):
     """A grid that runs each training round through SecAgg+ (see the module's docstring);
-    everything else (evaluation, queries) passes through to ``grid``."""
+    everything else (evaluation, queries) passes through to ``grid``. ``observers`` see each
+    unmasked average."""
 
-    def __init__(self, grid, config: FederatedConfig, cohort: int) -> None:
-        self._grid = grid
+    def __init__(self, grid, config: FederatedConfig, cohort: int, observers: Iterable[SumObserver] = ()) -> None:
+        super().__init__(grid)
+        self._observers = tuple(observers)
         self._config = config
         self._cohort = cohort
         self.rounds: dict[int, dict] = {}  # per round: sampled, contributed, skipped
@@ -497,7 +489,7 @@ class SecureAggregationGrid:
         if result is None:
             return []
         average, contributors = result
-        for observer in _sum_observers:
+        for observer in self._observers:
             observer(server_round, average, list(contributors))
         # The strategy averages models: give it, for each device whose update the sum holds,
         # the global model plus the average update (one shared copy), so that its average is
@@ -607,6 +599,3 @@ class SecureAggregationGrid:
     def _record_refused(self, workflow: _Workflow) -> None:
         if workflow.refused:
             self.last["refused-replies"] = list(workflow.refused)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)

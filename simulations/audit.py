@@ -157,8 +157,7 @@ def run_audit(
 ) -> dict:
     """Run every mode on the population of ``base['history-dir']`` with ``base``'s settings
     and attack what the server held. Writes ``out``/audit.json and returns it."""
-    from fedpref.server import app as server_app
-    from fedpref.server import secure
+    from fedpref.server.app import ServerHooks
 
     history_dir = str(base["history-dir"])
     meta = json.loads((Path(history_dir) / "meta.json").read_text())
@@ -170,13 +169,7 @@ def run_audit(
                   "results-dir": str(out / mode), **mode_overrides(mode, noise_multiplier)}
         config = FederatedConfig.from_run_config(values)
         collector = _Collector(truth, n_items)
-        server_app.add_exchange_observer(collector.on_exchange)
-        secure.add_sum_observer(collector.on_sum)
-        try:
-            run = run_inprocess(config, n_devices=n_devices)
-        finally:
-            server_app.clear_exchange_observers()
-            secure.clear_sum_observers()
+        run = run_inprocess(config, n_devices=n_devices, hooks=ServerHooks(on_exchange=[collector.on_exchange], on_sum=[collector.on_sum]))
         aucs = np.array(collector.aucs)
         privacy = run.get("privacy") or {}
         result = ModeAudit(

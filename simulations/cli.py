@@ -503,20 +503,17 @@ def simulate(
                 if not progress or not console.is_terminal:  # logs get a line per evaluation
                     console.print(last_status["text"])
 
-        server_app.add_round_callback(on_round)
-        try:
-            start = time.perf_counter()
-            if engine == "flower":
-                result = run_flower_simulation(config, n_devices=split.n_users, backend=backend)
-            elif engine == "fast":
-                from .fast import run_fast
+        hooks = server_app.ServerHooks(on_round=[on_round])
+        start = time.perf_counter()
+        if engine == "flower":
+            result = run_flower_simulation(config, n_devices=split.n_users, backend=backend, hooks=hooks)
+        elif engine == "fast":
+            from .fast import run_fast
 
-                result = run_fast(config, threads=threads, private_dir=str(private_dir) if private_dir else None)
-            else:
-                result = run_inprocess(config, n_devices=split.n_users)
-            seconds = time.perf_counter() - start
-        finally:
-            server_app.clear_round_callbacks()
+            result = run_fast(config, threads=threads, private_dir=str(private_dir) if private_dir else None, hooks=hooks)
+        else:
+            result = run_inprocess(config, n_devices=split.n_users, hooks=hooks)
+        seconds = time.perf_counter() - start
     result["wall_seconds"] = round(seconds, 2)
     result["references"] = refs
     if "popularity" in result:  # the published histogram as a recommender for everyone, beside the true popularity

@@ -321,7 +321,7 @@ AFTER_END = 0.1  # kills are drawn over the reference's duration and a tenth mor
 RUN_CHILD = """
 import json, sys
 from fedpref.models.federation import FederatedConfig
-from fedpref.server.app import add_round_callback
+from fedpref.server.app import ServerHooks
 from fedpref.simulations.inprocess import run_inprocess
 # Imported here, so that the kill clock (from START) runs over the rounds, not over imports:
 import fedpref.simulations.device
@@ -329,9 +329,9 @@ import sqlalchemy.dialects.sqlite  # the run store's dialect, loaded on first us
 import torch._dynamo  # torch.optim imports it when the first optimiser is made (over a second)
 
 config = FederatedConfig.from_run_config(json.loads(sys.argv[1]))
-add_round_callback(lambda row: print(f"ROUND {row['round']} {row['event']}", flush=True))
+hooks = ServerHooks(on_round=[lambda row: print(f"ROUND {row['round']} {row['event']}", flush=True)])
 print("START", flush=True)
-run_inprocess(config, n_devices=int(sys.argv[2]))
+run_inprocess(config, n_devices=int(sys.argv[2]), hooks=hooks)
 print("DONE", flush=True)
 """
 

@@ -30,6 +30,8 @@ device stores (run those on the Flower or the in-process engine; the fast engine
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ctypes
 import json
 import logging
@@ -43,7 +45,6 @@ import numba
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -59,6 +60,10 @@ from fedpref.models.wire import (Stream, evaluation_content, evaluation_metrics,
                                   training_content, training_metrics)
 from fedpref.models.files import open_private, private_folder
 from fedpref.models.train import LocalData
+from fedpref.server.grid import EngineGrid
+
+if TYPE_CHECKING:
+    from fedpref.server.app import ServerHooks
 
 
 
@@ -163,7 +168,7 @@ class PrivateVectors:
         self.ready[:] = state["ready"]
 
 
-class FastGrid(Grid):
+class FastGrid(EngineGrid):
     """A Flower ``Grid`` whose devices are computed in-process, a cohort at a time.
 
     It answers with partial aggregates (``partial_aggregates``: the ServerApp accepts them only
@@ -193,33 +198,17 @@ class FastGrid(Grid):
         self._ids = list(range(NODE_ID_BASE, NODE_ID_BASE + self.n))
         self._availability = AvailabilityPattern.parse(config.availability)
 
-    # -- what the server asks of every grid ------------------------------------------
-    def set_run(self, run) -> None:  # noqa: D102
-        pass
-
-    @property
-    def run(self):  # noqa: D102
-        raise NotImplementedError("the fast engine has no SuperLink run")
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
+    # -- what the server asks of every grid (fedpref.server.grid.EngineGrid) --------------
     def get_node_ids(self) -> list[int]:
         return self._ids
 
     def ordered_node_ids(self) -> list[int]:
-        """The node ids in the order of the devices' keys (fedpref.server.app.StableGrid)."""
+        """The node ids in the order of the devices' keys (fedpref.server.grid.StableGrid)."""
         return self._ids
 
     def device_keys(self) -> dict[int, int]:
         """Each node's stable key, without a query message per device."""
         return {node: node - NODE_ID_BASE for node in self._ids}
-
-    def push_messages(self, messages):  # noqa: D102
-        raise NotImplementedError("the fast engine answers whole rounds: use send_and_receive")
-
-    def pull_messages(self, message_ids):  # noqa: D102
-        raise NotImplementedError("the fast engine answers whole rounds: use send_and_receive")
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -610,9 +599,11 @@ def _clip_and_add(q, bq, rows, item_rows, bias_rows, bound, weight, acc, optimis
     return norm, clipped
 
 
-def run_fast(config: FederatedConfig, *, threads: int | None = None, private_dir: str | None = None, grid: FastGrid | None = None) -> dict:
-    """Run ``config`` on the fast engine; returns the server's rounds.json (plus
-    ``engine_seconds`` and the grid's per-round ``timings``)."""
+def run_fast(config: FederatedConfig, *, threads: int | None = None, private_dir: str | None = None, grid: FastGrid | None = None,
+             hooks: ServerHooks | None = None) -> dict:
+    """Run ``config`` on the fast engine; returns the server's summary (what rounds.json
+    holds, plus ``engine_seconds`` and the grid's per-round ``timings``). ``hooks``: the
+    server's listeners of this run."""
     from fedpref.server.app import main as server_main
 
     if not config.results_dir:
@@ -625,8 +616,7 @@ def run_fast(config: FederatedConfig, *, threads: int | None = None, private_dir
     run_config = config.to_run_config()
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     start = time.perf_counter()
-    server_main(grid, context)
-    result = json.loads((Path(config.results_dir) / "rounds.json").read_text())
+    result = server_main(grid, context, hooks).summary()
     result["engine_seconds"] = round(time.perf_counter() - start, 3)
     result["timings"] = grid.timings
     return result

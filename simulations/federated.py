@@ -6,11 +6,16 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.supercore.telemetry import EventType
 
 from fedpref.models.federation import FederatedConfig
+
+if TYPE_CHECKING:
+    from fedpref.server.app import ServerHooks
 
 
 def backend_config(*, cpus_per_device: float = 1.0, ray_address: str | None = None, num_cpus: int | None = None) -> dict:
@@ -24,10 +29,11 @@ def backend_config(*, cpus_per_device: float = 1.0, ray_address: str | None = No
 
 
 def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: dict | None = None, verbose: bool = False,
-                          client_app=None) -> dict:
-    """Run ``config`` on ``n_devices`` virtual SuperNodes; returns the server's rounds.json.
-    ``client_app``: another ClientApp for the devices (default fedpref's; e.g.
-    :data:`fedpref.simulations.hostile.app`, which makes one of them hostile).
+                          client_app=None, hooks: ServerHooks | None = None) -> dict:
+    """Run ``config`` on ``n_devices`` virtual SuperNodes; returns the server's summary (what
+    rounds.json holds). ``client_app``: another ClientApp for the devices (default fedpref's;
+    e.g. :data:`fedpref.simulations.hostile.app`, which makes one of them hostile).
+    ``hooks``: the server's listeners of this run (the ServerApp runs in this process).
 
     ``flwr.simulation.run_simulation`` does not read ``[tool.flwr.app.config]`` and takes no
     run config, so the resolved config is written as the app config of a small app folder
@@ -37,13 +43,22 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
     from flwr.simulation.run_simulation import _run_simulation
 
     from fedpref.simulations.device import app as honest_app
-    from fedpref.server.app import app as server_app
+    from fedpref.server.app import ServerHooks, make_server_app
 
     client_app = client_app or honest_app
 
     if not config.results_dir:
         raise ValueError("set results_dir: the server writes its rounds there")
     run_config = config.to_run_config()
+    hooks = hooks or ServerHooks()
+    results = []
+
+    def on_result(result) -> None:
+        results.append(result)
+        if hooks.on_result is not None:
+            hooks.on_result(result)
+
+    server_app = make_server_app(replace(hooks, on_result=on_result))
     with tempfile.TemporaryDirectory(prefix="fedpref-app-") as app_dir:
         lines = ["[project]", 'name = "fedpref-simulation"', 'version = "0.0.0"', "", "[tool.flwr.app]", 'publisher = "fedpref"', "", "[tool.flwr.app.components]",
                  'serverapp = "fedpref.server.app:app"', 'clientapp = "fedpref.simulations.device:app"', "", "[tool.flwr.app.config]"]
@@ -66,4 +81,6 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
             is_app=True,  # makes the engine read the app folder's config for every device
             verbose_logging=verbose,
         )
-    return json.loads((Path(config.results_dir) / "rounds.json").read_text())
+    if not results:
+        raise RuntimeError("the Simulation Engine ended without a result from the ServerApp (see its log)")
+    return results[-1].summary()

@@ -331,7 +331,7 @@ def malform_encoded(reply: Message, kind: str, draw: Draw, *, encoding: str) -> 
 
 
 def bad_key(node: int, kind: str, draw: Draw, *, taken: int = 0) -> Message:
-    """A device's answer to the server's key query (``fedpref.server.app.device_keys``),
+    """A device's answer to the server's key query (``fedpref.server.grid.ask_device_keys``),
     malformed in the way ``kind`` names (one of :data:`KEY_KINDS`); ``taken``: a key another
     device gave (for ``duplicate``)."""
     if kind not in KEY_KINDS:
@@ -364,7 +364,7 @@ HOSTILE_DEVICE = 0  # the partition id of the device that :data:`app` makes host
 # reply with a metric the server does not expect and an evaluation reply with one left out (either
 # used to make Flower's aggregation raise, and the run fail); in round 2 claims to weigh more than
 # everyone (its model with num-examples 1e12; perfect hit rates with num-examples 1e15). In later
-# rounds it answers honestly. Asked for its key before round 1 (fedpref.server.app.device_keys),
+# rounds it answers honestly. Asked for its key before round 1 (fedpref.server.grid.ask_device_keys),
 # it answers with a string (HOSTILE_KEY), which used to stop the ServerApp before its first round.
 HOSTILE_KEY = "device-0"
 SCRIPT = {1: ("extra-metric", "missing-metric"), 2: ("heavy", "heavy")}

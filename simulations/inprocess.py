@@ -12,12 +12,12 @@ Engine for sweeps; a test checks that both give the same metrics for the same se
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
-import json
 import logging
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
@@ -27,6 +27,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpref.simulations.device import SIMULATED_CLOCK, answers_late
 from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.server.grid import EngineGrid
+
+if TYPE_CHECKING:
+    from fedpref.server.app import ServerHooks
 
 
 NODE_ID_BASE = 1000  # device i (partition i) is node NODE_ID_BASE + i (in every engine that plays its devices)
@@ -39,8 +43,9 @@ def reply_from(msg: Message, content: RecordDict | Error) -> Message:
     return reply
 
 
-class InProcessGrid(Grid):
-    """Deliver messages to ``n_devices`` virtual devices by calling ``client_app`` in-process."""
+class InProcessGrid(EngineGrid):
+    """Deliver messages to ``n_devices`` virtual devices by calling ``client_app`` in-process.
+    It does not know its devices' keys: the server asks them by message, as of real devices."""
 
     def __init__(self, client_app, n_devices: int, run_config: dict, *, run_id: int = 1, before_delivery=None) -> None:
         self._client_app = client_app
@@ -76,17 +81,7 @@ class InProcessGrid(Grid):
             if node in self._contexts:
                 self._contexts[node].state = copy.deepcopy(state)
 
-    # -- the Grid interface -----------------------------------------------------------
-    def set_run(self, run) -> None:  # noqa: D102 - nothing to set in-process
-        pass
-
-    @property
-    def run(self):  # noqa: D102
-        raise NotImplementedError("the in-process grid has no SuperLink run")
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
+    # -- the Grid interface (set_run, run, create_message: EngineGrid's) ---------------
     def get_node_ids(self) -> Iterable[int]:
         return list(self._contexts)
 
@@ -129,10 +124,12 @@ class InProcessGrid(Grid):
         return [r for r in replies if r.has_error() or r.metadata.src_node_id not in late]  # a dropout's error comes at once
 
 
-def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=None, grid: Grid | None = None) -> dict:
-    """Run ``config`` on ``n_devices`` in-process devices; returns the server's rounds.json.
-    ``before_delivery(message, device_index)`` is called before each message is delivered.
-    ``grid``: another grid to run the server on (one that wraps an ``InProcessGrid``)."""
+def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=None, grid: Grid | None = None,
+                  hooks: ServerHooks | None = None) -> dict:
+    """Run ``config`` on ``n_devices`` in-process devices; returns the server's summary (what
+    rounds.json holds). ``before_delivery(message, device_index)`` is called before each
+    message is delivered. ``grid``: another grid to run the server on (one that wraps an
+    ``InProcessGrid``). ``hooks``: the server's listeners of this run."""
     from fedpref.simulations.device import app as client_app
     from fedpref.server.app import main as server_main
 
@@ -147,7 +144,6 @@ def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=No
     grid = grid or InProcessGrid(client_app, n_devices, run_config, before_delivery=before_delivery)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     start = time.perf_counter()
-    server_main(grid, context)
-    result = json.loads((Path(config.results_dir) / "rounds.json").read_text())
+    result = server_main(grid, context, hooks).summary()
     result["engine_seconds"] = round(time.perf_counter() - start, 3)
     return result

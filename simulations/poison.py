@@ -50,12 +50,12 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Error, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpref.client.guard import encode_update
 from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.models.wire import PARTIAL_AGGREGATE, Stream, stream_rng, training_content, training_metrics
+from fedpref.server.grid import EngineGrid
 
 from .inprocess import NODE_ID_BASE, reply_from
 
@@ -180,13 +180,14 @@ class TargetBoost:
 # -- the grid ---------------------------------------------------------------------------------
 
 
-class PoisonGrid(Grid):
+class PoisonGrid(EngineGrid):
     """A Flower ``Grid`` around an engine's grid: training messages to the ``compromised``
     devices are answered with ``attack``'s crafted reply, their evaluation messages with an
-    error (they do not evaluate); everything else goes to ``inner``. Whatever else the server
-    asks of a grid (``partial_aggregates``, ``device_keys``, ``ordered_node_ids``,
-    ``device_states``, ``timings``, ...) is the inner grid's: the partial aggregates the inner
-    grid sends are its own, the crafted replies are single devices' replies.
+    error (they do not evaluate); everything else goes to ``inner``. What the server asks of a
+    grid (:class:`fedpref.server.grid.EngineGrid`: ``partial_aggregates``, ``device_keys``,
+    ``ordered_node_ids``, ``device_states``) and whatever else a runner reads (``timings``,
+    ...) is the inner grid's: the partial aggregates the inner grid sends are its own, the
+    crafted replies are single devices' replies.
 
     ``silent``: devices that do not evaluate (default: the compromised ones; a sweep passes the
     same set to every run so that every run's test HR@10 covers the same users).
@@ -196,7 +197,7 @@ class PoisonGrid(Grid):
     ``FastGrid.updates``, about 4.7 MB a device on movielens-small): this grid drops each
     round's once it has read them, unless ``keep_inner_updates``."""
 
-    def __init__(self, inner: Grid, config: FederatedConfig, compromised: Iterable[int], attack: TargetBoost | None, *,
+    def __init__(self, inner: EngineGrid, config: FederatedConfig, compromised: Iterable[int], attack: TargetBoost | None, *,
                  silent: Iterable[int] | None = None, record_norms: bool = False, keep_inner_updates: bool = False) -> None:
         if config.secagg:
             raise RunConfigError("the poisoning simulation crafts plain replies: run it without secagg")
@@ -218,6 +219,23 @@ class PoisonGrid(Grid):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    # -- what the server asks of every grid: the inner grid's ------------------------------
+    @property
+    def partial_aggregates(self) -> bool:  # type: ignore[override]
+        return self.inner.partial_aggregates
+
+    def device_keys(self) -> dict[int, int] | None:
+        return self.inner.device_keys()
+
+    def ordered_node_ids(self) -> list[int] | None:
+        return self.inner.ordered_node_ids()
+
+    def device_states(self) -> dict | None:
+        return self.inner.device_states()
+
+    def restore_device_states(self, states: dict) -> None:
+        self.inner.restore_device_states(states)
+
     # -- the Grid interface -----------------------------------------------------------
     def set_run(self, run) -> None:  # noqa: D102
         self.inner.set_run(run)
@@ -231,12 +249,6 @@ class PoisonGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
-
-    def push_messages(self, messages):  # noqa: D102
-        raise NotImplementedError("the poisoning grid answers whole exchanges: use send_and_receive")
-
-    def pull_messages(self, message_ids):  # noqa: D102
-        raise NotImplementedError("the poisoning grid answers whole exchanges: use send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -311,10 +323,10 @@ class PoisonGrid(Grid):
             if len(fresh):
                 values[fresh] = initial_privates(spec, self.config.seed, fresh)
             return values
-        if hasattr(inner, "device_states"):  # the in-process engine: each device's context.state
+        states = inner.device_states()
+        if states is not None:  # the in-process engine: each device's context.state
             from fedpref.simulations.device import PRIVATE_KEY
 
-            states = inner.device_states()
             n = len(states)
             values = initial_privates(spec, self.config.seed, np.arange(n))
             for node, state in states.items():
@@ -426,13 +438,14 @@ def _median_history(population_folder: str | Path) -> int:
 
 def run_attack(population_folder: str | Path, base_run_config: Mapping[str, object], attack_fraction: float, defence: str, target: int,
                seed: int, results_dir: str | Path, *, norm_bound: float | None = None, engine: str = "fast", threads: int | None = None,
-               silent_fraction: float | None = None, record_norms: bool = False, attack_options: Mapping[str, object] | None = None) -> dict:
+               silent_fraction: float | None = None, record_norms: bool = False, attack_options: Mapping[str, object] | None = None,
+               hooks=None) -> dict:
     """One federated run with ``attack_fraction`` of the devices compromised, pushing ``target``,
     under ``defence`` (``norm-bound`` needs ``norm_bound``). ``silent_fraction``: the devices
     compromised at this (larger) fraction neither evaluate nor count in the target's measure
     (default: ``attack_fraction``), so that runs at several fractions measure the same users.
     ``record_norms``: also return the honest updates' norms (``honest-norms``: quantiles).
-    Writes the server's results and ``attack.json`` to ``results_dir``; returns the row."""
+    ``hooks``: the server's listeners of this run (fedpref.server.app.ServerHooks). Writes the server's results and ``attack.json`` to ``results_dir``; returns the row."""
     folder = Path(population_folder).resolve()
     n_users = int(json.loads((folder / "meta.json").read_text())["n_users"])
     config = FederatedConfig.from_run_config(run_values(folder, base_run_config, defence, norm_bound, seed, results_dir))
@@ -445,12 +458,12 @@ def run_attack(population_folder: str | Path, base_run_config: Mapping[str, obje
 
         inner = FastGrid(config, threads=threads, keep_updates=record_norms)
         grid = PoisonGrid(inner, config, compromised, attack, silent=silent, record_norms=record_norms)
-        result = run_fast(config, grid=grid)  # type: ignore[arg-type]
+        result = run_fast(config, grid=grid, hooks=hooks)  # type: ignore[arg-type]
     elif engine == "inprocess":
         from .inprocess import run_inprocess
 
         grid = _inprocess_grid(config, n_users, compromised, attack, silent, record_norms)
-        result = run_inprocess(config, n_devices=n_users, grid=grid)
+        result = run_inprocess(config, n_devices=n_users, grid=grid, hooks=hooks)
     else:
         raise ValueError(f"unknown engine {engine!r}; choose fast or inprocess")
     seconds = time.perf_counter() - started

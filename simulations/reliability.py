@@ -140,7 +140,7 @@ def straggler_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] 
     # (late through no fault of theirs), which real devices do not.
     result = run_flower_simulation(config, n_devices=n, backend=backend_config(cpus_per_device=0.25))
     seconds = time.perf_counter() - started
-    # The cohorts the server drew (fedpref.server.app.StableGrid: a seeded draw over the ids in
+    # The cohorts the server drew (fedpref.server.grid.StableGrid: a seeded draw over the ids in
     # key order; no evaluation before the last round), and the stragglers among them.
     import random
 
@@ -164,7 +164,7 @@ def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int =
 
     from fedpref.client.guard import encode_update
     from fedpref.models.wire import training_content, training_metrics
-    from fedpref.server.app import make_strategy
+    from fedpref.server.strategy import make_strategy
     from fedpref.server.validation import check_train_reply, default_max_bytes, examples_bound, train_metric_keys
 
     from .hostile import KINDS, NumpyDraw, malform, reply_message
@@ -185,7 +185,7 @@ def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int =
 
     def aggregate(replies):
         seen = {}
-        strategy = make_strategy(config, 8, lambda r, info: seen.update(info), max_examples=max_examples)
+        strategy = make_strategy(config, 8, lambda report: seen.update(vars(report)), max_examples=max_examples)
         strategy._sent_global, strategy._asked = sent, len(replies)
         arrays, _ = strategy.aggregate_train(1, replies)
         return {k: arrays[k].numpy() for k in arrays}, seen

@@ -3,7 +3,6 @@ when at least min-replies did, and records how many dropped out and how many cam
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
@@ -89,7 +88,7 @@ def test_on_the_simulation_engine_the_server_stops_waiting_for_a_straggler_at_th
 
     base = {"num_server_rounds": 1, "fraction_train": 0.25, "fraction_evaluate": 0.0, "stragglers": 0.2, "straggler_delay": 22.0, "round_timeout": 15.0}
 
-    def cohort(seed):  # the 4 devices round 1 samples (fedpref.server.app.StableGrid: ids in key order, seeded draw)
+    def cohort(seed):  # the 4 devices round 1 samples (fedpref.server.grid.StableGrid: ids in key order, seeded draw)
         return random.Random(seed).sample(range(N), 4)
 
     # A seed with which exactly one of the 4 devices of round 1 straggles.

@@ -13,7 +13,7 @@ import pytest
 
 from fedpref.models.federation import FederatedConfig
 from fedpref.models.preference import ModelSpec
-from fedpref.server import app as server_app
+from fedpref.server.app import ServerHooks
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
 from fedpref.simulations.federated import run_flower_simulation
 from fedpref.simulations.population import write_population
@@ -32,11 +32,7 @@ def simulate(tmp, name, **overrides):
     run_config.update(overrides)
     config = FederatedConfig.from_run_config(run_config)
     exchanges = []
-    server_app.add_exchange_observer(lambda sent, replies: exchanges.append((sent, replies)))
-    try:
-        rounds = run_flower_simulation(config, n_devices=N_DEVICES)
-    finally:
-        server_app.clear_exchange_observers()
+    rounds = run_flower_simulation(config, n_devices=N_DEVICES, hooks=ServerHooks(on_exchange=[lambda sent, replies: exchanges.append((sent, replies))]))
     return config, rounds, exchanges
 
 

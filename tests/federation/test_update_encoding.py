@@ -125,11 +125,11 @@ def _encoded(node: int, encoding: str) -> Message:
 
 def _aggregate(replies: list[Message], encoding: str) -> tuple[dict | None, dict]:
     """One round of fedpref's strategy with ``update-encoding``: (new global arrays, what on_round saw)."""
-    from fedpref.server.app import make_strategy
+    from fedpref.server.strategy import make_strategy
 
     config = FederatedConfig.from_run_config({"catalogue-size": 30, "devices": 8, "dim": 4, "clip-norm": C, "strategy": "fedavg", "update-encoding": encoding})
     seen: dict = {}
-    strategy = make_strategy(config, 8, lambda r, info: seen.update(info))
+    strategy = make_strategy(config, 8, lambda report: seen.update(vars(report)))
     strategy._sent_global, strategy._asked = _sent(), len(replies)
     arrays, _ = strategy.aggregate_train(1, replies)
     return (None if arrays is None else {k: arrays[k].numpy() for k in arrays}), seen

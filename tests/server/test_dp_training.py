@@ -12,7 +12,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpref.models.federation import FederatedConfig, RunConfigError
-from fedpref.server import app as server_app
+from fedpref.server.app import ServerHooks
+from fedpref.server.strategy import make_strategy
 from fedpref.server.privacy import DpMechanism, ReproducibleNoiseWarning, default_delta
 from fedpref.simulations.inprocess import NODE_ID_BASE, run_inprocess
 
@@ -32,7 +33,7 @@ def replies_equal_to(arrays: dict[str, np.ndarray], n: int) -> list[Message]:
 
 def aggregate_zero_updates(strategy_name: str, z: float = 2.0, c: float = 0.5, m: int = 10):
     config = FederatedConfig.from_run_config({"strategy": strategy_name, "dp-noise-multiplier": z, "clip-norm": c, "server-lr": 0.05})
-    strategy = server_app.make_strategy(config, m, lambda r, info: None)
+    strategy = make_strategy(config, m, lambda report: None)
     current = {"w": np.zeros((200, 50), np.float32)}
     strategy.current_arrays = {k: v.copy() for k, v in current.items()}  # as configure_train leaves it (FedOpt)
     strategy._sent_global = {k: v.copy() for k, v in current.items()}  # and fedpref's validation
@@ -55,11 +56,11 @@ def test_fedadam_steps_on_the_noised_average_so_the_noise_is_not_added_after_its
     assert (moved > 0).mean() == pytest.approx(0.5, abs=0.03)
 
 
-def run(population, tmp_path, **overrides):
+def run(population, tmp_path, hooks=None, **overrides):
     base = {"history-dir": str(population), "num-server-rounds": 4, "dim": 8, "local-epochs": 1, "evaluate-every": 2,
             "fraction-train": 0.5, "clip-norm": 0.5, "dp-noise-multiplier": 1.5, "results-dir": str(tmp_path)}
     base.update(overrides)
-    return run_inprocess(FederatedConfig.from_run_config(base), n_devices=N_DEVICES)
+    return run_inprocess(FederatedConfig.from_run_config(base), n_devices=N_DEVICES, hooks=hooks)
 
 
 def test_epsilon_per_round_is_the_accountants_and_a_target_stops_training_before_passing_it(population, tmp_path):
@@ -76,11 +77,8 @@ def test_epsilon_per_round_is_the_accountants_and_a_target_stops_training_before
 
 def test_under_dp_a_device_sends_its_clipped_update_and_an_equal_weight_only(population, tmp_path):
     exchanges = []
-    server_app.add_exchange_observer(lambda sent, replies: exchanges.append(replies))
-    try:
-        run(population, tmp_path, **{"num-server-rounds": 1, "evaluate-every": 1})
-    finally:
-        server_app.clear_exchange_observers()
+    hooks = ServerHooks(on_exchange=[lambda sent, replies: exchanges.append(replies)])
+    run(population, tmp_path, hooks, **{"num-server-rounds": 1, "evaluate-every": 1})
     train = [r for replies in exchanges for r in replies if r.metadata.message_type == MessageType.TRAIN]
     assert len(train) == 10
     for reply in train:
@@ -155,17 +153,14 @@ def test_nobody_who_knows_the_seed_can_remove_the_noise_from_the_published_model
         replies.extend({k: r.content["arrays"][k].numpy().astype(np.float64) for k in r.content["arrays"]}
                        for r in answers if r.metadata.message_type == MessageType.TRAIN and not r.has_error())
 
-    server_app.add_exchange_observer(watch)
+    hooks = ServerHooks(on_exchange=[watch])
     overrides = {"num-server-rounds": 1, "evaluate-every": 1, "fraction-evaluate": 0.0, "strategy": "fedavg", "dp-noise-multiplier": z,
                  "clip-norm": c, "seed": seed, "reproducible-noise": reproducible}
-    try:
-        if reproducible:
-            with pytest.warns(ReproducibleNoiseWarning, match="anyone who knows the seed"):
-                result = run(population, tmp_path, **overrides)
-        else:
-            result = run(population, tmp_path, **overrides)
-    finally:
-        server_app.clear_exchange_observers()
+    if reproducible:
+        with pytest.warns(ReproducibleNoiseWarning, match="anyone who knows the seed"):
+            result = run(population, tmp_path, hooks, **overrides)
+    else:
+        result = run(population, tmp_path, hooks, **overrides)
     published = dict(np.load(tmp_path / "final_model.npz"))
     assert result["rounds"][0]["replies"] == len(replies) == m
 
@@ -202,7 +197,7 @@ def test_the_dp_wrappers_draw_from_the_noise_source_and_not_numpys_global_genera
     config = FederatedConfig.from_run_config({"strategy": "fedavg", "dp-noise-multiplier": 0.5, "clip-norm": 0.5, "dp-clipping": clipping})
     draws = []
     for global_seed in (1, 2):
-        wrapper = server_app.make_strategy(config, 10, lambda r, info: None, noise=NoiseSource(7)).dp_wrapper
+        wrapper = make_strategy(config, 10, lambda report: None, noise=NoiseSource(7)).dp_wrapper
         np.random.seed(global_seed)  # whatever state NumPy's global generator is in must not matter
         noised = wrapper._add_noise_to_aggregated_arrays(ArrayRecord({"w": Array(np.zeros((20, 5), np.float32))}))
         fraction = wrapper._noisy_fraction(3, 10) if clipping == "adaptive" else None

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import inspect
 
 from fedpref.models.federation import FederatedConfig
 from fedpref.server import checkpoint
@@ -71,14 +71,15 @@ def test_the_run_store_refuses_what_it_cannot_open(tmp_path):
 KILLED_RUN = """
 import json, os, signal, sys
 from fedpref.models.federation import FederatedConfig
-from fedpref.server.app import add_round_callback
+from fedpref.server.app import ServerHooks
 from fedpref.simulations.inprocess import run_inprocess
 
 config = FederatedConfig.from_run_config(json.loads(sys.argv[1]))
 kill_at = int(sys.argv[2])
+hooks = ServerHooks()
 if kill_at:
-    add_round_callback(lambda row: row["event"] == "train" and row["round"] == kill_at and os.kill(os.getpid(), signal.SIGKILL))
-run_inprocess(config, n_devices=int(sys.argv[3]))
+    hooks.on_round.append(lambda row: row["event"] == "train" and row["round"] == kill_at and os.kill(os.getpid(), signal.SIGKILL))
+run_inprocess(config, n_devices=int(sys.argv[3]), hooks=hooks)
 """
 
 

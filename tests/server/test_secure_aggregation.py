@@ -12,7 +12,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedpref.simulations.device import drops_out
 from fedpref.simulations.history import load_history
 from fedpref.models.federation import FederatedConfig, RunConfigError
-from fedpref.server import app as server_app
+from fedpref.server.app import ServerHooks
 from fedpref.server.privacy import DpMechanism, PrivacyLedger
 from fedpref.server.secure import (
     check_average,
@@ -44,11 +44,8 @@ def config_for(population, tmp_path, **overrides) -> FederatedConfig:
 
 def run(population, tmp_path, n=N_DEVICES, **overrides):
     exchanges = []
-    server_app.add_exchange_observer(lambda sent, replies: exchanges.append((sent, replies)))
-    try:
-        return run_inprocess(config_for(population, tmp_path, **overrides), n_devices=n), exchanges
-    finally:
-        server_app.clear_exchange_observers()
+    hooks = ServerHooks(on_exchange=[lambda sent, replies: exchanges.append((sent, replies))])
+    return run_inprocess(config_for(population, tmp_path, **overrides), n_devices=n, hooks=hooks), exchanges
 
 
 @pytest.mark.filterwarnings("ignore:reproducible-noise=true")

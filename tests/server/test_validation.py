@@ -6,6 +6,7 @@ it has no right to)."""
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from fedpref.client.guard import encode_update
 from fedpref.models.federation import PARTIAL_AGGREGATE, RUN_CONFIG_DEFAULTS, FederatedConfig
-from fedpref.server.app import make_strategy
+from fedpref.server.strategy import make_strategy
 from fedpref.simulations.hostile import (
     EVALUATE_KINDS,
     FORGED_PARTIALS,
@@ -102,7 +103,7 @@ def _aggregate(replies: list[Message], strategy_name: str, dp: bool = False, **r
         run_config["dp-noise-multiplier"] = 0.5
     config = FederatedConfig.from_run_config(run_config)
     seen: dict = {}
-    strategy = make_strategy(config, 8, lambda r, info: seen.update(info))
+    strategy = make_strategy(config, 8, lambda report: seen.update(vars(report)))
     strategy._sent_global = _global()
     strategy._asked = len(replies)
     if hasattr(strategy, "current_arrays"):  # FedAdam keeps what it sent (configure_train would set it)
@@ -172,7 +173,7 @@ def _aggregate_evaluate(replies: list[Message], **run_config) -> tuple[dict, dic
     """One round of fedpref's strategy's evaluation over ``replies``: (averaged metrics, what on_round saw)."""
     config = FederatedConfig.from_run_config({**RUN_CONFIG, **run_config})
     seen: dict = {}
-    strategy = make_strategy(config, 8, lambda r, info: seen.update(info))
+    strategy = make_strategy(config, 8, lambda report: seen.update(vars(report)))
     metrics = strategy.aggregate_evaluate(1, replies)
     return (dict(metrics) if metrics else {}), seen["evaluate"]
 
@@ -399,7 +400,7 @@ def test_honest_devices_send_exactly_the_metric_names_the_server_expects(synthet
     """The names the server requires (fedpref.server.validation, derived from the run config)
     are the names the devices' code sends: the ClientApp's and the fast engine's partial
     aggregates, training and evaluation. No honest reply is rejected."""
-    from fedpref.server import app as server_app
+    from fedpref.server.app import ServerHooks
     from fedpref.server.validation import evaluate_metric_keys, train_metric_keys
     from fedpref.simulations.fast import run_fast
     from fedpref.simulations.inprocess import run_inprocess
@@ -410,13 +411,10 @@ def test_honest_devices_send_exactly_the_metric_names_the_server_expects(synthet
         "history-dir": str(population), "results-dir": str(tmp_path / "run"), "num-server-rounds": 1, "dim": 4, "local-epochs": 1,
         "private-epochs": 1, "checkpoint-dir": "none", **overrides})
     replies: dict[str, list] = {"train": [], "evaluate": []}
-    server_app.add_exchange_observer(lambda sent, got: replies[sent[0].metadata.message_type].extend(r for r in got if not r.has_error())
-                                     if sent and sent[0].metadata.message_type in replies else None)
+    hooks = ServerHooks(on_exchange=[lambda sent, got: replies[sent[0].metadata.message_type].extend(r for r in got if not r.has_error())
+                                     if sent and sent[0].metadata.message_type in replies else None])
     # Execute
-    try:
-        result = run_inprocess(config, n_devices=12) if engine == "inprocess" else run_fast(config, threads=1)
-    finally:
-        server_app.clear_exchange_observers()
+    result = run_inprocess(config, n_devices=12, hooks=hooks) if engine == "inprocess" else run_fast(config, threads=1, hooks=hooks)
     # Assert
     assert replies["train"] and replies["evaluate"]
     assert {frozenset(r.content["metrics"].keys()) for r in replies["train"]} == {train_metric_keys(config)}
@@ -520,7 +518,7 @@ def _aggregate_partials(replies: list[Message], asked: int) -> dict:
     """One round of the strategy of a grid that computes partial aggregates (the fast engine's)."""
     config = FederatedConfig.from_run_config({**RUN_CONFIG, "strategy": "fedavg"})
     seen: dict = {}
-    strategy = make_strategy(config, 8, lambda r, info: seen.update(info), accept_partial=True)
+    strategy = make_strategy(config, 8, lambda report: seen.update(vars(report)), accept_partial=True)
     strategy._sent_global, strategy._asked = _global(), asked
     strategy.aggregate_train(1, replies)
     return seen
@@ -550,17 +548,17 @@ def test_even_from_the_fast_engines_grid_a_partial_aggregate_counts_only_what_it
 def test_a_check_that_raises_on_one_reply_rejects_that_reply_and_the_round_goes_on(monkeypatch):
     """The backstop: should a check meet a content nobody foresaw and raise, the strategy turns
     that into the reply's rejection (logged with its node id), never the round's failure."""
-    from fedpref.server import app as server_app
+    from fedpref.server import strategy as server_strategy
 
     # Prepare: a check that raises on node 3's reply, as an unforeseen content would make it.
-    real = server_app.check_train_reply
+    real = server_strategy.check_train_reply
 
     def fragile(reply, *args, **kwargs):
         if reply.metadata.src_node_id == 3:
             raise TypeError("a content no check foresaw")
         return real(reply, *args, **kwargs)
 
-    monkeypatch.setattr(server_app, "check_train_reply", fragile)
+    monkeypatch.setattr(server_strategy, "check_train_reply", fragile)
     sent = _global()
     # Execute
     got, seen = _aggregate([_honest(n, sent, n) for n in (0, 1, 3, 2)], "fedavg")
@@ -598,7 +596,7 @@ def test_a_device_key_that_is_not_a_whole_number_in_range_leaves_that_device_uno
     """The server asks every device for its key before round 1. It read each answer unchecked: no
     'device' record (KeyError), key 'x' (ValueError) or inf (OverflowError) from one device
     stopped the ServerApp before the run store opened, and on every restart."""
-    from fedpref.server.app import StableGrid, device_keys
+    from fedpref.server.grid import CohortSampler, StableGrid, ask_device_keys, engine_grid
 
     @given(data=st.data())
     @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -606,8 +604,8 @@ def test_a_device_key_that_is_not_a_whole_number_in_range_leaves_that_device_uno
         # Prepare: node 13 answers malformed (a duplicate: the key node 11 gave, 0).
         grid = _Deployment({13: bad_key(13, kind, HypothesisDraw(data), taken=0)})
         # Execute
-        keys = device_keys(grid, 4, timeout=1)
-        order = StableGrid(grid, keys, seed=0).get_node_ids()
+        keys = ask_device_keys(grid, 4, timeout=1)
+        order = StableGrid(engine_grid(grid), keys, CohortSampler(random.Random(0))).get_node_ids()
         # Assert: the honest keys kept (a duplicated key: neither holder's); the devices
         # without one after the others, by node id, all still there to be sampled.
         unkeyed = [11, 13] if kind == "duplicate" else [13]

@@ -20,6 +20,7 @@ from fedpref.models.federation import FederatedConfig, RunConfigError
 from fedpref.models.preference import ModelSpec
 from fedpref.models.train import LocalData, TrainConfig, draw_torch_seed, epoch_batches, init_params
 from fedpref.server import app as server_app
+from fedpref.server.app import ServerHooks
 from fedpref.simulations.fast import FastGrid, run_fast
 
 N_ITEMS = 400
@@ -160,13 +161,9 @@ def flower_and_fast(population, tmp_path_factory):
         keys.update(ask(grid, expected, timeout))
         return keys
 
-    server_app.add_exchange_observer(lambda sent, replies: exchanges.append((sent, replies)))
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(server_app, "device_keys", spy)
-            flower = run_flower_simulation(config, n_devices=N_DEVICES)
-    finally:
-        server_app.clear_exchange_observers()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server_app, "device_keys", spy)
+        flower = run_flower_simulation(config, n_devices=N_DEVICES, hooks=ServerHooks(on_exchange=[lambda sent, replies: exchanges.append((sent, replies))]))
     grid = FastGrid(replace(config, results_dir=str(tmp / "fast")), keep_updates=True)
     fast = run_fast(replace(config, results_dir=str(tmp / "fast")), grid=grid)
     return keys, flower, exchanges, fast, grid

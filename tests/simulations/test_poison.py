@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedpref.models.federation import FederatedConfig
-from fedpref.server import app as server_app
+from fedpref.server.app import ServerHooks
 from fedpref.server.validation import check_train_reply, examples_bound, train_metric_keys
 from fedpref.simulations.cli import app
 from fedpref.simulations.fast import FastGrid, Population
@@ -55,11 +55,7 @@ def test_crafted_updates_pass_validation_within_c_and_the_attack_lifts_the_targe
                 seen.append((reply, sent[reply.metadata.src_node_id]))
 
     clean = run_attack(population, BASE, 0.0, "none", target, 0, tmp_path / "clean", silent_fraction=0.1)
-    server_app.add_exchange_observer(observe)
-    try:
-        attacked = run_attack(population, BASE, 0.1, "none", target, 0, tmp_path / "attacked")
-    finally:
-        server_app.clear_exchange_observers()
+    attacked = run_attack(population, BASE, 0.1, "none", target, 0, tmp_path / "attacked", hooks=ServerHooks(on_exchange=[observe]))
     assert attacked["crafted"] == len(seen) > 0 and attacked["attack-rounds"] >= 6
     assert attacked["rejected"] == 0 and clean["rejected"] == 0
     rows = json.loads((tmp_path / "attacked" / "rounds.json").read_text())["rounds"]

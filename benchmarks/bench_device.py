@@ -23,10 +23,10 @@ import torch
 
 from _results import write_results
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.train import LocalData, init_params, local_update
 from fedpref.simulations.data.movielens import load_movielens_small
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.split import leave_one_out
 
 
 def time_devices(split, n: int, config, seed: int = 0) -> float:

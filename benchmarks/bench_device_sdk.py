@@ -43,7 +43,7 @@ def _profile(n_events: int, n_items: int, rounds: int, calls: int, baseline: boo
 
     from fedpref.client import ALWAYS, Device
     from fedpref.client.guard import encode_update
-    from fedpref.models.federation import FederatedConfig
+    from fedpref.models.config import FederatedConfig
     from fedpref.models.train import init_params
 
     torch.set_num_threads(1)

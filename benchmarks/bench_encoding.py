@@ -25,12 +25,12 @@ from flwr.app import Array
 from _results import write_results
 
 from fedpref.models.encoding import encode_within
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.train import init_params
 from fedpref.simulations.data.movielens import load_movielens_small
-from fedpref.simulations.inprocess import run_inprocess
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.engines.inprocess import run_inprocess
+from fedpref.simulations.data.population import write_population
+from fedpref.simulations.data.split import leave_one_out
 
 ENCODINGS = ("float32", "float16", "int8")
 

@@ -38,15 +38,15 @@ import torch
 from _results import write_results
 
 from fedpref.client.device import initial_private, local_round
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.train import init_params
 from fedpref.models.wire import Stream, stream_rng
-from fedpref.simulations.compiled import LOSS_KINDS, device_round
+from fedpref.simulations.engines.compiled import LOSS_KINDS, device_round
 from fedpref.simulations.data.movielens import load_movielens_small
-from fedpref.simulations.fast import Population, run_fast
-from fedpref.simulations.federated import run_flower_simulation
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.engines.fast import Population, run_fast
+from fedpref.simulations.engines.flower import run_flower_simulation
+from fedpref.simulations.data.population import write_population
+from fedpref.simulations.data.split import leave_one_out
 
 
 def round_seconds(result: dict) -> list[float]:

@@ -25,12 +25,12 @@ import psutil
 
 from _results import write_results
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.server.app import ServerHooks
 from fedpref.simulations.data.movielens import load_movielens_small
-from fedpref.simulations.federated import run_flower_simulation
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.engines.flower import run_flower_simulation
+from fedpref.simulations.data.population import write_population
+from fedpref.simulations.data.split import leave_one_out
 
 
 def first_users(split, n):

@@ -33,7 +33,7 @@ from fedpref.models.train import LocalData, default_config, init_params, local_u
 from fedpref.simulations.data.loaders import load_file
 from fedpref.simulations.data.movielens import load_movielens_small
 from fedpref.simulations.evaluate import evaluate, model_scorer
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.split import leave_one_out
 
 HERE = Path(__file__).resolve().parent
 

@@ -58,8 +58,8 @@ def population_folder(n: int) -> Path:
 
 def one_run(folder: str, cohort: int, rounds: int) -> dict:
     """One configuration, in this process (called in a child process by main)."""
-    from fedpref.models.federation import FederatedConfig
-    from fedpref.simulations.fast import FastGrid, run_fast
+    from fedpref.models.config import FederatedConfig
+    from fedpref.simulations.engines.fast import FastGrid, run_fast
 
     n = json.loads((Path(folder) / "meta.json").read_text())["n_users"]
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
@@ -85,11 +85,11 @@ def aggregation(folder: Path, cohorts: list[int], flower_memory_gb: float) -> li
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from fedpref.client.device import initial_privates
-    from fedpref.models.federation import FederatedConfig
+    from fedpref.models.config import FederatedConfig
     from fedpref.models.train import init_params
     from fedpref.models.wire import Stream, stream_rng
-    from fedpref.simulations.compiled import LOSS_KINDS, device_round
-    from fedpref.simulations.fast import Population, _clip_and_add
+    from fedpref.simulations.engines.compiled import LOSS_KINDS, device_round
+    from fedpref.simulations.engines.fast import Population, _clip_and_add
 
     pop = Population(str(folder))
     config = FederatedConfig.from_run_config({"history-dir": str(folder)})
@@ -142,7 +142,7 @@ def aggregation(folder: Path, cohorts: list[int], flower_memory_gb: float) -> li
 def encoding_bytes() -> list[dict]:
     from bench_encoding import ENCODINGS, reply_bytes
 
-    from fedpref.models.federation import FederatedConfig
+    from fedpref.models.config import FederatedConfig
 
     config = FederatedConfig.from_run_config({"catalogue-size": ITEMS, "devices": 2})
     rows = []

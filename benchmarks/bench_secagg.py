@@ -20,13 +20,13 @@ from pathlib import Path
 
 from _results import write_results
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.server.app import ServerHooks
 from fedpref.server.secure import shares_per_device
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
-from fedpref.simulations.inprocess import run_inprocess
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.engines.inprocess import run_inprocess
+from fedpref.simulations.data.population import write_population
+from fedpref.simulations.data.split import leave_one_out
 
 N_DEVICES, N_ITEMS = 150, 300
 

@@ -13,7 +13,7 @@ import warnings
 
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
 from fedpref.simulations.evaluate import evaluate, popularity_scorer
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.split import leave_one_out
 
 
 def main() -> None:

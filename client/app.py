@@ -41,7 +41,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedpref.models.contract import Params
 from fedpref.models.encoding import decode, encode_within
 from fedpref.models.encoding import norm as encoded_norm
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.wire import (
     POPULARITY_TASK,
     SECAGG_ARRAY_NAMES,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fedpref.models.contract import Params
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.files import private_folder, replace_private
 from fedpref.models.preference import ModelSpec
 from fedpref.models.train import LocalData, local_update

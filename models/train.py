@@ -184,7 +184,7 @@ def epoch_batches(data: LocalData, config: TrainConfig, rng: np.random.Generator
     """One epoch's batches, drawn from ``rng`` in the order :func:`local_update` draws them:
     the epoch's permutation, then each batch's negatives. Yields ``(positions into data,
     negatives (B, num_negatives))``; the negatives are None for ``full-softmax``. The fast
-    engine's compiled round (``fedpref.simulations.compiled.draw_batches``) draws the same
+    engine's compiled round (``fedpref.simulations.engines.compiled.draw_batches``) draws the same
     batches from the same generator; a test compares the two."""
     n = len(data)
     order = rng.permutation(n)

@@ -1,7 +1,7 @@
 """What leaves a device: the message keys, the replies, and the seeded streams behind them.
 
 Every engine (Flower's ClientApp in :mod:`fedpref.client.app`, the fast engine's cohorts in
-:mod:`fedpref.simulations.fast`, the crafted replies of :mod:`fedpref.simulations.poison`)
+:mod:`fedpref.simulations.engines.fast`, the crafted replies of :mod:`fedpref.simulations.experiments.poison`)
 builds what a device sends with the functions of this module, so that what may leave a device
 is said once:
 
@@ -32,14 +32,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 if TYPE_CHECKING:
-    from .federation import FederatedConfig
+    from .config import FederatedConfig
 
 # Keys of a secure round's training task (server.secure writes them, client.app reads them):
 SECAGG_ARRAY_NAMES = "secagg-array-names"  # the order of the shared arrays in the legacy task
 SECAGG_COHORT = "secagg-cohort"  # m, for each device's share of distributed noise
 TASK = "task"  # a secure round's task: absent for training, POPULARITY_TASK for the histogram
 POPULARITY_TASK = "popularity"
-# A reply that stands for several devices' replies (the fast engine's, fedpref.simulations.fast):
+# A reply that stands for several devices' replies (the fast engine's, fedpref.simulations.engines.fast):
 # its arrays and metrics are their weighted average, its "num-examples" their summed weight, and
 # this ConfigRecord says how many devices it covers ("devices"), how many of those asked did
 # not reply ("dropped") and, with adaptive clipping, how many sent the norm bit ("norm-bits").
@@ -64,7 +64,7 @@ class Stream(IntEnum):
     STRAGGLER = 6  # a simulated device's straggler coin
     AVAILABILITY = 6  # simulated availability ``random:P`` (the same coin as the straggler's)
     TIME_ZONE = 7  # simulated availability ``diurnal``: the device's time zone (no round)
-    ATTACK = 0xB0057  # a compromised device's crafted update (fedpref.simulations.poison)
+    ATTACK = 0xB0057  # a compromised device's crafted update (fedpref.simulations.experiments.poison)
 
 
 def stream_rng(seed: int, device: int, server_round: int | None, stream: Stream) -> np.random.Generator:

@@ -35,7 +35,7 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from fedpref.models.federation import POPULARITY_TASK, TASK, FederatedConfig
+from fedpref.models.config import POPULARITY_TASK, TASK, FederatedConfig
 
 from .privacy import DpMechanism, NoiseSource
 from .secure import SecureAggregationGrid, SumLimits, gaussian_max_bound

@@ -99,7 +99,7 @@ MODELS_PREFIX = "/models"
 # checkpoint-dir "none" turns checkpoints off.)
 # Simulation settings a real run must not take: noise computable from the run's seed, refused
 # when the ServerApp would read the value as on. That reading is
-# fedpref.models.federation.run_config_bool, written again here because importing that module
+# fedpref.models.config.run_config_bool, written again here because importing that module
 # would load PyTorch into the operator API.
 SIMULATION_ONLY = ("reproducible-noise",)
 

@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.models.files import open_private, private_folder, write_private
 from fedpref.server import checkpoint
 from fedpref.server.analytics import dp_popularity, popularity_mechanism

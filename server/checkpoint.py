@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from fedpref.models.federation import RUN_CONFIG_DEFAULTS
+from fedpref.models.config import RUN_CONFIG_DEFAULTS
 
 from fedpref.models.files import private_folder, replace_private
 from .privacy import PrivacyConfigError, PrivacyLedger

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 from flwr.app import ArrayRecord
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 
 
 @dataclass

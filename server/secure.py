@@ -73,7 +73,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
-from fedpref.models.federation import SECAGG_ARRAY_NAMES, SECAGG_COHORT, FederatedConfig, RunConfigError
+from fedpref.models.config import SECAGG_ARRAY_NAMES, SECAGG_COHORT, FederatedConfig, RunConfigError
 from fedpref.models.wire import aggregate_content
 from fedpref.server.grid import GridView
 

@@ -35,7 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from fedpref.models.encoding import EncodingError, decode, encoded_names
-from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig, cosine_factor
+from fedpref.models.config import PARTIAL_AGGREGATE, FederatedConfig, cosine_factor
 from fedpref.server.grid import CohortSampler
 from fedpref.server.privacy import AdaptiveClippingNoise, FixedClippingNoise, NoiseSource
 from fedpref.server.rounds import EvaluateReport, TrainReport

@@ -50,7 +50,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from fedpref.models.federation import PARTIAL_AGGREGATE, FederatedConfig
+from fedpref.models.config import PARTIAL_AGGREGATE, FederatedConfig
 
 NORM_TOLERANCE = 1e-5  # relative: float rounding, nothing more
 RECORD_OVERHEAD = 64 * 1024  # bytes allowed beyond the arrays by default (metrics, names)

@@ -22,18 +22,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedpref.models.federation import RUN_CONFIG_DEFAULTS as _RC  # simulate's defaults are the run config's
+from fedpref.models.config import RUN_CONFIG_DEFAULTS as _RC  # simulate's defaults are the run config's
 from fedpref.models.metrics import NonFiniteScoresError
 from fedpref.models.preference import MODELS
 from fedpref.models.train import LOSSES, TrainConfig, default_config
 
-from .data.interactions import DataFormatError, DataWarning
-from .data.registry import describe_sources, load_dataset
-from .evaluate import evaluate, popularity_scorer, random_scorer
-from .reference import ReferenceResult, train_centralised, train_local_only
-from .options import option, run_config_options
-from .progress import progress_bar
-from .split import LeaveOneOutSplit, SplitError, leave_one_out
+from fedpref.simulations.data.interactions import DataFormatError, DataWarning
+from fedpref.simulations.data.registry import describe_sources, load_dataset
+from fedpref.simulations.evaluate import evaluate, popularity_scorer, random_scorer
+from fedpref.simulations.reference import ReferenceResult, train_centralised, train_local_only
+from fedpref.simulations.options import option, run_config_options
+from fedpref.simulations.progress import progress_bar
+from fedpref.simulations.data.split import LeaveOneOutSplit, SplitError, leave_one_out
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="fedpref research: data, reference training, simulations and experiments.")
 console = Console()
@@ -63,7 +63,7 @@ def _fail(message: str) -> None:
 
 def _read_population(folder: Path) -> tuple[dict, Path, str]:
     """A population folder's meta.json, the folder, and its data set's name (a clear error if it is not one)."""
-    from .population import read_meta
+    from fedpref.simulations.data.population import read_meta
 
     try:
         meta = read_meta(folder)
@@ -339,7 +339,7 @@ def population(
     progress: Progress = True,
 ) -> None:
     """Write one history per device (for `flwr run .` with --run-config history-dir=OUT)."""
-    from .population import write_device_stores, write_population
+    from fedpref.simulations.data.population import write_device_stores, write_population
 
     split = _load_split(dataset, format, rating_threshold, seed)
     folder = write_population(split, out)
@@ -386,7 +386,7 @@ def compare(
 ) -> None:
     """Several federated runs side by side: their validation curves in one plot, and a table
     of each run's chosen round with its validation and test figures."""
-    from .report import plot_comparison
+    from fedpref.simulations.report import plot_comparison
 
     if x not in ("round", "seconds"):
         _fail(f"--x must be round or seconds, got {x!r}")
@@ -451,14 +451,14 @@ def simulate(
     progress: Progress = True,
 ) -> None:
     """Federated training on Flower's Simulation Engine: one virtual device per user."""
-    from fedpref.models.federation import FederatedConfig, RunConfigError
+    from fedpref.models.config import FederatedConfig, RunConfigError
     from fedpref.server import app as server_app
     from fedpref.server.secure import check_secagg
 
-    from .federated import backend_config, run_flower_simulation
-    from .inprocess import run_inprocess
-    from .population import write_population
-    from .report import plot_rounds, write_rounds_csv
+    from fedpref.simulations.engines.flower import backend_config, run_flower_simulation
+    from fedpref.simulations.engines.inprocess import run_inprocess
+    from fedpref.simulations.data.population import write_population
+    from fedpref.simulations.report import plot_rounds, write_rounds_csv
 
     if engine not in ENGINES:
         _fail(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -481,7 +481,7 @@ def simulate(
         if config.secagg:  # refuse a cohort below secagg-min-cohort before any work
             check_secagg(config, config.cohort_size(split.n_users))
         if engine == "fast":  # refuse what the fast engine does not compute before any work
-            from .fast import check_fast
+            from fedpref.simulations.engines.fast import check_fast
 
             check_fast(config)
     except RunConfigError as exc:
@@ -508,7 +508,7 @@ def simulate(
         if engine == "flower":
             result = run_flower_simulation(config, n_devices=split.n_users, backend=backend, hooks=hooks)
         elif engine == "fast":
-            from .fast import run_fast
+            from fedpref.simulations.engines.fast import run_fast
 
             result = run_fast(config, threads=threads, private_dir=str(private_dir) if private_dir else None, hooks=hooks)
         else:
@@ -519,7 +519,7 @@ def simulate(
     if "popularity" in result:  # the published histogram as a recommender for everyone, beside the true popularity
         from fedpref.client.cold_start import load_popularity
 
-        from .evaluate import counts_scorer
+        from fedpref.simulations.evaluate import counts_scorer
 
         counts = load_popularity(out / result["popularity"]["file"])
         result["popularity"]["cold-start-test-hr"] = evaluate(counts_scorer(counts), split, target="test", seed=seed).hr
@@ -582,11 +582,11 @@ def audit(
     progress: Progress = True,
 ) -> None:
     """Leakage audit: how well a curious server infers each person's items from what it holds."""
-    from fedpref.models.federation import FederatedConfig, RunConfigError
+    from fedpref.models.config import FederatedConfig, RunConfigError
     from fedpref.server.secure import check_secagg
 
-    from .audit import MODES, mode_overrides, plot_audit, run_audit
-    from .population import write_population
+    from fedpref.simulations.experiments.audit import MODES, mode_overrides, plot_audit, run_audit
+    from fedpref.simulations.data.population import write_population
 
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODES]
@@ -655,10 +655,10 @@ def poison(
 ) -> None:
     """Poisoning: compromised devices push one unpopular item into everyone's top 10; its reach
     with and without each defence, and what each defence costs in HR@10."""
-    from fedpref.models.federation import FederatedConfig, RunConfigError
+    from fedpref.models.config import FederatedConfig, RunConfigError
 
-    from .poison import DEFENCES, NORM_QUANTILES, choose_target, defence_overrides, poison_sweep
-    from .population import write_population
+    from fedpref.simulations.experiments.poison import DEFENCES, NORM_QUANTILES, choose_target, defence_overrides, poison_sweep
+    from fedpref.simulations.data.population import write_population
 
     try:
         shares = _floats(fractions)
@@ -694,7 +694,7 @@ def poison(
         for defence in chosen:
             config = FederatedConfig.from_run_config({**base, "history-dir": str(folder.resolve()), **defence_overrides(defence, 1.0)})
             if engine == "fast":
-                from .fast import check_fast
+                from fedpref.simulations.engines.fast import check_fast
 
                 check_fast(config)
             if config.model != "mf" or config.secagg:
@@ -748,11 +748,11 @@ def privacy_sweep(
     progress: Progress = True,
 ) -> None:
     """Privacy-utility sweep: epsilon against test HR@10 for several noise multipliers and cohort sizes."""
-    from fedpref.models.federation import FederatedConfig, RunConfigError
+    from fedpref.models.config import FederatedConfig, RunConfigError
     from fedpref.server.app import privacy_plan
 
-    from .population import write_population
-    from .privacy_sweep import plot_sweep, run_sweep, sweep_runs
+    from fedpref.simulations.data.population import write_population
+    from fedpref.simulations.experiments.privacy_sweep import plot_sweep, run_sweep, sweep_runs
 
     try:
         zs, ms = _floats(noise), _ints(cohorts)
@@ -782,7 +782,7 @@ def privacy_sweep(
             if config.dp:
                 privacy_plan(config, n_users)
             if engine == "fast":
-                from .fast import check_fast
+                from fedpref.simulations.engines.fast import check_fast
 
                 check_fast(config)
     except RunConfigError as exc:
@@ -798,7 +798,7 @@ def privacy_sweep(
     if split is not None:
         pop_hr = evaluate(popularity_scorer(split), split, target="test", seed=seed).hr
     else:
-        from .population import popularity_hr
+        from fedpref.simulations.data.population import popularity_hr
 
         pop_hr = popularity_hr(folder, seed=seed)
     plot_sweep(rows, out / "sweep.png", popularity_hr=pop_hr,
@@ -823,7 +823,7 @@ def reliability(
     validation_trials: Annotated[int, typer.Option(help="validation: trials per kind of malformed reply.")] = 300,
 ) -> None:
     """The reliability record: dropouts, stragglers, malformed and poisoned updates, crashes; writes docs/RELIABILITY.md."""
-    from .reliability import PARTS, run_parts, write_page
+    from fedpref.simulations.experiments.reliability import PARTS, run_parts, write_page
 
     chosen = list(PARTS) if parts == "all" else [p.strip() for p in parts.split(",") if p.strip()]
     unknown = sorted(set(chosen) - set(PARTS))

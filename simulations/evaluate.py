@@ -19,7 +19,7 @@ from fedpref.models.contract import Params
 from fedpref.models.metrics import hit_rate, ndcg, rank_of_target
 from fedpref.models.preference import ModelSpec
 
-from .split import LeaveOneOutSplit
+from fedpref.simulations.data.split import LeaveOneOutSplit
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # user indices (B,) -> scores (B, n_items)
 

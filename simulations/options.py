@@ -1,4 +1,4 @@
-"""Command-line options derived from the run-config schema (:class:`fedpref.models.federation.FederatedConfig`).
+"""Command-line options derived from the run-config schema (:class:`fedpref.models.config.FederatedConfig`).
 
 A command offers run-config keys as options without declaring them again: each option takes its
 type, default and help from the schema, and the command receives the chosen values keyed by
@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedpref.models.federation import RUN_CONFIG_DEFAULTS, RUN_CONFIG_HELP, RUN_CONFIG_TYPES
+from fedpref.models.config import RUN_CONFIG_DEFAULTS, RUN_CONFIG_HELP, RUN_CONFIG_TYPES
 
 #: The parameter of a command decorated with :func:`run_config_options` that receives the values.
 VALUES = "run_config_values"

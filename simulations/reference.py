@@ -16,9 +16,9 @@ import numpy as np
 from fedpref.models.contract import Params
 from fedpref.models.train import LocalData, TrainConfig, init_params, local_update
 
-from .evaluate import RankingMetrics, evaluate, model_scorer
-from .progress import progress_bar
-from .split import LeaveOneOutSplit
+from fedpref.simulations.evaluate import RankingMetrics, evaluate, model_scorer
+from fedpref.simulations.progress import progress_bar
+from fedpref.simulations.data.split import LeaveOneOutSplit
 
 
 @dataclass

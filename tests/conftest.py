@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.population import write_population
+from fedpref.simulations.data.split import leave_one_out
 
 
 def _synthetic_population(folder: Path, n_users: int, n_items: int, mean_events: int, seed: int) -> Path:

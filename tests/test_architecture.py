@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ("client", "server", "models", "simulations", "fedpref_root")
+SOURCE = ("client", "server", "models", "simulations", "fedpref")
 WIRE = ROOT / "models" / "wire.py"
 
 # What only a simulation knows: its fault keys (run config and node config) and its names.
@@ -110,7 +110,7 @@ def test_the_checks_would_catch_what_they_forbid(tmp_path):
     """The scans find what they look for (so that a pass means something)."""
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "from fedpref.simulations.device import DroppedOut\n"
+        "from fedpref.simulations.engines.device import DroppedOut\n"
         "from ..simulations import device\n"
         "sent = MetricRecord({'num-examples': 1})\n"
         "sent[KEY_NORM_BIT] = 1\n"
@@ -123,7 +123,7 @@ def test_the_checks_would_catch_what_they_forbid(tmp_path):
     nested = tmp_path / "client" / "sub"
     nested.mkdir(parents=True)
     inner = nested / "x.py"
-    inner.write_text("from ...simulations import device\nfrom fedpref.simulations.fast import FastGrid\nfrom ..models import wire\n")
+    inner.write_text("from ...simulations import device\nfrom fedpref.simulations.engines.fast import FastGrid\nfrom ..models import wire\n")
     global ROOT
     saved, ROOT = ROOT, tmp_path
     try:

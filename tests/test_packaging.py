@@ -53,3 +53,25 @@ def test_the_readme_main_command_is_a_federated_simulation_on_the_built_in_data_
     readme = (ROOT / "README.md").read_text()
     block = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, flags=re.S)[0]
     assert any("fedpref simulate" in line and "movielens-small" in line for line in block.splitlines())
+
+
+def test_the_package_folder_lets_any_tool_follow_the_imports():
+    """``fedpref/`` is the package root; its links ``client``, ``server``, ``models`` and
+    ``simulations`` point at the top-level folders, so that ``fedpref.client.app`` is the file
+    ``fedpref/client/app.py`` for a reader, an editor or a type checker, without the install's
+    package-dir mapping."""
+    for top in TOP:
+        link = ROOT / "fedpref" / top
+        assert link.is_symlink() and link.resolve() == (ROOT / top).resolve(), f"fedpref/{top} must link to ../{top}"
+    import subprocess
+    import sys
+
+    found = subprocess.run(
+        [sys.executable, "-I", "-c", "import sys, importlib.machinery as m; sys.path.insert(0, sys.argv[1]);"
+         "spec = m.PathFinder.find_spec('fedpref'); print(spec.origin)", str(ROOT)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert Path(found).resolve() == (ROOT / "fedpref" / "__init__.py").resolve()
+    for top in TOP:
+        spec = __import__("importlib.machinery").machinery.PathFinder.find_spec(top, [str(ROOT / "fedpref")])
+        assert spec is not None and Path(spec.origin).resolve() == (ROOT / top / "__init__.py").resolve()

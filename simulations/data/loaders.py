@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 
-from .interactions import DataFormatError, Interactions, build_interactions
+from fedpref.simulations.data.interactions import DataFormatError, Interactions, build_interactions
 
 __all__ = ["FORMATS", "FORMAT_DESCRIPTIONS", "detect_format", "load_file"]
 

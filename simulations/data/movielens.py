@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from .interactions import Interactions, build_interactions
+from fedpref.simulations.data.interactions import Interactions, build_interactions
 
 BUILTIN = ("movielens-small",)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .interactions import DataFormatError, Interactions
-from .movielens import BUILTIN, load_movielens_small
+from fedpref.simulations.data.interactions import DataFormatError, Interactions
+from fedpref.simulations.data.movielens import BUILTIN, load_movielens_small
 
 SYNTHETIC = re.compile(r"^synthetic:(\d+)x(\d+)(?::seed=(\d+))?$")
 
@@ -32,7 +32,7 @@ def load_dataset(
         return load_movielens_small(rating_threshold=rating_threshold)
     match = SYNTHETIC.match(source)
     if match:
-        from .synthetic import SyntheticConfig, generate_synthetic
+        from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
 
         if rating_threshold is not None:
             raise DataFormatError("synthetic populations have no ratings; drop --rating-threshold")
@@ -45,6 +45,6 @@ def load_dataset(
     path = Path(source)
     if not path.exists():
         raise DataFormatError(f"no data set or file named {source!r}; give {describe_sources()}")
-    from .loaders import load_file
+    from fedpref.simulations.data.loaders import load_file
 
     return load_file(path, format=format, rating_threshold=rating_threshold)

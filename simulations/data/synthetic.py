@@ -94,8 +94,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..progress import progress_bar
-from .interactions import Interactions
+from fedpref.simulations.progress import progress_bar
+from fedpref.simulations.data.interactions import Interactions
 
 #: Users per generator block. Part of the seeding contract: changing it changes every output.
 BLOCK_USERS = 4096

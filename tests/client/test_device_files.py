@@ -21,7 +21,7 @@ import pytest
 from fedpref.client import Device, Retention
 from fedpref.client.keys import fingerprint, write_device_key
 from fedpref.client.model_fetch import ModelFetchError
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.preference import ModelSpec
 from fedpref.server.publish import generate_signing_key
 

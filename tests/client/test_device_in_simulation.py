@@ -8,9 +8,9 @@ import numpy as np
 from flwr.app import Array, MessageType
 
 from fedpref.client import Device
-from fedpref.models.federation import FederatedConfig
-from fedpref.simulations.inprocess import run_inprocess
-from fedpref.simulations.population import write_device_stores
+from fedpref.models.config import FederatedConfig
+from fedpref.simulations.engines.inprocess import run_inprocess
+from fedpref.simulations.data.population import write_device_stores
 
 N_DEVICES = 8
 WITHDRAWS = 3  # withdraws before round 2

@@ -28,8 +28,8 @@ from fedpref.client import Device
 from fedpref.client.keys import write_device_key
 from fedpref.server.tls import write_dev_certificates
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
-from fedpref.simulations.population import write_device_stores, write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.population import write_device_stores, write_population
+from fedpref.simulations.data.split import leave_one_out
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -3,7 +3,7 @@
 import numpy as np
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.wire import (
     PARTIAL_AGGREGATE,
     Stream,

@@ -11,11 +11,11 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.server.app import ServerHooks
 from fedpref.server.strategy import make_strategy
 from fedpref.server.privacy import DpMechanism, ReproducibleNoiseWarning, default_delta
-from fedpref.simulations.inprocess import NODE_ID_BASE, run_inprocess
+from fedpref.simulations.engines.inprocess import NODE_ID_BASE, run_inprocess
 
 N_DEVICES = 20
 

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.server.api import FlowerControl, FlowerControlError, create_app, toml_value
 from fedpref.server.runstore import RunStore
 from fedpref.server.settings import DEV_API_KEY, OperatorSettings
@@ -489,7 +489,7 @@ def test_run_config_values_survive_flowers_own_parser():
 # -- paths in a run config -----------------------------------------------------------------------
 
 def test_the_guard_knows_every_path_valued_run_config_key():
-    from fedpref.models.federation import RUN_CONFIG_DEFAULTS
+    from fedpref.models.config import RUN_CONFIG_DEFAULTS
     from fedpref.server.api import PATH_KEYS
 
     looks_like_a_path = {key for key in RUN_CONFIG_DEFAULTS if key.endswith(("-dir", "-key", "-store", "-file", "-path", "-url", "-folder"))}

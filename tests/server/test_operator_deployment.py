@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.population import write_population
+from fedpref.simulations.data.split import leave_one_out
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

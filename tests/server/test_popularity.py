@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedpref.simulations.history import load_history
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.simulations.engines.history import load_history
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.server.analytics import popularity_mechanism
 from fedpref.server.privacy import DpMechanism
 from fedpref.simulations.cli import app
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 N_DEVICES = 20
 
@@ -164,8 +164,8 @@ def test_a_device_counting_what_the_cohort_cannot_hold_has_the_histogram_refused
     from flwr.common import bytes_to_ndarray, ndarray_to_bytes
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-    from fedpref.simulations.device import app as client_app
-    from fedpref.simulations.inprocess import InProcessGrid
+    from fedpref.simulations.engines.device import app as client_app
+    from fedpref.simulations.engines.inprocess import InProcessGrid
 
     n, max_items, step = N_DEVICES, 5, 2 * np.sqrt(5) / 2**22
     offset = np.zeros(150, dtype=np.int64)

@@ -14,12 +14,12 @@ from fastapi import FastAPI
 
 from fedpref.client import Device
 from fedpref.client.model_fetch import ModelVerificationError
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.models.published import Manifest, parse_time
 from fedpref.server.model_http import model_router
 from fedpref.server.publish import generate_signing_key
 from fedpref.server.runstore import RunStore
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 N_DEVICES, ROUNDS = 8, 3
 EXPIRY_DAYS = 7

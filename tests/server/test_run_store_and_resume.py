@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from sqlalchemy import inspect
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.server import checkpoint
 from fedpref.server.checkpoint import CheckpointError
 from fedpref.server.runstore import RunStore, RunStoreError
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 N_DEVICES = 12
 ROUNDS = 6
@@ -70,9 +70,9 @@ def test_the_run_store_refuses_what_it_cannot_open(tmp_path):
 
 KILLED_RUN = """
 import json, os, signal, sys
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.server.app import ServerHooks
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 config = FederatedConfig.from_run_config(json.loads(sys.argv[1]))
 kill_at = int(sys.argv[2])

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.server.runstore import RunStore
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 
 def _missing(why: str):

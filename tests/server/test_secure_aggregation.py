@@ -9,9 +9,9 @@ import pytest
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from fedpref.simulations.device import drops_out
-from fedpref.simulations.history import load_history
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.simulations.engines.device import drops_out
+from fedpref.simulations.engines.history import load_history
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.server.app import ServerHooks
 from fedpref.server.privacy import DpMechanism, PrivacyLedger
 from fedpref.server.secure import (
@@ -23,8 +23,8 @@ from fedpref.server.secure import (
     shares_per_device,
     sum_limit,
 )
-from fedpref.simulations.federated import run_flower_simulation
-from fedpref.simulations.inprocess import InProcessGrid, run_inprocess
+from fedpref.simulations.engines.flower import run_flower_simulation
+from fedpref.simulations.engines.inprocess import InProcessGrid, run_inprocess
 
 N_DEVICES = 20
 
@@ -203,7 +203,7 @@ def test_in_a_secure_run_a_device_refuses_to_send_an_update_in_the_clear(populat
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpref.simulations.device import app as client_app
+    from fedpref.simulations.engines.device import app as client_app
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     config = config_for(population, tmp_path)
@@ -221,7 +221,7 @@ def one_hostile_device(key, tamper):
     """fedpref's ClientApp, except that the first device to put ``key`` in a SecAgg+ reply
     (once in the run) sends ``tamper(value)`` in its place: what a device running its own code
     can send. ``app.hostile`` holds that device's node id."""
-    from fedpref.simulations.device import app as client_app
+    from fedpref.simulations.engines.device import app as client_app
 
     hostile = []
 

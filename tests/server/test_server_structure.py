@@ -133,7 +133,7 @@ def test_every_strategy_is_a_named_class_composed_of_flowers(strategy, aggregati
     Flower optimiser of its name, whatever average it takes."""
     from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
-    from fedpref.models.federation import FederatedConfig
+    from fedpref.models.config import FederatedConfig
     from fedpref.server.strategy import STRATEGIES, CohortsAndAverage, FedprefStrategy, make_strategy
 
     values = {"catalogue-size": 30, "devices": 8, "dim": 4, "strategy": strategy}

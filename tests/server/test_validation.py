@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpref.client.guard import encode_update
-from fedpref.models.federation import PARTIAL_AGGREGATE, RUN_CONFIG_DEFAULTS, FederatedConfig
+from fedpref.models.config import PARTIAL_AGGREGATE, RUN_CONFIG_DEFAULTS, FederatedConfig
 from fedpref.server.strategy import make_strategy
-from fedpref.simulations.hostile import (
+from fedpref.simulations.experiments.hostile import (
     EVALUATE_KINDS,
     FORGED_PARTIALS,
     KEY_KINDS,
@@ -31,7 +31,7 @@ from fedpref.simulations.hostile import (
     rebuilt,
     reply_message,
 )
-from fedpref.simulations.inprocess import reply_from
+from fedpref.simulations.engines.inprocess import reply_from
 
 C = 1.0
 SHAPES = {"item_embedding.weight": (30, 4), "item_bias.weight": (30, 1)}
@@ -90,7 +90,7 @@ def _check(reply: Message, sent: dict, dp: bool = False) -> str | None:
                              metric_keys=train_metric_keys(config), max_examples=MAX_EXAMPLES)
 
 
-# -- the hostile kit (fedpref.simulations.hostile), its choices drawn by hypothesis ---------
+# -- the hostile kit (fedpref.simulations.experiments.hostile), its choices drawn by hypothesis ---------
 
 def _mutate(reply: Message, sent: dict, kind: str, data: st.DataObject) -> Message:
     return malform(reply, sent, kind, HypothesisDraw(data), bound=C, max_examples=MAX_EXAMPLES)
@@ -356,9 +356,9 @@ def test_in_a_run_a_hostile_devices_replies_count_as_rejected_and_change_nothing
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpref.simulations.device import app as client_app
+    from fedpref.simulations.engines.device import app as client_app
     from fedpref.server.app import main as server_main
-    from fedpref.simulations.inprocess import InProcessGrid
+    from fedpref.simulations.engines.inprocess import InProcessGrid
 
     population = synthetic_population(tmp_path, 12, 200, 12, 3)
 
@@ -402,8 +402,8 @@ def test_honest_devices_send_exactly_the_metric_names_the_server_expects(synthet
     aggregates, training and evaluation. No honest reply is rejected."""
     from fedpref.server.app import ServerHooks
     from fedpref.server.validation import evaluate_metric_keys, train_metric_keys
-    from fedpref.simulations.fast import run_fast
-    from fedpref.simulations.inprocess import run_inprocess
+    from fedpref.simulations.engines.fast import run_fast
+    from fedpref.simulations.engines.inprocess import run_inprocess
 
     # Prepare
     population = synthetic_population(tmp_path, 12, 200, 12, 3)
@@ -468,7 +468,7 @@ def test_a_training_metric_that_is_a_string_or_a_bool_is_rejected(value):
     """Flower's own records refuse these, but the server does not rely on the transport: a record
     that carries one anyway (an in-process grid, another transport) is rejected like a list. (A
     bool used to pass as a finite number.)"""
-    # Prepare: the value put in past Flower's record check (fedpref.simulations.hostile.metric_record).
+    # Prepare: the value put in past Flower's record check (fedpref.simulations.experiments.hostile.metric_record).
     sent = _global()
     hostile = _with_metrics(_honest(3, sent, 3), **{"train-loss": value})
     assert hostile.content["metrics"]["train-loss"] is value

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedpref.simulations.audit import auc, item_scores, popularity_prior, run_audit
+from fedpref.simulations.experiments.audit import auc, item_scores, popularity_prior, run_audit
 from fedpref.simulations.cli import app
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.population import write_population
+from fedpref.simulations.data.split import leave_one_out
 
 
 def test_auc_is_the_share_of_positive_negative_pairs_ranked_right_with_ties_as_halves():

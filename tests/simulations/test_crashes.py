@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedpref.client.store import Event, EventStore, Retention
-from fedpref.simulations.crashes import (
+from fedpref.simulations.experiments.crashes import (
     batch_sizes,
     build_app,
     check_store,
@@ -92,7 +92,7 @@ DIE_WHILE_CREATING = """
 import os, signal, sys
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from fedpref.simulations.crashes import _load_store_module
+from fedpref.simulations.experiments.crashes import _load_store_module
 
 def die(conn, cursor, statement, *args):
     if statement.lstrip().upper().startswith("INSERT INTO SETTINGS"):

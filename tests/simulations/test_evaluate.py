@@ -6,7 +6,7 @@ import pytest
 from fedpref.models.metrics import NonFiniteScoresError
 from fedpref.simulations.data.interactions import build_interactions
 from fedpref.simulations.evaluate import evaluate, popularity_scorer, random_scorer
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.split import leave_one_out
 
 
 @pytest.fixture(scope="module")

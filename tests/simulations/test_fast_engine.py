@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from fedpref.client.device import initial_private, initial_privates, local_round
-from fedpref.simulations.compiled import LOSS_KINDS, device_evaluate, device_round, draw_batches, unsupported
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.simulations.engines.compiled import LOSS_KINDS, device_evaluate, device_round, draw_batches, unsupported
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.models.preference import ModelSpec
 from fedpref.models.train import LocalData, TrainConfig, draw_torch_seed, epoch_batches, init_params
 from fedpref.server import app as server_app
 from fedpref.server.app import ServerHooks
-from fedpref.simulations.fast import FastGrid, run_fast
+from fedpref.simulations.engines.fast import FastGrid, run_fast
 
 N_ITEMS = 400
 
@@ -106,9 +106,9 @@ def test_what_the_compiled_trainer_covers():
 
 def test_the_compiled_evaluation_ranks_as_the_device_does(synthetic_population, tmp_path):
     """device_evaluate against the ClientApp's own refit and rank_locally."""
-    from fedpref.simulations.device import rank_locally
+    from fedpref.simulations.engines.device import rank_locally
     from fedpref.client.device import refit_private
-    from fedpref.simulations.history import load_history
+    from fedpref.simulations.engines.history import load_history
 
     folder = synthetic_population(tmp_path, 12, 300, 30, 3)
     config = FederatedConfig.from_run_config({"history-dir": str(folder), "dim": 16})
@@ -150,7 +150,7 @@ def base_config(population, results, **overrides) -> FederatedConfig:
 @pytest.fixture(scope="module")
 def flower_and_fast(population, tmp_path_factory):
     """The same run on Flower's Simulation Engine (every exchange recorded) and on the fast engine."""
-    from fedpref.simulations.federated import run_flower_simulation
+    from fedpref.simulations.engines.flower import run_flower_simulation
 
     tmp = tmp_path_factory.mktemp("runs")
     config = base_config(population, tmp / "flower")
@@ -202,7 +202,7 @@ def test_a_short_runs_metrics_agree_with_the_flower_engines(flower_and_fast):
 @pytest.mark.filterwarnings("ignore:reproducible-noise=true")
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
 def test_with_central_dp_the_fast_engine_adds_the_same_noise_and_spends_the_same_epsilon(population, tmp_path, clipping):
-    from fedpref.simulations.inprocess import run_inprocess
+    from fedpref.simulations.engines.inprocess import run_inprocess
 
     # Both engines draw the same noise and cohorts only when the run asks for them from its seed.
     config = base_config(population, tmp_path / "inprocess", **{"dp-noise-multiplier": 0.7, "dp-clipping": clipping, "dropout": 0.0, "evaluate-every": 3,
@@ -220,7 +220,7 @@ def test_with_central_dp_the_fast_engine_adds_the_same_noise_and_spends_the_same
 
 
 def test_a_model_the_compiler_does_not_cover_runs_the_devices_own_code(population, tmp_path):
-    from fedpref.simulations.inprocess import run_inprocess
+    from fedpref.simulations.engines.inprocess import run_inprocess
 
     config = base_config(population, tmp_path / "inprocess", model="neumf", dim=8, dropout=0.0, **{"num-server-rounds": 2})
     reference = run_inprocess(config, n_devices=N_DEVICES)
@@ -255,10 +255,10 @@ def test_a_device_that_sends_a_partial_aggregate_is_rejected(population, tmp_pat
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpref.simulations.device import app as client_app
-    from fedpref.models.federation import PARTIAL_AGGREGATE
+    from fedpref.simulations.engines.device import app as client_app
+    from fedpref.models.config import PARTIAL_AGGREGATE
     from fedpref.server.app import main as server_main
-    from fedpref.simulations.inprocess import InProcessGrid
+    from fedpref.simulations.engines.inprocess import InProcessGrid
 
     config = base_config(population, tmp_path / "run", dropout=0.0, **{"num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0})
 

@@ -4,7 +4,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fedpref.models.federation import RUN_CONFIG_DEFAULTS, RUN_CONFIG_HELP
+from fedpref.models.config import RUN_CONFIG_DEFAULTS, RUN_CONFIG_HELP
 from fedpref.simulations.options import run_config_options
 
 

@@ -1,4 +1,4 @@
-"""Poisoning (fedpref.simulations.poison, `fedpref poison`): compromised devices send
+"""Poisoning (fedpref.simulations.experiments.poison, `fedpref poison`): compromised devices send
 well-formed updates within C that the server's validation accepts; with 10% of them and no
 defence the target reaches honest users' top 10; they neither evaluate nor count in the
 measure; the command line writes its table."""
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.server.app import ServerHooks
 from fedpref.server.validation import check_train_reply, examples_bound, train_metric_keys
 from fedpref.simulations.cli import app
-from fedpref.simulations.fast import FastGrid, Population
-from fedpref.simulations.poison import (
+from fedpref.simulations.engines.fast import FastGrid, Population
+from fedpref.simulations.experiments.poison import (
     NODE_ID_BASE,
     PoisonGrid,
     TargetBoost,
@@ -102,7 +102,7 @@ def test_compromised_devices_neither_train_honestly_nor_evaluate_nor_count(popul
         return original(group)
 
     inner._evaluate = spy
-    from fedpref.simulations.fast import run_fast
+    from fedpref.simulations.engines.fast import run_fast
 
     result = run_fast(config, grid=grid)
     assert result["rounds"][-1]["round"] == 8 and sum(grid.crafted.values()) > 0

@@ -6,7 +6,7 @@ import csv
 from typer.testing import CliRunner
 
 from fedpref.simulations.cli import app
-from fedpref.simulations.privacy_sweep import sweep_runs
+from fedpref.simulations.experiments.privacy_sweep import sweep_runs
 
 
 def test_every_cohort_gets_a_run_without_dp_first():

@@ -8,9 +8,9 @@ import stat
 import numpy as np
 import pytest
 
-from fedpref.models.federation import FederatedConfig
-from fedpref.simulations.fast import PrivateVectors
-from fedpref.simulations.population import write_device_stores
+from fedpref.models.config import FederatedConfig
+from fedpref.simulations.engines.fast import PrivateVectors
+from fedpref.simulations.data.population import write_device_stores
 
 
 def mode(path) -> int:

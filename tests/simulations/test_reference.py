@@ -8,7 +8,7 @@ from fedpref.models.train import default_config
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
 from fedpref.simulations.evaluate import evaluate, popularity_scorer
 from fedpref.simulations.reference import train_centralised, train_local_only
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.data.split import leave_one_out
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from fedpref.simulations.cli import app
-from fedpref.simulations.reliability import validation_part, write_page
+from fedpref.simulations.experiments.reliability import validation_part, write_page
 
 
 def test_every_malformed_reply_of_the_record_is_rejected_and_no_honest_one():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedpref.simulations.data.interactions import DataWarning, build_interactions
-from fedpref.simulations.split import SplitError, leave_one_out
+from fedpref.simulations.data.split import SplitError, leave_one_out
 
 
 def random_table(n_users=60, n_items=300, seed=0, with_time=True):

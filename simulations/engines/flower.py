@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from flwr.supercore.telemetry import EventType
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 
 if TYPE_CHECKING:
     from fedpref.server.app import ServerHooks
@@ -32,7 +32,7 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
                           client_app=None, hooks: ServerHooks | None = None) -> dict:
     """Run ``config`` on ``n_devices`` virtual SuperNodes; returns the server's summary (what
     rounds.json holds). ``client_app``: another ClientApp for the devices (default fedpref's;
-    e.g. :data:`fedpref.simulations.hostile.app`, which makes one of them hostile).
+    e.g. :data:`fedpref.simulations.experiments.hostile.app`, which makes one of them hostile).
     ``hooks``: the server's listeners of this run (the ServerApp runs in this process).
 
     ``flwr.simulation.run_simulation`` does not read ``[tool.flwr.app.config]`` and takes no
@@ -42,7 +42,7 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
 
-    from fedpref.simulations.device import app as honest_app
+    from fedpref.simulations.engines.device import app as honest_app
     from fedpref.server.app import ServerHooks, make_server_app
 
     client_app = client_app or honest_app
@@ -61,7 +61,7 @@ def run_flower_simulation(config: FederatedConfig, *, n_devices: int, backend: d
     server_app = make_server_app(replace(hooks, on_result=on_result))
     with tempfile.TemporaryDirectory(prefix="fedpref-app-") as app_dir:
         lines = ["[project]", 'name = "fedpref-simulation"', 'version = "0.0.0"', "", "[tool.flwr.app]", 'publisher = "fedpref"', "", "[tool.flwr.app.components]",
-                 'serverapp = "fedpref.server.app:app"', 'clientapp = "fedpref.simulations.device:app"', "", "[tool.flwr.app.config]"]
+                 'serverapp = "fedpref.server.app:app"', 'clientapp = "fedpref.simulations.engines.device:app"', "", "[tool.flwr.app.config]"]
         lines += [f"{key} = {json.dumps(value)}" for key, value in run_config.items()]
         Path(app_dir, "pyproject.toml").write_text("\n".join(lines) + "\n")
         server_context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))

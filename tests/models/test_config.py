@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpref.models.federation import RUN_CONFIG_DEFAULTS, FederatedConfig, RunConfigError, cosine_factor
+from fedpref.models.config import RUN_CONFIG_DEFAULTS, FederatedConfig, RunConfigError, cosine_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_pyproject_defaults_are_the_code_defaults():
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["config"] == RUN_CONFIG_DEFAULTS
-    assert flwr["components"] == {"serverapp": "fedpref.server.app:app", "clientapp": "fedpref.simulations.device:app"}
+    assert flwr["components"] == {"serverapp": "fedpref.server.app:app", "clientapp": "fedpref.simulations.engines.device:app"}
 
 
 def test_unknown_keys_are_an_error_that_lists_the_known_ones():
@@ -80,7 +80,7 @@ def test_a_run_config_is_parsed_once_into_a_frozen_config():
 def test_each_key_is_declared_once_with_its_type_default_and_help():
     import dataclasses
 
-    from fedpref.models.federation import RUN_CONFIG_HELP, RUN_CONFIG_TYPES
+    from fedpref.models.config import RUN_CONFIG_HELP, RUN_CONFIG_TYPES
 
     fields = dataclasses.fields(FederatedConfig)
     assert [f.name.replace("_", "-") for f in fields] == list(RUN_CONFIG_DEFAULTS) == list(RUN_CONFIG_HELP) == list(RUN_CONFIG_TYPES)

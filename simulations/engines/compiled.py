@@ -2,7 +2,7 @@
 
 :func:`fedpref.models.train.local_update` trains a device with a small torch model; its
 arithmetic takes microseconds, its Python and torch overhead milliseconds. The fast engine
-(:mod:`fedpref.simulations.fast`) trains its devices with the compiled functions here instead
+(:mod:`fedpref.simulations.engines.fast`) trains its devices with the compiled functions here instead
 (numba, no Python in the loop, the GIL released so that devices train in parallel threads), and
 they compute the same thing:
 
@@ -344,7 +344,7 @@ def _rank(target, scores, candidates, exclude, u):  # pragma: no cover - compile
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def device_evaluate(rng, items, q, bq, private, refit_epochs, lr, batch_size, num_negatives, l2, loss_kind, val_item, test_item, negatives):  # pragma: no cover - compiled
-    """A device's federated evaluation (:meth:`fedpref.simulations.device.SimulatedDevices.evaluate`): refit the private
+    """A device's federated evaluation (:meth:`fedpref.simulations.engines.device.SimulatedDevices.evaluate`): refit the private
     vector (``refit_epochs`` passes, shared frozen), score every item, and rank the validation
     and the test item among the fixed negatives (sampled) and among every item the device has
     not trained on (full), drawing the tie-breaking uniforms from ``rng`` in the same order.

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedpref.simulations.device import straggles
-from fedpref.models.federation import FederatedConfig, RunConfigError
-from fedpref.simulations.fast import run_fast
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.engines.device import straggles
+from fedpref.models.config import FederatedConfig, RunConfigError
+from fedpref.simulations.engines.fast import run_fast
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 N = 16
 
@@ -82,7 +82,7 @@ def test_on_the_simulation_engine_the_server_stops_waiting_for_a_straggler_at_th
     """The real clock: a straggling ClientApp sleeps; Flower's grid returns at round-timeout
     with the replies it has, and the straggler's reply is left out of the round. (The engine
     waits for the sleeping ClientApp before it shuts down: the delay is kept short.)"""
-    from fedpref.simulations.federated import run_flower_simulation
+    from fedpref.simulations.engines.flower import run_flower_simulation
 
     import random
 
@@ -104,7 +104,7 @@ def test_a_robust_aggregation_keeps_the_model_float32_and_its_replies_valid(popu
     """FedMedian and FedTrimmedAvg aggregate in float64: the server casts the model back to the
     dtype it sent, or the next round's float32 replies would not match it (and each device
     would receive twice the bytes). The fast engine keeps no update beyond its round."""
-    from fedpref.simulations.fast import FastGrid
+    from fedpref.simulations.engines.fast import FastGrid
 
     config = config_of(population, tmp_path / "run", aggregation=aggregation, strategy="fedadam")
     grid = FastGrid(config, threads=1)
@@ -118,7 +118,7 @@ def test_a_robust_aggregation_keeps_the_model_float32_and_its_replies_valid(popu
     assert abs(inprocess["rounds"][-1]["test-hr"] - result["rounds"][-1]["test-hr"]) <= 0.07
 
 
-# -- one hostile device (fedpref.simulations.hostile.app) -----------------------------------
+# -- one hostile device (fedpref.simulations.experiments.hostile.app) -----------------------------------
 
 def _hostile_config(population, out, **overrides) -> FederatedConfig:
     """Every device trains and evaluates every round, so that the hostile one is always asked."""
@@ -133,9 +133,9 @@ def _run_without_device_0(population, out, n_devices, **overrides):
     sample) the devices alike."""
     from flwr.app import Error
 
-    from fedpref.simulations.device import app as client_app
+    from fedpref.simulations.engines.device import app as client_app
     from fedpref.simulations import hostile
-    from fedpref.simulations.inprocess import InProcessGrid
+    from fedpref.simulations.engines.inprocess import InProcessGrid
 
     def absent(msg, context):
         if context.node_config["partition-id"] == 0:
@@ -167,7 +167,7 @@ def test_one_hostile_device_neither_stops_the_run_nor_moves_the_model_and_no_unk
     completes, and is bit for bit the run without device 0."""
     from fedpref.server.runstore import RunStore
     from fedpref.simulations import hostile
-    from fedpref.simulations.inprocess import InProcessGrid
+    from fedpref.simulations.engines.inprocess import InProcessGrid
 
     # Prepare
     config = _hostile_config(population, tmp_path / "hostile")
@@ -197,10 +197,10 @@ def test_one_hostile_device_neither_stops_the_run_nor_moves_the_model_and_no_unk
 @pytest.mark.slow
 def test_on_the_simulation_engine_one_hostile_device_neither_stops_the_run_nor_takes_over_the_model(tmp_path, synthetic_population):
     """The real Simulation Engine (Ray), four devices, two rounds, fedpref's hostile ClientApp
-    (fedpref.simulations.hostile.app; device 0 answers the key query with a string and
+    (fedpref.simulations.experiments.hostile.app; device 0 answers the key query with a string and
     malforms its replies, see its SCRIPT)."""
     from fedpref.simulations import hostile
-    from fedpref.simulations.federated import run_flower_simulation
+    from fedpref.simulations.engines.flower import run_flower_simulation
 
     # Prepare
     n = 4
@@ -266,9 +266,9 @@ def test_a_device_whose_replies_used_to_stop_the_server_leaves_the_run_to_comple
     (KeyError, or a million dropouts recorded), a key that is not a number (ValueError before
     round 1), a float16 update of another shape (NumPy's broadcast error). Now the run completes,
     the reply is rejected and counted, and nothing else changes."""
-    from fedpref.simulations.device import app as client_app
+    from fedpref.simulations.engines.device import app as client_app
     from fedpref.server.runstore import RunStore
-    from fedpref.simulations.inprocess import InProcessGrid
+    from fedpref.simulations.engines.inprocess import InProcessGrid
 
     # Prepare
     tamper, overrides, per_round = STOPPERS[case]

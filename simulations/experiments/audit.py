@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpref.simulations.history import load_history
-from fedpref.models.federation import FederatedConfig
+from fedpref.simulations.engines.history import load_history
+from fedpref.models.config import FederatedConfig
 
-from .inprocess import NODE_ID_BASE, run_inprocess
+from fedpref.simulations.engines.inprocess import NODE_ID_BASE, run_inprocess
 
 MODES: dict[str, str] = {
     "plain": "each clipped update (FedAvg, no DP)",
@@ -192,7 +192,7 @@ def run_audit(
         "rounds": int(base.get("num-server-rounds", 1)),
         "noise-multiplier": noise_multiplier,
         "popularity-prior-auc": popularity_prior(truth),
-        "attack": "per item, the update of its bias (fedpref.simulations.audit.item_scores); AUC of the person's training items against the rest",
+        "attack": "per item, the update of its bias (fedpref.simulations.experiments.audit.item_scores); AUC of the person's training items against the rest",
         "run-config": {k: v for k, v in base.items() if k != "history-dir"},
         "modes": [asdict(r) for r in results],
     }

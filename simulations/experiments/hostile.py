@@ -15,7 +15,7 @@ unordered, never stop.
 
 :data:`app` is a ClientApp for Flower's Simulation Engine that plays one hostile device among
 honest ones: device :data:`HOSTILE_DEVICE` runs the honest ClientApp
-(``fedpref.simulations.device``) and then malforms its replies as :data:`SCRIPT` says for each round.
+(``fedpref.simulations.engines.device``) and then malforms its replies as :data:`SCRIPT` says for each round.
 The hostile behaviour lives here, in the simulations: the device's own code never knows it is
 simulated.
 """
@@ -30,9 +30,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 
 from fedpref.models.encoding import SCALE_SUFFIX
-from fedpref.models.federation import PARTIAL_AGGREGATE, RUN_CONFIG_DEFAULTS
+from fedpref.models.config import PARTIAL_AGGREGATE, RUN_CONFIG_DEFAULTS
 
-from .inprocess import reply_from
+from fedpref.simulations.engines.inprocess import reply_from
 
 KINDS = {
     "renamed": "an array under another name",
@@ -391,7 +391,7 @@ def _round(msg: Message) -> int:
 
 
 def _honest(msg: Message, context: Context) -> Message:
-    from fedpref.simulations.device import app as honest_app
+    from fedpref.simulations.engines.device import app as honest_app
 
     return honest_app(msg, context)
 

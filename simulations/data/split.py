@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data.interactions import DataWarning, Interactions
+from fedpref.simulations.data.interactions import DataWarning, Interactions
 
 MIN_INTERACTIONS = 3  # one train, one validation, one test item
 

@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpref.models.encoding import EncodingError, decode, encode, encode_within, norm
-from fedpref.models.federation import FederatedConfig, RunConfigError
-from fedpref.simulations.hostile import ENCODED_KINDS, HypothesisDraw, malform_encoded, reply_message
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.models.config import FederatedConfig, RunConfigError
+from fedpref.simulations.experiments.hostile import ENCODED_KINDS, HypothesisDraw, malform_encoded, reply_message
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 
 def update(seed=0):
@@ -93,7 +93,7 @@ def test_decode_refuses_an_array_of_another_shape_or_dtype_than_the_server_sent(
         decode({**eight, "item_bias.weight#scale": eight["item_bias.weight#scale"].astype(np.float64)}, list(u), "int8", shapes=shapes)
 
 
-# -- a hostile device's encoded update (fedpref.simulations.hostile.malform_encoded) ----------
+# -- a hostile device's encoded update (fedpref.simulations.experiments.hostile.malform_encoded) ----------
 
 C = 1.0
 SHAPES = {"item_embedding.weight": (30, 4), "item_bias.weight": (30, 1)}

@@ -53,11 +53,11 @@ from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpref.client.guard import encode_update
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.models.wire import PARTIAL_AGGREGATE, Stream, stream_rng, training_content, training_metrics
 from fedpref.server.grid import EngineGrid
 
-from .inprocess import NODE_ID_BASE, reply_from
+from fedpref.simulations.engines.inprocess import NODE_ID_BASE, reply_from
 
 DEFENCES = ("none", "median", "trimmed-mean", "norm-bound")
 FRACTIONS = (0.0, 0.01, 0.05, 0.10)
@@ -325,7 +325,7 @@ class PoisonGrid(EngineGrid):
             return values
         states = inner.device_states()
         if states is not None:  # the in-process engine: each device's context.state
-            from fedpref.simulations.device import PRIVATE_KEY
+            from fedpref.simulations.engines.device import PRIVATE_KEY
 
             n = len(states)
             values = initial_privates(spec, self.config.seed, np.arange(n))
@@ -356,8 +356,8 @@ def target_exposure(final_arrays: Mapping[str, np.ndarray], population_folder: s
     target's median 0-based rank among each user's candidates) and ``target``."""
     from fedpref.client.device import initial_privates, refit_private
     from fedpref.models.train import LocalData
-    from fedpref.simulations.compiled import LOSS_KINDS, device_round, unsupported
-    from fedpref.simulations.fast import Population
+    from fedpref.simulations.engines.compiled import LOSS_KINDS, device_round, unsupported
+    from fedpref.simulations.engines.fast import Population
 
     pop = Population(str(population_folder))
     excluded = set(int(u) for u in excluded_users)
@@ -454,13 +454,13 @@ def run_attack(population_folder: str | Path, base_run_config: Mapping[str, obje
     attack = TargetBoost(config, target, _median_history(folder), seed=seed, **dict(attack_options or {})) if len(compromised) else None
     started = time.perf_counter()
     if engine == "fast":
-        from .fast import FastGrid, run_fast
+        from fedpref.simulations.engines.fast import FastGrid, run_fast
 
         inner = FastGrid(config, threads=threads, keep_updates=record_norms)
         grid = PoisonGrid(inner, config, compromised, attack, silent=silent, record_norms=record_norms)
         result = run_fast(config, grid=grid, hooks=hooks)  # type: ignore[arg-type]
     elif engine == "inprocess":
-        from .inprocess import run_inprocess
+        from fedpref.simulations.engines.inprocess import run_inprocess
 
         grid = _inprocess_grid(config, n_users, compromised, attack, silent, record_norms)
         result = run_inprocess(config, n_devices=n_users, grid=grid, hooks=hooks)
@@ -513,9 +513,9 @@ def _attack_key(fraction, defence, target, seed, norm_bound, silent_fraction, at
 
 
 def _inprocess_grid(config: FederatedConfig, n_users: int, compromised, attack, silent, record_norms) -> PoisonGrid:
-    from fedpref.simulations.device import app as client_app
+    from fedpref.simulations.engines.device import app as client_app
 
-    from .inprocess import InProcessGrid
+    from fedpref.simulations.engines.inprocess import InProcessGrid
 
     inner = InProcessGrid(client_app, n_users, config.to_run_config())
     return PoisonGrid(inner, config, compromised, attack, silent=silent, record_norms=record_norms)

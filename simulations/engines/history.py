@@ -1,7 +1,7 @@
-"""A simulated device's own history, read from a population folder (what :mod:`fedpref.simulations.device` plays).
+"""A simulated device's own history, read from a population folder (what :mod:`fedpref.simulations.engines.device` plays).
 
 In a simulation the ``simulations`` package writes every user's split once, as memory-mapped
-NumPy files (see ``fedpref.simulations.population``); each virtual device opens the folder
+NumPy files (see ``fedpref.simulations.data.population``); each virtual device opens the folder
 and reads its own row only. A real device reads its events from its own store instead.
 
 Folder layout: ``meta.json`` (``n_users``, ``n_items``, ``name``, ``seed``) and

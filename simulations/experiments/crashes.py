@@ -4,7 +4,7 @@ that nothing committed is lost and that a resumed run ends where an uninterrupte
     fedpref crashes store  --trials 200 --out results/crashes-store.json
     fedpref crashes resume --trials 30  --out results/crashes-resume.json
 
-(``python -m fedpref.simulations.crashes`` is the same; a store trial's child runs it.)
+(``python -m fedpref.simulations.experiments.crashes`` is the same; a store trial's child runs it.)
 
 **Device store** (:func:`store_kill_trials`). Each trial starts a child process that opens a
 fresh :class:`~fedpref.client.store.EventStore` file and writes events in batches of 1..20
@@ -229,7 +229,7 @@ def _child_env() -> dict:
 def store_trial(path: Path, *, seed: int, delay: float, base_time: float) -> dict:
     """One store trial: a child writes to ``path``, is killed ``delay`` seconds after it is
     ready, and :func:`check_store` judges what is left."""
-    cmd = [sys.executable, "-m", "fedpref.simulations.crashes", "_store-child", str(path), str(seed), repr(base_time)]
+    cmd = [sys.executable, "-m", "fedpref.simulations.experiments.crashes", "_store-child", str(path), str(seed), repr(base_time)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
     reader = _Reader(proc.stdout, marks=("READY",))
     reader.start()
@@ -320,11 +320,11 @@ AFTER_END = 0.1  # kills are drawn over the reference's duration and a tenth mor
 
 RUN_CHILD = """
 import json, sys
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.server.app import ServerHooks
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.simulations.engines.inprocess import run_inprocess
 # Imported here, so that the kill clock (from START) runs over the rounds, not over imports:
-import fedpref.simulations.device
+import fedpref.simulations.engines.device
 import sqlalchemy.dialects.sqlite  # the run store's dialect, loaded on first use
 import torch._dynamo  # torch.optim imports it when the first optimiser is made (over a second)
 
@@ -353,8 +353,8 @@ def write_resume_population(folder: Path, n_devices: int = RESUME_DEVICES) -> Pa
     import warnings
 
     from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
-    from fedpref.simulations.population import write_population
-    from fedpref.simulations.split import leave_one_out
+    from fedpref.simulations.data.population import write_population
+    from fedpref.simulations.data.split import leave_one_out
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small populations warn about sparse users
@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "_store-child":  # the hidden entry point of a store trial's child
         _store_child(argv[1], int(argv[2]), float(argv[3]))
         return
-    build_app()(argv, prog_name="python -m fedpref.simulations.crashes")
+    build_app()(argv, prog_name="python -m fedpref.simulations.experiments.crashes")
 
 
 if __name__ == "__main__":

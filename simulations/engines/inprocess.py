@@ -25,8 +25,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpref.simulations.device import SIMULATED_CLOCK, answers_late
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.simulations.engines.device import SIMULATED_CLOCK, answers_late
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.server.grid import EngineGrid
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def run_inprocess(config: FederatedConfig, *, n_devices: int, before_delivery=No
     rounds.json holds). ``before_delivery(message, device_index)`` is called before each
     message is delivered. ``grid``: another grid to run the server on (one that wraps an
     ``InProcessGrid``). ``hooks``: the server's listeners of this run."""
-    from fedpref.simulations.device import app as client_app
+    from fedpref.simulations.engines.device import app as client_app
     from fedpref.server.app import main as server_main
 
     if not config.results_dir:

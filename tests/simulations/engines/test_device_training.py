@@ -3,8 +3,8 @@ ClientApp and ServerApp as on the Simulation Engine, without Ray)."""
 
 import pytest
 
-from fedpref.models.federation import FederatedConfig
-from fedpref.simulations.inprocess import run_inprocess
+from fedpref.models.config import FederatedConfig
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 N_DEVICES = 12
 

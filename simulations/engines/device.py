@@ -5,7 +5,7 @@ and a mod that only a simulation has:
 
 - :class:`SimulatedDevices` (the provider): a device without a store reads its row of the
   population folder (run-config ``history-dir``, node config ``partition-id`` or
-  ``device-index``, :mod:`fedpref.simulations.history`) and keeps its private vector in
+  ``device-index``, :mod:`fedpref.simulations.engines.history`) and keeps its private vector in
   ``context.state``; with run-config ``store-dir`` each device opens its own store
   ``device-<i>.sqlite`` there and trains as a real device does; it answers federated
   evaluation by ranking its own held-out items;
@@ -34,12 +34,12 @@ from fedpref.client.app import DECLINED, round_of, shared_of, device_index, make
 from fedpref.client.device import initial_private, local_round, refit_private
 from fedpref.models.availability import AvailabilityPattern
 from fedpref.models.contract import Params
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.metrics import rank_of_target
 from fedpref.models.train import LocalData
 from fedpref.models.wire import Stream, evaluation_content, evaluation_metrics, stream_rng
 
-from .history import DeviceHistory, load_history
+from fedpref.simulations.engines.history import DeviceHistory, load_history
 
 PRIVATE_KEY = "private"  # context.state key of a simulated device's private arrays
 SIMULATED_CLOCK = "simulated-clock"  # node config: the engine drops late replies itself; the device does not sleep

@@ -5,7 +5,7 @@ size), one federated run with the same settings otherwise; each run reports the 
 spent over all its rounds (at delta 1/(10 N) unless set) and the test HR@10 of the round
 chosen on validation. Runs use the in-process engine (same apps and messages as Flower's
 Simulation Engine, one process) or, for large populations, the fast engine
-(:mod:`fedpref.simulations.fast`).
+(:mod:`fedpref.simulations.engines.fast`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 
-from .inprocess import run_inprocess
+from fedpref.simulations.engines.inprocess import run_inprocess
 
 FIELDS = ("cohort", "noise_multiplier", "epsilon", "delta", "rounds", "test_hr", "test_ndcg", "test_full_hr", "val_hr", "chosen_round", "seconds")
 
@@ -52,7 +52,7 @@ def run_sweep(
         if previous is not None and previous.get("config") == config.to_run_config():
             result = {**previous, "engine_seconds": previous["seconds"]}
         elif engine == "fast":
-            from .fast import run_fast
+            from fedpref.simulations.engines.fast import run_fast
 
             result = run_fast(config, threads=threads)
         else:

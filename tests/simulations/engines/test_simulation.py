@@ -11,13 +11,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 from fedpref.models.preference import ModelSpec
 from fedpref.server.app import ServerHooks
 from fedpref.simulations.data.synthetic import SyntheticConfig, generate_synthetic
-from fedpref.simulations.federated import run_flower_simulation
-from fedpref.simulations.population import write_population
-from fedpref.simulations.split import leave_one_out
+from fedpref.simulations.engines.flower import run_flower_simulation
+from fedpref.simulations.data.population import write_population
+from fedpref.simulations.data.split import leave_one_out
 
 N_DEVICES, ROUNDS, CLIP = 20, 3, 0.05  # a small bound, so that clipping really happens
 
@@ -118,7 +118,7 @@ def test_same_seed_same_metrics(run, tmp_path):
 
 
 def test_the_in_process_engine_gives_the_flower_engines_metrics(run, tmp_path):
-    from fedpref.simulations.inprocess import run_inprocess
+    from fedpref.simulations.engines.inprocess import run_inprocess
 
     config, flower, _ = run
     inprocess = run_inprocess(replace(config, results_dir=str(tmp_path / "inprocess")), n_devices=N_DEVICES)
@@ -128,7 +128,7 @@ def test_the_in_process_engine_gives_the_flower_engines_metrics(run, tmp_path):
 
 
 def test_partial_participation_draws_the_same_cohorts_in_both_engines(tmp_path):
-    from fedpref.simulations.inprocess import run_inprocess
+    from fedpref.simulations.engines.inprocess import run_inprocess
 
     config, flower, exchanges = simulate(tmp_path, "half", **{"fraction-train": 0.5, "num-server-rounds": 2})
     trained = [len(sent) for sent, _ in train_exchanges(exchanges)]

@@ -11,12 +11,12 @@ so that one part can be rerun alone. The parts:
   tolerance: rounds go on or are skipped, the run never crashes;
 - ``straggler``: Flower's Simulation Engine with a real clock: a sleeping ClientApp is left out
   when the round's timeout passes;
-- ``validation``: every kind of malformed reply (:mod:`fedpref.simulations.hostile`), many
+- ``validation``: every kind of malformed reply (:mod:`fedpref.simulations.experiments.hostile`), many
   trials each: rejected, and the aggregate equal to the honest replies' alone; honest replies
   never rejected;
-- ``poison``: the poisoning sweep (:mod:`fedpref.simulations.poison`);
+- ``poison``: the poisoning sweep (:mod:`fedpref.simulations.experiments.poison`);
 - ``crashes``: SIGKILL during device-store writes and during server runs
-  (:mod:`fedpref.simulations.crashes`).
+  (:mod:`fedpref.simulations.experiments.crashes`).
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpref.models.federation import FederatedConfig
+from fedpref.models.config import FederatedConfig
 
 PARTS = ("dropout", "secagg", "straggler", "validation", "poison", "crashes")
 
 
 def _population(folder: Path, spec: str, seed: int = 0) -> Path:
     """The device histories of ``spec`` (a data-set source, e.g. synthetic:10000x2000), written once."""
-    from .data.registry import load_dataset
-    from .population import write_population
-    from .split import leave_one_out
+    from fedpref.simulations.data.registry import load_dataset
+    from fedpref.simulations.data.population import write_population
+    from fedpref.simulations.data.split import leave_one_out
 
     target = folder / "population"
     if (target / "meta.json").exists():
@@ -75,7 +75,7 @@ def _summary(result: dict, cohort: int) -> dict:
 def dropout_part(work: Path, *, dataset: str = "synthetic:10000x2000", rounds: int = 30, fraction: float = 0.1,
                  threads: int | None = None, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
     """30% dropout, 30% stragglers and a min-replies breach against no fault, fast engine."""
-    from .fast import run_fast
+    from fedpref.simulations.engines.fast import run_fast
 
     population = _population(work / "dropout", dataset, seed)
     n = json.loads((population / "meta.json").read_text())["n_users"]
@@ -101,7 +101,7 @@ def dropout_part(work: Path, *, dataset: str = "synthetic:10000x2000", rounds: i
 
 def secagg_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
     """Secure aggregation with dropouts within and beyond SecAgg+'s tolerance (30%)."""
-    from .inprocess import run_inprocess
+    from fedpref.simulations.engines.inprocess import run_inprocess
 
     n = 40
     population = _population(work / "secagg", f"synthetic:{n}x400", seed)
@@ -124,9 +124,9 @@ def secagg_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | N
 
 def straggler_part(work: Path, *, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
     """Flower's Simulation Engine, real clock: stragglers sleep, the server stops at round-timeout."""
-    from fedpref.simulations.device import straggles
+    from fedpref.simulations.engines.device import straggles
 
-    from .federated import backend_config, run_flower_simulation
+    from fedpref.simulations.engines.flower import backend_config, run_flower_simulation
 
     n = 16
     population = _population(work / "straggler", f"synthetic:{n}x300", seed)
@@ -167,7 +167,7 @@ def validation_part(*, trials: int = 300, honest_trials: int = 2000, seed: int =
     from fedpref.server.strategy import make_strategy
     from fedpref.server.validation import check_train_reply, default_max_bytes, examples_bound, train_metric_keys
 
-    from .hostile import KINDS, NumpyDraw, malform, reply_message
+    from fedpref.simulations.experiments.hostile import KINDS, NumpyDraw, malform, reply_message
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     rng = np.random.default_rng(seed)
@@ -230,11 +230,11 @@ POISON_RUN_CONFIG = {"num-server-rounds": 50, "fraction-train": 0.2, "evaluate-e
 
 
 def poison_part(work: Path, *, threads: int | None = None, seed: int = 0, on_run: Callable[[dict], None] | None = None) -> dict:
-    """The poisoning sweep on movielens-small (fedpref.simulations.poison): 0, 1, 5 and 10% of
+    """The poisoning sweep on movielens-small (fedpref.simulations.experiments.poison): 0, 1, 5 and 10% of
     the devices push one unpopular item, under no defence, the median, the trimmed mean and a
     server-side norm bound; then the same attack kept to an honest update's norm (the median of
     the clean run's), against no defence."""
-    from .poison import poison_sweep
+    from fedpref.simulations.experiments.poison import poison_sweep
 
     population = _population(work / "poison", "movielens-small", seed)
     sweep = poison_sweep(population, POISON_RUN_CONFIG, work / "poison" / "sweep", seed=seed, threads=threads, on_run=on_run)
@@ -285,7 +285,7 @@ def _poison(work, on_event, threads=None, **_):
 
 
 def _crashes(work, on_event, **_):
-    from .crashes import resume_kill_trials, store_kill_trials
+    from fedpref.simulations.experiments.crashes import resume_kill_trials, store_kill_trials
 
     return {"store": store_kill_trials(200, work / "crashes-store"), "resume": resume_kill_trials(20, work / "crashes-resume")}
 
@@ -308,7 +308,7 @@ def write_page(figures: dict, path: Path, command: str) -> Path:
     lines = [
         "# Reliability: faults and hostile input",
         "",
-        f"Written by `{command}` (fedpref.simulations.reliability) on {time.strftime('%Y-%m-%d')}, "
+        f"Written by `{command}` (fedpref.simulations.experiments.reliability) on {time.strftime('%Y-%m-%d')}, "
         f"{platform.machine()} with {__import__('os').cpu_count()} cores. Every figure below comes from that command; "
         "each part keeps its figures in `results/reliability/<part>.json`, and `--reuse` rewrites this page from them.",
         "",
@@ -428,7 +428,7 @@ def _validation_section(v: dict) -> list[str]:
         "## Malformed replies",
         "",
         "Each trial makes one well-formed reply (the device's guard: `global + update`, clipped) malformed in one way "
-        "(`fedpref.simulations.hostile.malform`, choices from a seeded generator), checks it "
+        "(`fedpref.simulations.experiments.hostile.malform`, choices from a seeded generator), checks it "
         "(`fedpref.server.validation.check_train_reply`), then aggregates it among three honest replies with fedpref's "
         "strategy and compares the result with the honest replies' aggregate alone. The property test "
         "(`tests/server/test_validation.py`) does the same with hypothesis choosing.",
@@ -444,7 +444,7 @@ def _validation_section(v: dict) -> list[str]:
 
 
 def _poison_section(p: dict) -> list[str]:
-    from .poison import markdown_table
+    from fedpref.simulations.experiments.poison import markdown_table
 
     sweep, quiet = p["sweep"], p["honest-norm"]
     settings = ", ".join(f"{k}={v}" for k, v in p["run-config"].items())
@@ -454,7 +454,7 @@ def _poison_section(p: dict) -> list[str]:
         f"{p['dataset']}, fast engine, run-config defaults and {settings} (a cohort of {int(sweep['devices'] * p['run-config']['fraction-train'])}), "
         "one seed, one target. A compromised device reads the global model it receives, takes the 100 items of highest bias "
         "as what people like, fits a few fake users to them, and spends its whole clipping budget C on the target's row and "
-        "bias in their direction (`fedpref.simulations.poison.TargetBoost`): a well-formed update within C, which validation "
+        "bias in their direction (`fedpref.simulations.experiments.poison.TargetBoost`): a well-formed update within C, which validation "
         "accepts. Target HR@10: the share of honest users who never touched the target with the target in their top 10 of "
         "a full ranking. Test HR@10: the honest users' (sampled, 99 negatives) at the round chosen on validation.",
         "",
@@ -509,7 +509,7 @@ def _crashes_section(c: dict) -> list[str]:
     return [
         "## Crashes",
         "",
-        "**Device store** (`fedpref.simulations.crashes.store_kill_trials`). Each trial starts a process that writes events "
+        "**Device store** (`fedpref.simulations.experiments.crashes.store_kill_trials`). Each trial starts a process that writes events "
         "in committed batches of 1 to 20 and reports each commit, and kills it with SIGKILL at a random moment; the store "
         "is then reopened and checked: it opens, SQLite's integrity check passes, every reported event is there, batches are "
         "whole, and nothing is there that was never written.",
@@ -524,7 +524,7 @@ def _crashes_section(c: dict) -> list[str]:
         "These trials kill the process, not the machine: the store syncs in WAL mode with `synchronous=NORMAL`, so a power "
         "loss could still lose the last commits.",
         "",
-        "**Server resume** (`fedpref.simulations.crashes.resume_kill_trials`). One uninterrupted run (in-process engine, "
+        "**Server resume** (`fedpref.simulations.experiments.crashes.resume_kill_trials`). One uninterrupted run (in-process engine, "
         f"{rs['devices']} devices, {rs['rounds']} rounds, DP, FedAdam, half the devices a round), then per trial the same run "
         "killed with SIGKILL at a random moment (and in some trials killed again on its rerun), run again until it ends, "
         "and compared with the uninterrupted run: the final model bit for bit, every round's metrics, epsilon, and the run "

@@ -3,7 +3,7 @@
     fedpref serve | dev-certs | signing-key       # the server's operator (fedpref.server.cli)
     fedpref device ...                            # one device (fedpref.client.cli)
     fedpref data | central | simulate | ...       # research (fedpref.simulations.cli)
-    fedpref crashes store | resume                # crash trials (fedpref.simulations.crashes)
+    fedpref crashes store | resume                # crash trials (fedpref.simulations.experiments.crashes)
 
 A role's module is imported only when one of its commands runs, or when ``fedpref --help`` lists
 them: ``fedpref serve`` loads no data sets, plots, compiled engines or models.
@@ -42,7 +42,7 @@ COMMANDS: dict[str, Mount] = {
     "device": Mount("fedpref.client.cli", "device_app", "Device", whole=True),
     **{name: _RESEARCH for name in ("data", "central", "local-only", "reference", "tune", "population", "simulate", "compare",
                                      "audit", "poison", "privacy-sweep", "reliability")},
-    "crashes": Mount("fedpref.simulations.crashes", "build_app", "Research", whole=True),
+    "crashes": Mount("fedpref.simulations.experiments.crashes", "build_app", "Research", whole=True),
 }
 
 

@@ -1,6 +1,6 @@
 """Hand every user's history to one virtual device: write a split as a population folder.
 
-The folder is what ``fedpref.simulations.history`` reads (each device its own row, memory-mapped),
+The folder is what ``fedpref.simulations.engines.history`` reads (each device its own row, memory-mapped),
 and what the server reads the catalogue size from (``meta.json``).
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from fedpref.models.files import open_private, private_folder, write_private
 
-from .split import LeaveOneOutSplit
+from fedpref.simulations.data.split import LeaveOneOutSplit
 
 
 def write_population(split: LeaveOneOutSplit, folder: str | Path) -> Path:
@@ -66,9 +66,9 @@ def write_device_stores(population: str | Path, out: str | Path, *, consent: str
     import time
 
     from fedpref.client.device import Device
-    from fedpref.simulations.history import load_history, population_size
+    from fedpref.simulations.engines.history import load_history, population_size
 
-    from .progress import progress_bar
+    from fedpref.simulations.progress import progress_bar
 
     out = private_folder(out)
     indices = range(population_size(str(population))) if devices is None else devices

@@ -6,7 +6,7 @@ The fast engine keeps the server exactly as it is (the same ServerApp ``main``: 
 sampling, DP noise and accounting, run store, checkpoints, publishing) and replaces the devices
 by :class:`FastGrid`, a Flower ``Grid`` that answers a round's training messages at once:
 
-- each sampled device trains with :func:`fedpref.simulations.compiled.device_round` (compiled; the
+- each sampled device trains with :func:`fedpref.simulations.engines.compiled.device_round` (compiled; the
   same random draws as :func:`fedpref.client.device.local_round` from the same seeded
   generator, the same arithmetic), devices in parallel threads; a model or optimiser the
   compiled trainer does not cover runs ``local_round`` itself, device by device;
@@ -15,8 +15,8 @@ by :class:`FastGrid`, a Flower ``Grid`` that answers a round's training messages
 - the devices' weights are summed into one **partial aggregate**: a single reply that stands for
   the cohort (their weighted average, the summed weight, and how many devices it covers), which
   the server's strategy aggregates like the replies it stands for
-  (:data:`fedpref.models.federation.PARTIAL_AGGREGATE`);
-- evaluation messages are answered the same way (:func:`fedpref.simulations.compiled.device_evaluate`).
+  (:data:`fedpref.models.config.PARTIAL_AGGREGATE`);
+- evaluation messages are answered the same way (:func:`fedpref.simulations.engines.compiled.device_evaluate`).
 
 Simulated availability and dropout decline the same devices as on the Flower path; stragglers
 (run-config ``stragglers``) train but are left out when ``straggler-delay`` is past the round's
@@ -52,10 +52,10 @@ from fedpref.client.app import DECLINED
 from fedpref.client.device import initial_privates, local_round
 from fedpref.client.guard import encode_update
 from fedpref.models.availability import AvailabilityPattern
-from fedpref.simulations.device import answers_late, drops_out
-from fedpref.simulations.inprocess import NODE_ID_BASE, reply_from
-from fedpref.simulations.compiled import LOSS_KINDS, device_evaluate, device_round, unsupported
-from fedpref.models.federation import FederatedConfig, RunConfigError
+from fedpref.simulations.engines.device import answers_late, drops_out
+from fedpref.simulations.engines.inprocess import NODE_ID_BASE, reply_from
+from fedpref.simulations.engines.compiled import LOSS_KINDS, device_evaluate, device_round, unsupported
+from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.models.wire import (Stream, evaluation_content, evaluation_metrics, partial_training_metrics, stream_rng,
                                   training_content, training_metrics)
 from fedpref.models.files import open_private, private_folder
@@ -458,9 +458,9 @@ def _evaluate_locally(config, shared, vectors, private, items, pop, user, rng):
     """Evaluation for a model the compiled evaluation does not cover (NeuMF): the ClientApp's own."""
     import torch
 
-    from fedpref.simulations.device import rank_locally
+    from fedpref.simulations.engines.device import rank_locally
     from fedpref.client.device import refit_private
-    from fedpref.simulations.history import DeviceHistory
+    from fedpref.simulations.engines.history import DeviceHistory
 
     params = vectors.as_params(private)
     if config.personalize_epochs > 0 and len(items):

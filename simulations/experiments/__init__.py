@@ -1,0 +1,1 @@
+"""Experiments on the federation: the privacy audit, poisoning, hostile replies, the privacy sweep, crash trials and the reliability page."""

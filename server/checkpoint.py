@@ -8,7 +8,7 @@ round, the popularity histogram and the run store's run id. A run whose randomne
 its seed adds the cohort sampler's state and, with ``reproducible-noise``, the DP noise
 generator's; a run whose noise and cohorts come from the operating system stores neither
 (whoever read them could predict the noise and cohorts to come), and draws afresh when it
-resumes. A grid that plays devices in-process (``simulations.inprocess``, ``simulations.fast``)
+resumes. A grid that plays devices in-process (``simulations.engines.inprocess``, ``simulations.engines.fast``)
 adds their states, so that a resumed simulation computes exactly what an uninterrupted one would.
 
 The file is a NumPy ``.npz`` archive read with ``allow_pickle=False``: its arrays, and one

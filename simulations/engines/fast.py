@@ -15,7 +15,7 @@ by :class:`FastGrid`, a Flower ``Grid`` that answers a round's training messages
 - the devices' weights are summed into one **partial aggregate**: a single reply that stands for
   the cohort (their weighted average, the summed weight, and how many devices it covers), which
   the server's strategy aggregates like the replies it stands for
-  (:data:`fedpref.models.config.PARTIAL_AGGREGATE`);
+  (:data:`fedpref.models.wire.PARTIAL_AGGREGATE`);
 - evaluation messages are answered the same way (:func:`fedpref.simulations.engines.compiled.device_evaluate`).
 
 Simulated availability and dropout decline the same devices as on the Flower path; stragglers

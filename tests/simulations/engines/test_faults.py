@@ -134,7 +134,7 @@ def _run_without_device_0(population, out, n_devices, **overrides):
     from flwr.app import Error
 
     from fedpref.simulations.engines.device import app as client_app
-    from fedpref.simulations import hostile
+    from fedpref.simulations.experiments import hostile
     from fedpref.simulations.engines.inprocess import InProcessGrid
 
     def absent(msg, context):
@@ -166,7 +166,7 @@ def test_one_hostile_device_neither_stops_the_run_nor_moves_the_model_and_no_unk
     failed); in round 2 it claims 1e12 examples for its model and 1e15 perfect hits. The run
     completes, and is bit for bit the run without device 0."""
     from fedpref.server.runstore import RunStore
-    from fedpref.simulations import hostile
+    from fedpref.simulations.experiments import hostile
     from fedpref.simulations.engines.inprocess import InProcessGrid
 
     # Prepare
@@ -199,7 +199,7 @@ def test_on_the_simulation_engine_one_hostile_device_neither_stops_the_run_nor_t
     """The real Simulation Engine (Ray), four devices, two rounds, fedpref's hostile ClientApp
     (fedpref.simulations.experiments.hostile.app; device 0 answers the key query with a string and
     malforms its replies, see its SCRIPT)."""
-    from fedpref.simulations import hostile
+    from fedpref.simulations.experiments import hostile
     from fedpref.simulations.engines.flower import run_flower_simulation
 
     # Prepare

@@ -31,9 +31,10 @@ import json
 import secrets
 import threading
 import time as _time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from sqlalchemy import (
@@ -111,7 +112,7 @@ PERSONAL_TABLES = (events_table, consent_table, sent_table, trainings_table)
 FRESH_SETTINGS = ("created", "generation", "instance")  # set when a store is created, and again when it is erased
 
 # Migrations from version v to v + 1, applied in order when an older store is opened.
-MIGRATIONS: dict[int, Sequence[str]] = {}
+MIGRATIONS: Mapping[int, Sequence[str]] = MappingProxyType({})
 
 
 class StoreError(RuntimeError):

@@ -17,7 +17,6 @@ import typing
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 
-from .availability import AvailabilityPattern
 from .encoding import ENCODINGS
 from .preference import MODELS, ModelSpec
 from .published import DEFAULT_EXPIRY_DAYS, MAX_EXPIRY_DAYS
@@ -43,6 +42,24 @@ def key(default: bool | float | str, help: str) -> Field:
     """A run-config key of :class:`FederatedConfig`: its default and its help (one line, lower case,
     as ``--help`` shows it)."""
     return field(default=default, metadata={"help": help})
+
+
+def availability_spec(spec: str) -> tuple[str, float]:
+    """The grammar of run-config ``availability`` (the simulation gives it its meaning:
+    :mod:`fedpref.simulations.engines.availability`): ``(kind, probability)`` of ``always``,
+    ``diurnal`` or ``random:P`` with P in (0, 1]; a ValueError that says what is allowed otherwise."""
+    spec = spec.strip()
+    if spec in ("always", "diurnal"):
+        return spec, 1.0
+    if spec.startswith("random:"):
+        try:
+            p = float(spec.split(":", 1)[1])
+        except ValueError:
+            p = -1.0
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"availability {spec!r}: the probability after 'random:' must lie in (0, 1], e.g. random:0.7")
+        return "random", p
+    raise ValueError(f"unknown availability {spec!r}; choose always, diurnal or random:P (e.g. random:0.7)")
 
 
 class RunConfigError(ValueError):
@@ -267,7 +284,7 @@ class FederatedConfig:
         if not 0.0 < self.popularity_fraction <= 1.0:
             raise bad("popularity-fraction", f"must lie in (0, 1], got {self.popularity_fraction}")
         try:
-            AvailabilityPattern.parse(self.availability)
+            availability_spec(self.availability)
         except ValueError as exc:
             raise bad("availability", str(exc)) from None
         if bool(self.publish_dir) != bool(self.publish_key):

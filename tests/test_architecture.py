@@ -130,3 +130,57 @@ def test_the_checks_would_catch_what_they_forbid(tmp_path):
         assert len(simulation_imports(inner, "client")) == 2
     finally:
         ROOT = saved
+
+
+def empty_containers(path: Path) -> list[str]:
+    """Module-level names bound to an empty list, dict or set (a display or a call without
+    arguments): the shape of a registry that things are added to at run time."""
+    found = []
+    for node in tree_of(path).body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            value = node.value
+            empty = (isinstance(value, (ast.List, ast.Set)) and not value.elts) or (isinstance(value, ast.Dict) and not value.keys) or (
+                isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+                and value.func.id in {"list", "dict", "set", "defaultdict", "deque", "OrderedDict", "WeakValueDictionary"} and not value.args
+            )
+            if empty:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                found += [f"{path.name}:{node.lineno}: {ast.unparse(t)}" for t in targets]
+    return found
+
+
+def test_no_module_keeps_a_registry():
+    """Callbacks, observers, open devices and pending notes belong to the object of a run or an
+    app (ServerHooks, DeviceApp), never to a module that one run would leave to the next."""
+    offenders = [m for p in python_files(*SOURCE) for m in empty_containers(p)]
+    assert not offenders, "module-level registries: " + "; ".join(offenders)
+
+
+def test_the_registry_probe_finds_one(tmp_path):
+    planted = tmp_path / "registry.py"
+    planted.write_text("_CALLBACKS: list = []\n_OPEN = {}\nSEEN = set()\nOK = (1, 2)\nTABLE = {1: 2}\n")
+    assert len(empty_containers(planted)) == 3
+
+
+def grid_probes(path: Path) -> list[str]:
+    """``hasattr``/``getattr`` on a grid (a name or attribute that reads as one: ``grid``,
+    ``inner``, ``self._grid``): asking what engine one runs on instead of calling the
+    :class:`fedpref.server.grid.EngineGrid` methods every grid has."""
+    found = []
+    for node in ast.walk(tree_of(path)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") and node.args:
+            target = ast.unparse(node.args[0]).lower()
+            if "grid" in target or "inner" in target:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_nothing_probes_a_grid():
+    offenders = [m for p in python_files(*SOURCE) for m in grid_probes(p)]
+    assert not offenders, "; ".join(offenders)
+
+
+def test_the_grid_probe_finds_one(tmp_path):
+    planted = tmp_path / "probe.py"
+    planted.write_text("if hasattr(grid, 'device_keys'):\n    pass\nx = getattr(self.inner, 'updates', None)\ny = getattr(config, 'seed')\n")
+    assert len(grid_probes(planted)) == 2

@@ -14,7 +14,7 @@ and a mod that only a simulation has:
   ``straggler-delay`` (a device answers late: it sleeps, or, on an engine with a simulated
   clock, node config ``simulated-clock``, the engine drops its late reply itself) and
   ``availability`` (:func:`availability_mod`: a device declines the rounds its pattern rules
-  out, :class:`fedpref.models.availability.AvailabilityPattern`).
+  out, :class:`fedpref.simulations.engines.availability.AvailabilityPattern`).
 
 ``app`` is the ClientApp of every engine that plays devices (Flower's Simulation Engine, the
 in-process engine, ``flwr run .``); the fast engine computes the same devices in bulk with the
@@ -32,7 +32,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message
 
 from fedpref.client.app import DECLINED, round_of, shared_of, device_index, make_app
 from fedpref.client.device import initial_private, local_round, refit_private
-from fedpref.models.availability import AvailabilityPattern
+from fedpref.simulations.engines.availability import AvailabilityPattern
 from fedpref.models.contract import Params
 from fedpref.models.config import FederatedConfig
 from fedpref.models.metrics import rank_of_target

@@ -51,7 +51,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedpref.client.app import DECLINED
 from fedpref.client.device import initial_privates, local_round
 from fedpref.client.guard import encode_update
-from fedpref.models.availability import AvailabilityPattern
+from fedpref.simulations.engines.availability import AvailabilityPattern
 from fedpref.simulations.engines.device import answers_late, drops_out
 from fedpref.simulations.engines.inprocess import NODE_ID_BASE, reply_from
 from fedpref.simulations.engines.compiled import LOSS_KINDS, device_evaluate, device_round, unsupported

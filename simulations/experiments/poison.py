@@ -57,6 +57,7 @@ from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.models.wire import PARTIAL_AGGREGATE, Stream, stream_rng, training_content, training_metrics
 from fedpref.server.grid import EngineGrid
 
+from fedpref.simulations.engines.fast import FastGrid
 from fedpref.simulations.engines.inprocess import NODE_ID_BASE, reply_from
 
 DEFENCES = ("none", "median", "trimmed-mean", "norm-bound")
@@ -185,8 +186,7 @@ class PoisonGrid(EngineGrid):
     devices are answered with ``attack``'s crafted reply, their evaluation messages with an
     error (they do not evaluate); everything else goes to ``inner``. What the server asks of a
     grid (:class:`fedpref.server.grid.EngineGrid`: ``partial_aggregates``, ``device_keys``,
-    ``ordered_node_ids``, ``device_states``) and whatever else a runner reads (``timings``,
-    ...) is the inner grid's: the partial aggregates the inner grid sends are its own, the
+    ``ordered_node_ids``, ``device_states``) is the inner grid's: the partial aggregates the inner grid sends are its own, the
     crafted replies are single devices' replies.
 
     ``silent``: devices that do not evaluate (default: the compromised ones; a sweep passes the
@@ -214,10 +214,10 @@ class PoisonGrid(EngineGrid):
         self.crafted: dict[int, int] = {}  # round -> crafted replies sent
         self.private_snapshot: tuple[int, np.ndarray] | None = None  # (round, vectors) just before the latest evaluation
 
-    def __getattr__(self, name: str):
-        if name == "inner":  # not set yet (during unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def timings(self) -> list[dict]:
+        """The inner engine's per-round timings (the fast engine's; none for another)."""
+        return self.inner.timings if isinstance(self.inner, FastGrid) else []
 
     # -- what the server asks of every grid: the inner grid's ------------------------------
     @property
@@ -293,7 +293,7 @@ class PoisonGrid(EngineGrid):
 
     # -- what the honest devices did ---------------------------------------------------
     def _after_training(self, sent: list[Message], replies: list[Message]) -> None:
-        kept = getattr(self.inner, "updates", None)
+        kept = self.inner.updates if isinstance(self.inner, FastGrid) else None
         server_round = int(sent[0].content["config"].get("server-round", 1))
         if self.record_norms:
             if isinstance(kept, dict) and server_round in kept:  # the fast engine: each device's update as the server recovers it
@@ -317,7 +317,7 @@ class PoisonGrid(EngineGrid):
 
         spec = self.config.model_spec
         inner = self.inner
-        if hasattr(inner, "private"):  # the fast engine's PrivateVectors
+        if isinstance(inner, FastGrid):  # the fast engine's PrivateVectors
             values = np.array(inner.private.values, dtype=np.float32)
             fresh = np.flatnonzero(~inner.private.ready)
             if len(fresh):
@@ -454,7 +454,7 @@ def run_attack(population_folder: str | Path, base_run_config: Mapping[str, obje
     attack = TargetBoost(config, target, _median_history(folder), seed=seed, **dict(attack_options or {})) if len(compromised) else None
     started = time.perf_counter()
     if engine == "fast":
-        from fedpref.simulations.engines.fast import FastGrid, run_fast
+        from fedpref.simulations.engines.fast import run_fast
 
         inner = FastGrid(config, threads=threads, keep_updates=record_norms)
         grid = PoisonGrid(inner, config, compromised, attack, silent=silent, record_norms=record_norms)

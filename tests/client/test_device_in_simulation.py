@@ -85,7 +85,7 @@ def test_simulated_availability_declines_unavailable_devices(tmp_path, synthetic
             "results-dir": str(tmp_path / "results"),
         }
     )
-    from fedpref.models.availability import AvailabilityPattern
+    from fedpref.simulations.engines.availability import AvailabilityPattern
 
     pattern = AvailabilityPattern.parse("random:0.5")
     result = run_inprocess(config, n_devices=10)

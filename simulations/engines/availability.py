@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .wire import Stream, stream_rng
+from fedpref.models.config import availability_spec
+from fedpref.models.wire import Stream, stream_rng
 
 
 @dataclass(frozen=True)
@@ -28,20 +29,8 @@ class AvailabilityPattern:
 
     @classmethod
     def parse(cls, spec: str) -> AvailabilityPattern:
-        spec = spec.strip()
-        if spec == "always":
-            return cls()
-        if spec == "diurnal":
-            return cls("diurnal")
-        if spec.startswith("random:"):
-            try:
-                p = float(spec.split(":", 1)[1])
-            except ValueError:
-                p = -1.0
-            if not 0.0 < p <= 1.0:
-                raise ValueError(f"availability {spec!r}: the probability after 'random:' must lie in (0, 1], e.g. random:0.7")
-            return cls("random", p)
-        raise ValueError(f"unknown availability {spec!r}; choose always, diurnal or random:P (e.g. random:0.7)")
+        kind, probability = availability_spec(spec)
+        return cls(kind, probability)
 
     def available(self, seed: int, device: int, server_round: int) -> bool:
         if self.kind == "always":

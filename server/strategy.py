@@ -210,20 +210,20 @@ class CohortsAndAverage(FedAvg):
         return node_ids
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if self.fraction_train == 0.0:
-            return []
-        node_ids = self._cohort(grid, self.fraction_train, self.min_train_nodes)
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        return self._configure(server_round, arrays, config, grid, self.fraction_train, self.min_train_nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if self.fraction_evaluate == 0.0:
+        return self._configure(server_round, arrays, config, grid, self.fraction_evaluate, self.min_evaluate_nodes, MessageType.EVALUATE)
+
+    def _configure(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, fraction: float,
+                   min_nodes: int, message_type: str) -> Iterable[Message]:
+        """Flower's configure step, with the cohort drawn by this strategy's sampler."""
+        if fraction == 0.0:
             return []
-        node_ids = self._cohort(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        node_ids = self._cohort(grid, fraction, min_nodes)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, node_ids, MessageType.EVALUATE)
+        return self._construct_messages(record, node_ids, message_type)
 
     def aggregate_train(self, server_round, replies):
         if self.average is None:

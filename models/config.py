@@ -24,6 +24,8 @@ from .train import LOSSES, TrainConfig, default_config
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
+DP_MECHANISMS = ("gaussian", "tree")  # run-config dp-mechanism
+DP_ACCOUNTINGS = ("auto", "honest", "sampled")  # run-config dp-accounting
 WEIGHTINGS = ("examples", "equal")  # how devices weigh in the average (run-config weighting)
 
 # The wire's keys, re-exported: they are declared in fedpref.models.wire.
@@ -112,6 +114,9 @@ class FederatedConfig:
     dp_target_quantile: float = key(0.5, 'adaptive clipping: C tracks this quantile of the update norms (the share left unclipped)')
     dp_clip_lr: float = key(0.2, 'adaptive clipping: geometric step of C each round (Andrew et al. 2021)')
     dp_target_epsilon: float = key(0.0, 'stop before a round would take epsilon past this (0: no target)')
+    dp_mechanism: str = key("gaussian", 'with DP: gaussian (fresh noise every round, DP-FedAvg) or tree (DP-FTRL: tree-aggregated noise on the running sum of updates, no sampling assumed)')
+    dp_accounting: str = key("auto", 'which epsilon the target and the reports use: honest (no assumption on how cohorts are drawn), sampled (uniform sampling, amplified) or auto (sampled in simulations, honest on real devices); both are always recorded')
+    dp_max_participations: int = key(0, 'with DP: a device takes part in at most this many training rounds of a run, and refuses more (0: no cap; the honest epsilon then counts every round)')
     dp_noise_placement: str = key("central", 'central: the server noises the average; distributed: each device adds its share (needs secagg)')
     reproducible_noise: bool = key(False, "simulation only: the server's DP noise (and, under DP, its cohorts) from `seed`, so a run repeats; anyone who knows the seed removes the noise")
     secagg: bool = key(False, "secure aggregation (Flower's SecAgg+): the server learns only each round's sum of updates")
@@ -242,6 +247,12 @@ class FederatedConfig:
             raise bad("dp-target-epsilon", f"must be 0 (no target) or positive, got {self.dp_target_epsilon}")
         if self.dp_target_epsilon > 0 and not self.dp:
             raise bad("dp-target-epsilon", "needs dp-noise-multiplier > 0: without noise there is no epsilon to stop at")
+        if self.dp_mechanism not in DP_MECHANISMS:
+            raise bad("dp-mechanism", f"choose one of {', '.join(DP_MECHANISMS)}, got {self.dp_mechanism!r}")
+        if self.dp_accounting not in DP_ACCOUNTINGS:
+            raise bad("dp-accounting", f"choose one of {', '.join(DP_ACCOUNTINGS)}, got {self.dp_accounting!r}")
+        if self.dp_max_participations < 0:
+            raise bad("dp-max-participations", f"must be 0 (no cap) or a positive number of rounds, got {self.dp_max_participations}")
         if self.dp_noise_placement not in ("central", "distributed"):
             raise bad("dp-noise-placement", f"choose central or distributed, got {self.dp_noise_placement!r}")
         if self.dp_noise_placement == "distributed" and not self.secagg:

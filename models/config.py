@@ -253,6 +253,14 @@ class FederatedConfig:
             raise bad("dp-accounting", f"choose one of {', '.join(DP_ACCOUNTINGS)}, got {self.dp_accounting!r}")
         if self.dp_max_participations < 0:
             raise bad("dp-max-participations", f"must be 0 (no cap) or a positive number of rounds, got {self.dp_max_participations}")
+        if self.dp and self.dp_mechanism == "tree":
+            if self.dp_max_participations < 1:
+                raise bad("dp-max-participations", "dp-mechanism=tree needs a cap of at least 1: the tree restarts every "
+                          "ceil(num-server-rounds / cap) rounds and a device joins at most one round of each tree")
+            if self.dp_noise_placement != "central":
+                raise bad("dp-noise-placement", "dp-mechanism=tree adds its noise on the server: use dp-noise-placement=central")
+            if self.dp_clipping != "fixed":
+                raise bad("dp-clipping", "dp-mechanism=tree is accounted for a fixed clipping bound: use dp-clipping=fixed")
         if self.dp_noise_placement not in ("central", "distributed"):
             raise bad("dp-noise-placement", f"choose central or distributed, got {self.dp_noise_placement!r}")
         if self.dp_noise_placement == "distributed" and not self.secagg:

@@ -40,6 +40,7 @@ from fedpref.server.rounds import PrivacyAccount, Progress, Publisher, RoundTabl
 from fedpref.server.runstore import RunStore, default_url
 from fedpref.server.secure import SecureAggregationGrid, SumObserver, check_secagg, required_contributors, shares_per_device
 from fedpref.server.strategy import FedprefStrategy, make_strategy
+from fedpref.server.tree import TreeLedger, TreeMechanism, rounds_per_tree
 from fedpref.server.validation import examples_bound
 
 
@@ -99,6 +100,9 @@ def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, 
     or fewer if one more would take epsilon past ``dp-target-epsilon``. Refuses settings the
     run could not honour (a target one round passes; too much noise for adaptive clipping)."""
     mechanism = DpMechanism(config.dp_noise_multiplier, n_devices, config.cohort_size(n_devices))
+    if config.dp_mechanism == "tree":  # fedpref.server.tree: trees of ceil(T / k) rounds
+        mechanism = TreeMechanism(mechanism.noise_multiplier, n_devices, mechanism.cohort,
+                                  rounds_per_tree(config.num_server_rounds, config.dp_max_participations))
     if config.dp_clipping == "adaptive":
         check_adaptive(config.dp_noise_multiplier, mechanism.cohort)
     delta = config.dp_delta or default_delta(n_devices)
@@ -321,7 +325,9 @@ def _privacy_account(config: FederatedConfig, n_devices: int, noise: NoiseSource
     if not config.dp:
         return None, config.num_server_rounds
     mechanism, delta, num_rounds = privacy_plan(config, n_devices)
-    return PrivacyAccount(PrivacyLedger(mechanism, delta, config.dp_noise_placement), mechanism, delta, record={
+    tree = isinstance(mechanism, TreeMechanism)
+    ledger = (TreeLedger if tree else PrivacyLedger)(mechanism, delta, config.dp_noise_placement)
+    return PrivacyAccount(ledger, mechanism, delta, record={
             "noise-multiplier": config.dp_noise_multiplier,
             "noise-placement": config.dp_noise_placement,
             "clipping": config.dp_clipping,
@@ -337,6 +343,9 @@ def _privacy_account(config: FederatedConfig, n_devices: int, noise: NoiseSource
             # os-entropy (nobody can compute it) or run-seed (reproducible-noise: whoever knows the seed can)
             "noise-source": noise.mode if config.dp_noise_placement == "central" else "devices",
             "cohort-source": noise.mode,
+            **({"mechanism": "tree", "rounds-per-tree": mechanism.rounds_per_tree, "max-participations": config.dp_max_participations,
+                "accountant": "dp-accounting RDP; binary-tree noise restarted every rounds-per-tree rounds, a device in at most one "
+                              "round of each; no sampling assumed (fedpref.server.tree)"} if tree else {}),
         }), num_rounds
 
 

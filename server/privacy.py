@@ -271,10 +271,12 @@ class PrivacyLedger:
     def epsilon(self) -> float:
         return float(self._accountant.get_epsilon(self.delta)) if self.rounds else 0.0
 
-    def record_round(self, replies: int | None = None, mechanism: DpMechanism | None = None) -> float:
+    def record_round(self, replies: int | None = None, mechanism: DpMechanism | None = None, server_round: int | None = None) -> float:
         """Account one released round in which ``replies`` devices of the cohort replied
         (default: all of them) of this ledger's mechanism, or of ``mechanism`` (another
-        release on the same people, such as the popularity histogram); returns epsilon after it."""
+        release on the same people, such as the popularity histogram); returns epsilon after it.
+        (``server_round``: the round's number, which a Gaussian round's account does not need
+        and the tree's does, :class:`fedpref.server.tree.TreeLedger`.)"""
         mechanism = mechanism or self.mechanism
         if replies is not None and 0 < replies < mechanism.cohort:
             share = replies / mechanism.cohort
@@ -299,6 +301,11 @@ class PrivacyLedger:
         """The ledger :meth:`to_dict` wrote, its releases composed again in their order (so its
         epsilon is the very same number). Raises ``PrivacyConfigError`` or ``ValueError`` for
         anything that does not describe a ledger."""
+        if isinstance(data, dict) and data.get("kind") == "tree":  # DP-FTRL's account (fedpref.server.tree)
+            from .tree import TreeLedger
+
+            return TreeLedger.from_dict(data)
+
         def mechanism(values) -> DpMechanism:
             if not isinstance(values, list) or len(values) != 3 or any(isinstance(v, bool) for v in values):
                 raise ValueError(f"a release is [noise multiplier, population, cohort], got {values!r}")

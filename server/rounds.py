@@ -66,8 +66,8 @@ class PrivacyAccount:
     delta: float
     record: dict
 
-    def spend(self, devices: int) -> float:
-        return self.ledger.record_round(devices)
+    def spend(self, devices: int, server_round: int | None = None) -> float:
+        return self.ledger.record_round(devices, server_round=server_round)
 
 
 class RoundTable:
@@ -104,7 +104,7 @@ class RoundTable:
         if self.config.strategy != "fedavg":
             row["server-lr"] = report.server_lr
         if self.account is not None and report.arrays is not None:
-            row["epsilon"] = self.account.spend(report.replies)
+            row["epsilon"] = self.account.spend(report.replies, server_round)
         if report.arrays is not None:
             row["replies"] = report.replies
         if self.secure is not None and server_round in self.secure.rounds:

@@ -39,6 +39,7 @@ from fedpref.models.config import PARTIAL_AGGREGATE, FederatedConfig, cosine_fac
 from fedpref.server.grid import CohortSampler
 from fedpref.server.privacy import AdaptiveClippingNoise, FixedClippingNoise, NoiseSource
 from fedpref.server.rounds import EvaluateReport, TrainReport
+from fedpref.server.tree import TreeNoise, rounds_per_tree
 from fedpref.server.validation import (
     WEIGHT,
     check_evaluate_reply,
@@ -170,13 +171,15 @@ def _norm_bits(reply: Message) -> int:
 class NoisedAverage:
     """The average of the devices' clipped models with central Gaussian noise, added by
     Flower's ``DifferentialPrivacyClientSideFixedClipping`` (or its adaptive sibling; std
-    z * C / m on the average of m updates)."""
+    z * C / m on the average of m updates), or the tree's noise (:class:`fedpref.server.tree.TreeNoise`)."""
 
     def __init__(self, wrapper: DifferentialPrivacyClientSideFixedClipping) -> None:
         self.wrapper = wrapper
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
+        if isinstance(self.wrapper, TreeNoise):  # the tree places each release by the run's round
+            self.wrapper.at_round(server_round)
         if not any(_partial(r) for r in replies):
             return self.wrapper.aggregate_train(server_round, replies)
         # Partial aggregates (each for many devices): the wrapper's own steps, with the devices
@@ -276,6 +279,8 @@ class FedprefStrategy:
         state = {name: vars(self)[name] for name in STRATEGY_STATE if name in vars(self)}
         if self.dp_wrapper is not None:
             state["dp-clipping-norm"] = float(self.dp_wrapper.clipping_norm)
+        if isinstance(self.dp_wrapper, TreeNoise):  # its nodes only with reproducible-noise
+            state.update(self.dp_wrapper.state())
         return state
 
     def restore(self, state: dict) -> None:
@@ -284,6 +289,8 @@ class FedprefStrategy:
                 setattr(self, name, state[name])
         if "dp-clipping-norm" in state and self.dp_wrapper is not None:
             self.dp_wrapper.clipping_norm = state["dp-clipping-norm"]
+        if isinstance(self.dp_wrapper, TreeNoise):
+            self.dp_wrapper.restore(state)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, cfg: ConfigRecord, grid) -> Iterable[Message]:
         server_round += self.round_offset
@@ -464,7 +471,14 @@ def make_strategy(
     if central_noise:
         plain = FedAvg(**common)  # the plain average the wrapper noises; devices send equal weights under DP
         cohort = config.cohort_size(n_devices)
-        if config.dp_clipping == "fixed":
+        if config.dp_mechanism == "tree":
+            # DP-FTRL: the average carries the change of a binary tree's noise on the running
+            # sum, the tree restarting every ceil(T / k) rounds (fedpref.server.tree).
+            wrapper = TreeNoise(
+                plain, noise_multiplier=config.dp_noise_multiplier, clipping_norm=config.clip_norm, num_sampled_clients=cohort,
+                noise=noise or NoiseSource(), rounds_per_tree=rounds_per_tree(config.num_server_rounds, config.dp_max_participations),
+            )
+        elif config.dp_clipping == "fixed":
             wrapper = FixedClippingNoise(
                 plain, noise_multiplier=config.dp_noise_multiplier, clipping_norm=config.clip_norm, num_sampled_clients=cohort,
                 noise=noise or NoiseSource(),

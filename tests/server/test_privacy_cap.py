@@ -86,15 +86,21 @@ def test_without_a_cap_the_draws_are_those_of_before():
 
 
 def test_a_run_that_runs_out_of_devices_ends_early_with_its_reason(tmp_path, synthetic_population):
+    from fedpref.models.published import MODEL_SUFFIX, parse_model
+    from fedpref.server.app import ServerHooks
+    from fedpref.server.publish import generate_signing_key
     from fedpref.simulations.engines.inprocess import run_inprocess
 
     population = synthetic_population(tmp_path, 6, 150, 10, 1)
+    key, _ = generate_signing_key(tmp_path / "signing.key")
     run = FederatedConfig.from_run_config({
         "history-dir": str(population), "num-server-rounds": 4, "fraction-train": 0.5, "min-train-nodes": 3, "fraction-evaluate": 0.0,
         "dim": 4, "local-epochs": 1, "private-epochs": 1, "dp-noise-multiplier": 1.0, "dp-max-participations": 1,
-        "results-dir": str(tmp_path / "results"), "resume": False,
+        "results-dir": str(tmp_path / "results"), "resume": False, "publish-dir": str(tmp_path / "models"), "publish-key": str(key),
     })
-    result = run_inprocess(run, n_devices=6)
+    requests = []
+    hooks = ServerHooks(on_exchange=[lambda sent, _: requests.extend(m.content["config"] for m in sent if m.metadata.message_type == "train")])
+    result = run_inprocess(run, n_devices=6, hooks=hooks)
     # Six devices, each in one round, three a round: two rounds, then no whole cohort is left.
     assert [r["round"] for r in result["rounds"]] == [1, 2] and all(r["replies"] == 3 for r in result["rounds"])
     assert "round 3 needs a cohort of 3 devices, but only 0 of 6 may still train" in result["stopped-early"]
@@ -107,3 +113,12 @@ def test_a_run_that_runs_out_of_devices_ends_early_with_its_reason(tmp_path, syn
     for row in result["rounds"]:
         assert row["epsilon"] == row["epsilon-sampled"] <= row["epsilon-honest"]
     assert json.loads((tmp_path / "results" / "rounds.json").read_text())["stopped-early"] == result["stopped-early"]
+    # Every training request stated the plan's honest guarantee: one round a device, 4 rounds planned.
+    assert len(requests) == 6 and all(
+        (c["dp-epsilon"], c["dp-delta"], c["dp-rounds"], c["dp-max-participations"]) == (
+            one.epsilon(1, privacy["delta"], accounting="honest"), privacy["delta"], 4, 1) for c in requests)
+    # Each published model's signed metadata carries what the run had spent by its round.
+    for row in result["rounds"]:
+        model = parse_model((tmp_path / "models" / f"{row['model-version']}{MODEL_SUFFIX}").read_bytes())
+        assert model.meta["privacy"] == {"round": row["round"], "epsilon-honest": row["epsilon-honest"], "epsilon-sampled": row["epsilon-sampled"],
+                                         "delta": privacy["delta"], "rounds-planned": 4, "max-participations": 1}

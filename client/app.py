@@ -13,8 +13,13 @@
 A device is a **store** (node config ``store``, set by ``fedpref device join``): its consented
 events, its private vector and the latest global model (:class:`fedpref.client.Device`);
 ``_gate`` reads its consent (and its eligibility policy) afresh for every training message and
-declines with an error reply that carries only the reason; the ``_record_what_left`` mod writes
-every reply it sends into the store's record.
+declines with an error reply that carries only the reason; so does a device that has taken part
+in as many training rounds of the run as run-config ``dp-max-participations`` allows
+(:mod:`fedpref.models.participation`: it counts the rounds of this run its record of what left
+holds updates for, or, without a store, the rounds kept in its context's state). The
+``_record_what_left`` mod writes every reply it sends into the store's record, an update with
+the privacy guarantee the server's training request stated (run-config keys ``dp-epsilon``,
+``dp-delta``, ``dp-rounds`` of the request's config: what the person's report shows).
 
 :func:`make_app` builds the ClientApp; ``app`` is the one a real device runs. Whoever plays
 devices that have no store of their own passes a :class:`DeviceProvider` (where such a device's
@@ -42,6 +47,7 @@ from fedpref.models.contract import Params
 from fedpref.models.encoding import decode, encode_within
 from fedpref.models.encoding import norm as encoded_norm
 from fedpref.models.config import FederatedConfig
+from fedpref.models.participation import refusal
 from fedpref.models.wire import (
     POPULARITY_TASK,
     SECAGG_ARRAY_NAMES,
@@ -56,9 +62,11 @@ from fedpref.models.wire import (
 
 from .device import Device
 from .guard import clip_update, encode_update
-from .ledger import describe_message
+from .ledger import describe_message, rounds_joined
 
-DECLINED = 403  # the error code of a device's "no": consent or eligibility does not allow the task
+DECLINED = 403  # the error code of a device's "no": consent, eligibility or the participation cap does not allow the task
+PARTICIPATION_KEY = "participation"  # context.state of a device without a store: the training rounds it joined
+GUARANTEE_KEYS = {"dp-epsilon": "epsilon", "dp-delta": "delta", "dp-rounds": "rounds", "dp-max-participations": "max_participations"}
 
 
 class NoStore(RuntimeError):
@@ -121,6 +129,29 @@ def _secure_aggregation(msg: Message, context: Context, call_next) -> Message:
 
 def shared_of(config: FederatedConfig, arrays: dict[str, np.ndarray]) -> Params:
     return {name: arrays[name] for name in config.model_spec.build(1, 2, init=False).shared_names}
+
+
+def guarantee_of(request: dict) -> dict | None:
+    """The privacy guarantee a training request's config states (the server's word: the honest
+    epsilon of the run, its delta, the rounds planned, the participation cap), or None if it
+    states none (a run without DP) or states it malformed."""
+    found = {}
+    for key, name in GUARANTEE_KEYS.items():
+        value = request.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            return None
+        found[name] = int(value) if name in ("rounds", "max_participations") else float(value)
+    if not 0.0 < found["delta"] < 1.0 or found["rounds"] < 1:
+        return None
+    return found
+
+
+def _joined(context: Context, run: int) -> list[int]:
+    """The training rounds of run ``run`` a device without a store joined (its context's state)."""
+    record = context.state.config_records.get(PARTICIPATION_KEY)
+    if record is None or int(record.get("run", -1)) != run:
+        return []
+    return [int(r) for r in record.get("rounds", [])]
 
 
 def _noise_details(config: FederatedConfig, z: float, device_std: float) -> dict:
@@ -222,9 +253,31 @@ class DeviceApp:
             ok, why = device.eligible()
             if not ok:
                 reason = "not eligible now: " + "; ".join(why)
+        if reason is None and config.dp_max_participations > 0:
+            server_round, joined = round_of(msg), self.rounds_joined(msg, context, device)
+            if server_round not in joined:  # (a later stage of a secure round it has joined goes on)
+                reason = refusal(config, server_round, len(joined), max(joined, default=0))
         if reason is not None:
             return Message(Error(code=DECLINED, reason=f"declined: {reason}"), reply_to=msg)
         return call_next(msg, context)
+
+    # -- the participation cap ------------------------------------------------------------------
+    def rounds_joined(self, msg: Message, context: Context, device: Device | None) -> list[int]:
+        """The training rounds of this message's run the device has joined (sent an update in):
+        from its record of what left (a device with a store), else from its context's state."""
+        run = int(msg.metadata.run_id)
+        if device is not None:
+            return rounds_joined(device.record_of_what_left(), run)
+        return _joined(context, run)
+
+    def _count_round(self, msg: Message, context: Context, server_round: int) -> None:
+        """A device without a store keeps the training rounds it joined in its context's state (a
+        device with a store has them in its record of what left)."""
+        if self.device_of(context, FederatedConfig.from_run_config(context.run_config)) is not None:
+            return
+        run = int(msg.metadata.run_id)
+        rounds = sorted(set(_joined(context, run)) | {server_round})
+        context.state[PARTICIPATION_KEY] = ConfigRecord({"run": run, "rounds": rounds})
 
     # -- training -------------------------------------------------------------------------------
     def _before_training(self, context: Context, config: FederatedConfig, server_round: int) -> None:
@@ -284,6 +337,7 @@ class DeviceApp:
             update, _ = self._local_round(context, config, shared_of(config, arrays), server_round)
             sent, norm, clipped = clip_update(update, config.clip_norm)
             z, bound = config.dp_noise_multiplier, config.clip_norm
+            self._count_round(msg, context, server_round)
         noise_std = 0.0
         if z > 0 and config.dp_noise_placement == "distributed":
             # This device's share of the noise: the sum over the cohort carries N(0, (z C)^2).
@@ -300,6 +354,7 @@ class DeviceApp:
             secure_aggregation=True,
             cohort=cohort,
             noise=_noise_details(config, z, noise_std),
+            **({"guarantee": found} if task.config.get(TASK) != POPULARITY_TASK and (found := guarantee_of(dict(task.config))) else {}),
         )
         if task.config.get(TASK) != POPULARITY_TASK:
             self._before_reply(context, config, int(task.config.get("server-round", 1)))
@@ -315,6 +370,7 @@ class DeviceApp:
         shared = shared_of(config, {name: arrays[name].numpy() for name in arrays})
         server_round = int(msg.content["config"].get("server-round", 1))
         update, metrics = self._local_round(context, config, shared, server_round)
+        self._count_round(msg, context, server_round)
         bound = config.clip_norm
         if config.dp and config.dp_clipping == "adaptive":  # this round's C, set by the server's wrapper
             bound = float(msg.content["config"][KEY_CLIPPING_NORM])
@@ -336,6 +392,7 @@ class DeviceApp:
             encoding=config.update_encoding,
             secure_aggregation=False,
             noise=_noise_details(config, config.dp_noise_multiplier, 0.0),
+            **({"guarantee": found} if (found := guarantee_of(dict(msg.content["config"]))) else {}),
         )
         content = training_content(weights, sent)
         self._before_reply(context, config, server_round)

@@ -3,8 +3,14 @@
 Every message the device sends is described here, never its content: when, to which server,
 which run and round, what kind of message, which arrays (names, shapes, dtypes, bytes),
 which metric names, and for a model update its L2 norm after clipping, the clipping bound and
-the noise and DP parameters in force. :func:`describe_message` builds the entry from the
-outgoing Flower message itself, so the record cannot drift from what was actually sent.
+the noise and DP parameters in force, and the privacy guarantee the server's request stated.
+:func:`describe_message` builds the entry from the outgoing Flower message itself, so the
+record cannot drift from what was actually sent.
+
+The same record tells the device which training rounds of which run it joined
+(:func:`rounds_joined`: the participation cap counts them), and so what a run's guarantee means
+for its person (:func:`person_sentence`): the (epsilon, delta) that holds for anyone, whatever
+rounds they joined, and how many of the run's rounds this device took part in.
 """
 
 from __future__ import annotations
@@ -83,6 +89,53 @@ def _value_bytes(value) -> int:
     return 8  # a number or a bool
 
 
+def _is_training_update(entry: dict) -> bool:
+    return bool(entry.get("update")) and entry.get("task", "training") == "training" and entry.get("message") != "declined"
+
+
+def rounds_joined(sent: list[dict], run: int) -> list[int]:
+    """The training rounds (1 and up) of run ``run`` this device sent an update in, in order."""
+    return sorted({int(e["round"]) for e in sent if _is_training_update(e) and e.get("run") == run and isinstance(e.get("round"), int) and e["round"] >= 1})
+
+
+def _number(value: float) -> str:
+    """A number as a person reads it: 3 significant digits, and 1e-7 rather than 1e-07."""
+    text = f"{value:.3g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def person_sentence(run: int, rounds: list[int], guarantee: dict | None) -> str:
+    """What run ``run``'s guarantee means for this person, in one sentence: the bound that holds
+    for anyone (the server's honest figure, from its training requests), and how many rounds
+    this device took part in."""
+    joined = len(rounds)
+    if guarantee is None:
+        return (f"Run {run} stated no differential-privacy guarantee (no noise was promised); "
+                f"this device took part in {joined} of its round{'s' if joined != 1 else ''}.")
+    cap = guarantee.get("max_participations") or 0
+    capped = f", at most {cap} per device" if cap else ""
+    return (f"Run {run} promises (ε = {_number(guarantee['epsilon'])}, δ = {_number(guarantee['delta'])}) for anyone, whatever rounds "
+            f"they joined, assuming nothing about who was asked when (the server's figure in its training requests, for "
+            f"{guarantee['rounds']} rounds with whole cohorts{capped}); this device took part in {joined} of {guarantee['rounds']} rounds.")
+
+
+def person_guarantees(sent: list[dict]) -> list[dict]:
+    """For each run this device sent a training update in (in order): the run, the rounds it
+    joined, the guarantee its latest request stated (or None) and :func:`person_sentence`."""
+    runs: dict[int, dict | None] = {}
+    for entry in sent:
+        if _is_training_update(entry) and isinstance(entry.get("run"), int):
+            runs[entry["run"]] = entry.get("guarantee") or runs.get(entry["run"])
+    out = []
+    for run, guarantee in runs.items():
+        rounds = rounds_joined(sent, run)
+        out.append({"run": run, "rounds_joined": rounds, "guarantee": guarantee, "sentence": person_sentence(run, rounds, guarantee)})
+    return out
+
+
 def host_of(server: str) -> str:
     return urlsplit(f"//{server}").hostname or server
 
@@ -134,6 +187,11 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
         lines.append(f"Declined {len(declined)} request{'s' if len(declined) != 1 else ''} (consent or conditions did not allow {'them' if len(declined) != 1 else 'it'}).")
     if not sent:
         lines.append("Nothing has left this device.")
+    guarantees = person_guarantees(sent)
+    if guarantees:
+        lines.extend(g["sentence"] for g in guarantees)
+    else:
+        lines.append("This device has not taken part in any federated training round.")
     lines.append("Your events never left this device.")
     lines.append(consent_text)
     kinds = Counter(e["message"] for e in sent)
@@ -156,5 +214,6 @@ def privacy_report(*, trainings: list[dict], sent: list[dict], consent_text: str
         "noised_on_device_updates": device_noise,
         "noised_by_server_updates": server_noise,
         "events_left_device": False,
+        "guarantees": guarantees,  # per run: the rounds this device joined, and what the run promises anyone
     }
     return PrivacyReport(" ".join(lines), data)

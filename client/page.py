@@ -241,6 +241,9 @@ class PageGuard:
         return None
 
 
+NO_ROUND = "This device has not taken part in any federated training round."
+
+
 def _status(device: Device) -> dict:
     try:
         recommendations = device.recommend(10)
@@ -256,6 +259,8 @@ def _status(device: Device) -> dict:
         "kinds": kinds,
         "report": report.text,
         "report_data": report.data,
+        # what each run's guarantee means for this person (client/ledger.py: person_sentence)
+        "guarantee": " ".join(g["sentence"] for g in report.data["guarantees"]) or NO_ROUND,
         "record": device.record_of_what_left()[-200:][::-1],
         "recommendations": recommendations,
         "recommendations_note": why,
@@ -381,6 +386,8 @@ label{display:block;margin:.2rem 0} #message{color:#0a5;min-height:1.2rem}
 <body>
 <h1>Your data on this device</h1>
 <p class="report" id="report">Loading...</p>
+<h2>What the privacy guarantee means for you</h2>
+<p id="guarantee"></p>
 <h2>How your history may be used</h2>
 <form id="consent-form">
 <label><input type="radio" name="level" value="none"> <b>Not at all</b>: recommendations from the shared model only</label>
@@ -409,6 +416,7 @@ function text(el, value){ el.textContent = value; }
 function row(cells){ const tr=document.createElement('tr'); for(const c of cells){ const td=document.createElement('td'); td.textContent=c; tr.appendChild(td);} return tr; }
 function render(s){
   text(document.getElementById('report'), s.report);
+  text(document.getElementById('guarantee'), s.guarantee);
   text(document.getElementById('consent-text'), s.consent_text);
   for (const r of document.querySelectorAll('input[name=level]')) r.checked = (r.value === s.consent.level);
   const kinds = document.getElementById('kinds'); kinds.innerHTML='';

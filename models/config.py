@@ -251,8 +251,8 @@ class FederatedConfig:
             raise bad("dp-mechanism", f"choose one of {', '.join(DP_MECHANISMS)}, got {self.dp_mechanism!r}")
         if self.dp_accounting not in DP_ACCOUNTINGS:
             raise bad("dp-accounting", f"choose one of {', '.join(DP_ACCOUNTINGS)}, got {self.dp_accounting!r}")
-        if self.dp_max_participations < 0:
-            raise bad("dp-max-participations", f"must be 0 (no cap) or a positive number of rounds, got {self.dp_max_participations}")
+        if not 0 <= self.dp_max_participations <= 65_535:  # (the fast engine counts participations in a uint16)
+            raise bad("dp-max-participations", f"must be 0 (no cap) or a number of rounds from 1 to 65535, got {self.dp_max_participations}")
         if self.dp and self.dp_mechanism == "tree":
             if self.dp_max_participations < 1:
                 raise bad("dp-max-participations", "dp-mechanism=tree needs a cap of at least 1: the tree restarts every "

@@ -33,8 +33,8 @@ from fedpref.models.config import FederatedConfig, RunConfigError
 from fedpref.models.files import open_private, private_folder, write_private
 from fedpref.server import checkpoint
 from fedpref.server.analytics import dp_popularity, popularity_mechanism
-from fedpref.server.grid import CohortSampler, EngineGrid, Exchange, StableGrid, device_keys, engine_grid
-from fedpref.server.privacy import DpMechanism, NoiseSource, PrivacyLedger, default_delta
+from fedpref.server.grid import CohortSampler, CohortsExhausted, EngineGrid, Exchange, StableGrid, device_keys, engine_grid
+from fedpref.server.privacy import DpMechanism, NoiseSource, PrivacyLedger, default_delta, resolve_accounting
 from fedpref.server.publish import ModelPublisher
 from fedpref.server.rounds import PrivacyAccount, Progress, Publisher, RoundTable, RunResult, StoreRecorder, numpy_arrays
 from fedpref.server.runstore import RunStore, default_url
@@ -95,10 +95,21 @@ def check_adaptive(noise_multiplier: float, cohort: int) -> None:
         )
 
 
+def accounting_of(config: FederatedConfig) -> str:
+    """The account this run reports and stops at (run-config ``dp-accounting``; ``auto``:
+    honest on real devices, run-config ``devices`` > 0, sampled in a simulation)."""
+    return resolve_accounting(config.dp_accounting, real_devices=config.devices > 0)
+
+
+def _prior(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, ...]:
+    return (popularity_mechanism(config, n_devices),) if config.popularity_histogram else ()
+
+
 def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, float, int]:
     """The DP mechanism of this run, its delta, and how many rounds run: ``num-server-rounds``,
-    or fewer if one more would take epsilon past ``dp-target-epsilon``. Refuses settings the
-    run could not honour (a target one round passes; too much noise for adaptive clipping)."""
+    or fewer if one more would take the epsilon of the run's account (:func:`accounting_of`)
+    past ``dp-target-epsilon``. Refuses settings the run could not honour (a target one round
+    passes; too much noise for adaptive clipping)."""
     mechanism = DpMechanism(config.dp_noise_multiplier, n_devices, config.cohort_size(n_devices))
     if config.dp_mechanism == "tree":  # fedpref.server.tree: trees of ceil(T / k) rounds
         mechanism = TreeMechanism(mechanism.noise_multiplier, n_devices, mechanism.cohort,
@@ -107,17 +118,28 @@ def privacy_plan(config: FederatedConfig, n_devices: int) -> tuple[DpMechanism, 
         check_adaptive(config.dp_noise_multiplier, mechanism.cohort)
     delta = config.dp_delta or default_delta(n_devices)
     rounds = config.num_server_rounds
-    prior = (popularity_mechanism(config, n_devices),) if config.popularity_histogram else ()
+    prior = _prior(config, n_devices)
+    accounting, cap = accounting_of(config), config.dp_max_participations
     if config.dp_target_epsilon > 0:
-        rounds = min(rounds, mechanism.rounds_within(config.dp_target_epsilon, delta, limit=rounds, prior=prior))
+        rounds = min(rounds, mechanism.rounds_within(config.dp_target_epsilon, delta, limit=rounds, prior=prior, accounting=accounting,
+                                                     max_participations=cap))
         if rounds == 0:
             histogram = " after the popularity histogram" if prior else " alone"
             raise RunConfigError(
-                f"one round{histogram} spends epsilon {mechanism.epsilon(1, delta, prior):.3g} at delta {delta:.3g}, past "
-                f"dp-target-epsilon {config.dp_target_epsilon}: raise dp-noise-multiplier (or popularity-noise-multiplier), "
-                "lower fraction-train or raise the target"
+                f"one round{histogram} spends epsilon {mechanism.epsilon(1, delta, prior, accounting, cap):.3g} ({accounting} accounting) "
+                f"at delta {delta:.3g}, past dp-target-epsilon {config.dp_target_epsilon}: raise dp-noise-multiplier (or "
+                "popularity-noise-multiplier), lower fraction-train or raise the target"
             )
     return mechanism, delta, rounds
+
+
+def promised_guarantee(config: FederatedConfig, n_devices: int, mechanism: DpMechanism, delta: float, rounds: int) -> dict:
+    """What the run promises anyone, as each training request tells the devices: the honest
+    epsilon once ``rounds`` rounds have run with their whole cohorts (a round in which fewer
+    devices reply spends more; the published models carry the figure spent), its delta, the
+    rounds planned and the participation cap."""
+    epsilon = mechanism.epsilon(rounds, delta, _prior(config, n_devices), "honest", config.dp_max_participations)
+    return {"dp-epsilon": float(epsilon), "dp-delta": float(delta), "dp-rounds": int(rounds), "dp-max-participations": config.dp_max_participations}
 
 
 def _popularity_round(config: FederatedConfig, secure: SecureAggregationGrid | None, grid: StableGrid, n_devices: int, n_items: int,
@@ -132,7 +154,8 @@ def _popularity_round(config: FederatedConfig, secure: SecureAggregationGrid | N
         return None, None
     counts, contributors = released
     delta = config.dp_delta or default_delta(n_devices)
-    alone = PrivacyLedger(mechanism, delta, config.dp_noise_placement)
+    alone = PrivacyLedger(mechanism, delta, config.dp_noise_placement, accounting=accounting_of(config))
+    epsilon = alone.record_round(len(contributors), mechanism=mechanism)
     record = {
         "devices": len(contributors),
         "asked": len(nodes),
@@ -140,7 +163,8 @@ def _popularity_round(config: FederatedConfig, secure: SecureAggregationGrid | N
         "noise-placement": config.dp_noise_placement,
         "noise-source": noise.mode if config.dp_noise_placement == "central" else "devices",
         "max-items": config.popularity_max_items,
-        "epsilon": alone.record_round(len(contributors)),
+        "epsilon": epsilon,
+        **alone.epsilons(),
         "delta": delta,
         "file": "popularity.json",
     }
@@ -212,7 +236,7 @@ class Checkpoints:
             ledger=account.ledger if account is not None else None, rounds=table.rounds,
             best={"round": table.best_round, "arrays": numpy_arrays(table.best_arrays)},
             popularity=self.popularity, secure_rounds=dict(self.secure.rounds) if self.secure else {},
-            run_store_id=self.run_store_id, devices=self.grid.device_states(),
+            run_store_id=self.run_store_id, devices=self.grid.device_states(), participation=self.sampler.participation_state(),
         ))
 
 
@@ -224,7 +248,7 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
     meta = population_meta(config)
     n_devices, n_items = int(meta["n_users"]), int(meta["n_items"])
     engine = engine_grid(grid)
-    sampler = CohortSampler(random.Random(config.seed))
+    sampler = CohortSampler(random.Random(config.seed), config)
     stable = StableGrid(engine, device_keys(engine, n_devices), sampler, hooks.on_exchange)
     # Randomness that protects people (fedpref.server.privacy.NoiseSource): the DP noise, and
     # under DP the cohorts (amplification by sampling counts only if nobody knows who was
@@ -267,7 +291,9 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
     listeners: list = []
     if publisher is not None:
         model_meta = {"kind": config.model_spec.kind, "dim": config.model_spec.dim, "mlp_layers": list(config.model_spec.mlp_layers)}
-        listeners.append(Publisher(publisher, run_name, model_meta, store, run_id))
+        privacy_meta = None if account is None else {"delta": account.delta, "rounds-planned": num_rounds,
+                                                     "max-participations": config.dp_max_participations}
+        listeners.append(Publisher(publisher, run_name, model_meta, store, run_id, privacy_meta))
     if store is not None:
         listeners.append(StoreRecorder(store, run_id))
     listeners.append(Progress(hooks.on_round))
@@ -291,6 +317,9 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
             # states), so that a server killed in round 1 resumes this run instead of leaving it
             # "running" in the run store and starting another.
             checkpoints.save(0, dict(start_arrays), finished=False, wait=True)
+    # Every training request tells the device what the run promises anyone (the honest account).
+    train_config = ConfigRecord(promised_guarantee(config, n_devices, account.mechanism, account.delta, num_rounds) if account else {})
+    stopped = None
     try:
         if first_round <= num_rounds:
             strategy.start(
@@ -298,9 +327,12 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
                 initial_arrays=ArrayRecord({k: Array(v) for k, v in start_arrays.items()}),
                 num_rounds=num_rounds - first_round + 1,
                 timeout=config.round_timeout or 3600.0,  # replies later than this are left out of their round
-                train_config=ConfigRecord({}),
+                train_config=train_config,
                 evaluate_config=ConfigRecord({}),
             )
+    except CohortsExhausted as exc:  # too few devices may still train: the run ends here, and its record says why
+        stopped = str(exc)
+        log(WARNING, "the run stops early: %s", stopped)
     except BaseException as exc:
         if store is not None:
             store.finish_run(run_id, "failed", note=f"{type(exc).__name__}: {exc}"[:2000])
@@ -311,8 +343,8 @@ def main(grid: Grid, context: Context, hooks: ServerHooks | None = None) -> RunR
     if store is not None:
         if account is not None:
             store.record_round(run_id, max(table.rounds) if table.rounds else 0, metrics={}, epsilon=account.ledger.epsilon)
-        store.finish_run(run_id, "completed")
-    result = _result(config, n_devices, n_items, table, final, account, popularity, secure, cohort)
+        store.finish_run(run_id, "completed", note=f"stopped early: {stopped}"[:2000] if stopped else None)
+    result = _result(config, n_devices, n_items, table, final, account, popularity, secure, cohort, stopped)
     if config.results_dir:
         _write_results(config.results_dir, result, counts)
     if hooks.on_result is not None:
@@ -325,9 +357,14 @@ def _privacy_account(config: FederatedConfig, n_devices: int, noise: NoiseSource
     if not config.dp:
         return None, config.num_server_rounds
     mechanism, delta, num_rounds = privacy_plan(config, n_devices)
+    accounting, cap = accounting_of(config), config.dp_max_participations
     tree = isinstance(mechanism, TreeMechanism)
-    ledger = (TreeLedger if tree else PrivacyLedger)(mechanism, delta, config.dp_noise_placement)
+    ledger = (TreeLedger(mechanism, delta, config.dp_noise_placement, max_participations=cap, accounting=accounting) if tree else
+              PrivacyLedger(mechanism, delta, config.dp_noise_placement, max_participations=cap, accounting=accounting))
     return PrivacyAccount(ledger, mechanism, delta, record={
+            "accounting": accounting,  # which account "epsilon" is, and dp-target-epsilon stops at
+            "accounting-requested": config.dp_accounting,
+            "max-participations": cap or None,
             "noise-multiplier": config.dp_noise_multiplier,
             "noise-placement": config.dp_noise_placement,
             "clipping": config.dp_clipping,
@@ -339,7 +376,9 @@ def _privacy_account(config: FederatedConfig, n_devices: int, noise: NoiseSource
             "rounds-planned": config.num_server_rounds,
             "rounds-run": num_rounds,
             "stopped-by-target": num_rounds < config.num_server_rounds,
-            "accountant": "dp-accounting RDP; cohorts drawn without replacement; replace-one neighbours (fedpref.server.privacy)",
+            "accountant": ("dp-accounting RDP, replace-one neighbours. epsilon-sampled: cohorts drawn uniformly without replacement "
+                           "(the smaller of that amplified bound and the honest one); epsilon-honest: no assumption on how cohorts are "
+                           "drawn, each device in at most max-participations rounds (every round without a cap) (fedpref.server.privacy)"),
             # os-entropy (nobody can compute it) or run-seed (reproducible-noise: whoever knows the seed can)
             "noise-source": noise.mode if config.dp_noise_placement == "central" else "devices",
             "cohort-source": noise.mode,
@@ -393,7 +432,9 @@ def _resume(resumed: checkpoint.Checkpoint, checkpoint_dir: str, strategy: Fedpr
     _restore_random(sampler, noise, resumed, checkpoint_dir)
     account = table.account
     if account is not None:
-        if resumed.ledger is None or (resumed.ledger.mechanism, resumed.ledger.delta) != (account.mechanism, account.delta):
+        ledger = account.ledger
+        if resumed.ledger is None or (resumed.ledger.mechanism, resumed.ledger.delta, resumed.ledger.max_participations, resumed.ledger.accounting) != (
+                account.mechanism, account.delta, ledger.max_participations, ledger.accounting):
             raise checkpoint.CheckpointError(
                 f"{Path(checkpoint_dir) / checkpoint.CHECKPOINT_FILE} holds no privacy ledger of this run's mechanism: "
                 "remove it, or set resume=false, to start the run again"
@@ -408,13 +449,26 @@ def _resume(resumed: checkpoint.Checkpoint, checkpoint_dir: str, strategy: Fedpr
         secure.rounds.update(resumed.secure_rounds)
     if resumed.devices is not None:
         engine.restore_device_states(resumed.devices)
+    if resumed.participation is not None:
+        try:
+            sampler.restore_participation(resumed.participation)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise checkpoint.CheckpointError(
+                f"{Path(checkpoint_dir) / checkpoint.CHECKPOINT_FILE} cannot resume this run (its participation counts: {exc}): "
+                "remove it, or set resume=false, to start the run again"
+            ) from None
 
 
 def _result(config: FederatedConfig, n_devices: int, n_items: int, table: RoundTable, final: dict, account: PrivacyAccount | None,
-            popularity: dict | None, secure: SecureAggregationGrid | None, cohort: int) -> RunResult:
+            popularity: dict | None, secure: SecureAggregationGrid | None, cohort: int, stopped: str | None = None) -> RunResult:
     privacy = None
     if account is not None:
-        privacy = {**account.record, "epsilon": account.ledger.epsilon, "includes-popularity-histogram": popularity is not None}
+        privacy = {**account.record, "epsilon": account.ledger.epsilon, **account.ledger.epsilons(),
+                   "includes-popularity-histogram": popularity is not None}
+        if stopped:  # the rounds before the one that could not draw its cohort
+            privacy["rounds-run"] = max(table.rounds, default=0)
+            privacy["stopped-by-target"] = False
+            privacy["stopped-early"] = stopped
     secure_record = None
     if secure is not None:
         secure_record = {
@@ -433,6 +487,7 @@ def _result(config: FederatedConfig, n_devices: int, n_items: int, table: RoundT
         config=config.to_run_config(), devices=n_devices, items=n_items, chosen_round=table.best_round,
         rounds=[table.rounds[r] for r in sorted(table.rounds)], seconds=table.seconds(), final=final,
         best=numpy_arrays(table.best_arrays), privacy=privacy, popularity=popularity, secure_aggregation=secure_record,
+        stopped=stopped,
     )
 
 

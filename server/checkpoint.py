@@ -4,7 +4,8 @@ At the start of each round (so after the previous round's training and evaluatio
 ServerApp writes ``<checkpoint-dir>/checkpoint.npz`` atomically (a temporary file, then
 ``os.replace``): the global arrays, the strategy's state (FedAdam/FedYogi moments, FedAvgM
 momentum, the DP wrapper's clipping bound), the privacy ledger, the rounds so far, the best
-round, the popularity histogram and the run store's run id. A run whose randomness follows
+round, the popularity histogram, the run store's run id and the cohort sampler's count of the training rounds
+each device was asked to join (run-config ``dp-max-participations``). A run whose randomness follows
 its seed adds the cohort sampler's state and, with ``reproducible-noise``, the DP noise
 generator's; a run whose noise and cohorts come from the operating system stores neither
 (whoever read them could predict the noise and cohorts to come), and draws afresh when it
@@ -67,6 +68,7 @@ class Checkpoint:
     secure_rounds: dict = field(default_factory=dict)  # round -> what secure aggregation did
     run_store_id: int | None = None
     devices: object = None  # device states, when the grid plays them
+    participation: dict | None = None  # the cohort sampler's count of each device's training rounds ("nodes", "count", "last": arrays)
     format: int = FORMAT
 
 
@@ -153,6 +155,7 @@ def serialize(checkpoint: Checkpoint) -> bytes:
         "secure-rounds": {str(r): v for r, v in checkpoint.secure_rounds.items()},
         "run-store-id": checkpoint.run_store_id,
         "devices": _encode_devices(checkpoint.devices, arrays),
+        "participation": arrays.named(checkpoint.participation),
     }
     text = json.dumps(state, default=_json_value)
     buffer = io.BytesIO()
@@ -324,6 +327,7 @@ def _decode(archive) -> Checkpoint:
         secure_rounds={int(r): v for r, v in _expect(state.get("secure-rounds", {}), dict, "secure rounds").items()},
         run_store_id=run_store_id,
         devices=_decode_devices(state.get("devices"), reader),
+        participation=reader.named(state.get("participation"), "the devices' participations"),
     )
 
 

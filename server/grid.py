@@ -23,9 +23,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from logging import WARNING
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+
+from fedpref.models.config import FederatedConfig
+from fedpref.models.participation import may_train
 
 DEVICE_KEY_LIMIT = 2**63  # a device's key: a whole number from 0 to 2**63 - 1 (what a ConfigRecord's int holds)
 
@@ -118,21 +122,81 @@ def engine_grid(grid: Grid) -> EngineGrid:
     return grid if isinstance(grid, EngineGrid) else FlowerGrid(grid)
 
 
+class CohortsExhausted(RuntimeError):
+    """Too few devices may still train to draw a round's whole cohort (run-config
+    ``dp-max-participations``): the run ends before that round."""
+
+
 class CohortSampler:
     """Draws each round's cohort from its own generator (seeded, or the OS's under DP: see
-    :meth:`fedpref.server.privacy.NoiseSource.sampler`), over the node ids in their stable order."""
+    :meth:`fedpref.server.privacy.NoiseSource.sampler`), over the node ids in their stable order.
 
-    def __init__(self, rng: random.Random) -> None:
+    With a participation cap (run-config ``dp-max-participations``, the rule of
+    :mod:`fedpref.models.participation`) it counts, for each node, the training rounds it was
+    asked to join (at least the rounds it joined: a device that dropped out counts too), and
+    draws a training cohort only from the nodes the rule still lets train, so that a capped
+    device's refusal never makes a round smaller than the cohort the accounting assumes. When
+    fewer such nodes remain than a cohort needs, it raises :class:`CohortsExhausted` rather than
+    draw a smaller cohort."""
+
+    def __init__(self, rng: random.Random, config: FederatedConfig | None = None) -> None:
         self.rng = rng
+        self.config = config
+        self._joined: dict[int, list[int]] = {}  # node -> [training rounds asked, the latest of them]
 
-    def sample(self, grid: Grid, min_available_nodes: int, sample_size: int) -> tuple[list[int], list[int]]:
+    @property
+    def capped(self) -> bool:
+        return self.config is not None and self.config.dp_max_participations > 0
+
+    def sample(self, grid: Grid, min_available_nodes: int, sample_size: int, *, training_round: int | None = None) -> tuple[list[int], list[int]]:
         """(the cohort, every node id), waiting until at least ``min_available_nodes`` (and
-        ``sample_size``) devices are connected, as Flower's ``sample_nodes`` does."""
+        ``sample_size``) devices are connected, as Flower's ``sample_nodes`` does.
+        ``training_round``: the cohort is that training round's (the participation cap applies
+        and the draw is counted); None for any other cohort (evaluation, the popularity
+        histogram)."""
         ids = list(grid.get_node_ids())
         while len(ids) < max(min_available_nodes, sample_size):
             time.sleep(1)
             ids = list(grid.get_node_ids())
-        return self.rng.sample(ids, sample_size), ids
+        if training_round is None or not self.capped:
+            return self.rng.sample(ids, sample_size), ids
+        config = self.config
+        blocked = {node for node, (count, last) in self._joined.items() if not may_train(config, training_round, count, last)}
+        eligible = [node for node in ids if node not in blocked] if blocked else ids
+        if len(eligible) < sample_size:
+            raise CohortsExhausted(
+                f"round {training_round} needs a cohort of {sample_size} devices, but only {len(eligible)} of {len(ids)} may still train "
+                f"(dp-max-participations = {config.dp_max_participations}{', one round in each window (dp-mechanism = tree)' if config.dp_mechanism == 'tree' else ''}); "
+                "the accounting assumes whole cohorts, so the run ends after the rounds before it. Raise dp-max-participations, "
+                "take fewer devices a round or fewer rounds, or add devices"
+            )
+        cohort = self.rng.sample(eligible, sample_size)
+        for node in cohort:
+            joined = self._joined.setdefault(node, [0, 0])
+            if joined[1] != training_round:
+                joined[0] += 1
+                joined[1] = training_round
+        return cohort, ids
+
+    def rounds_joined(self, node: int) -> tuple[int, int]:
+        """(training rounds ``node`` was asked to join, the latest of them; 0 for none)."""
+        count, last = self._joined.get(node, (0, 0))
+        return count, last
+
+    def participation_state(self) -> dict | None:
+        """The counts for the server's checkpoint (None without a cap)."""
+        if not self.capped:
+            return None
+        nodes = np.array(sorted(self._joined), dtype=np.int64)
+        return {"nodes": nodes, "count": np.array([self._joined[n][0] for n in nodes.tolist()], dtype=np.int64),
+                "last": np.array([self._joined[n][1] for n in nodes.tolist()], dtype=np.int64)}
+
+    def restore_participation(self, state: dict) -> None:
+        """Take back the counts :meth:`participation_state` gave (a resumed run)."""
+        nodes, count, last = (np.asarray(state[k], dtype=np.int64) for k in ("nodes", "count", "last"))
+        if not len(nodes) == len(count) == len(last):
+            raise ValueError("the participation counts do not line up with their nodes")
+        self._joined = {int(n): [int(c), int(r)] for n, c, r in zip(nodes, count, last)}
 
 
 class StableGrid(GridView):

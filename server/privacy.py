@@ -34,6 +34,34 @@ only if nobody knows who was sampled. Nothing of either is stored, so a checkpoi
 reveal the noise still to come. A simulation that must repeat bit for bit asks for the noise
 and the cohorts from its seed (run-config ``reproducible-noise``); the ServerApp then warns,
 and the run's record says so.
+
+Two accounts of the same run (:class:`PrivacyLedger`; run-config ``dp-accounting``):
+
+- **sampled**, the account above: it assumes that every round's cohort is a uniform draw,
+  without replacement, of m of the N devices, and gains from it (amplification by sampling).
+  A simulation draws its cohorts so. Real devices do not: they check in when they are idle,
+  charging and on an unmetered network, so who takes part in a round follows their owners'
+  habits, which the server neither controls nor knows;
+- **honest**: it assumes nothing about how cohorts are drawn. A device takes part in at most
+  k training rounds of a run (run-config ``dp-max-participations``, which the device itself
+  enforces: :mod:`fedpref.models.participation`), so whoever it is, its data went through at
+  most k Gaussian mechanisms ``GaussianDpEvent(z / 2)`` (the same replace-one sensitivity
+  2C, without sampling): the k rounds whose noise was smallest (a round in which fewer
+  devices replied counts with its smaller multiplier, as above). Without a cap, every round
+  the run released counts.
+
+The sampled account's premise implies the honest one's (a device drawn uniformly still joins
+at most the rounds it joined), so the honest bound holds under it too: the ledger reports
+``epsilon-sampled = min(amplified, honest)``, which is never larger than ``epsilon-honest``.
+Both are always written; ``dp-accounting`` chooses which one ``dp-target-epsilon`` stops at
+and which one the run shows as its ``epsilon``: ``auto`` is sampled in a simulation and honest
+on real devices (run-config ``devices`` > 0: the server then samples SuperNodes whose
+check-ins it does not control). With a cap the server draws each cohort from the devices that
+may still train, so the cohorts are no longer uniform draws from all N: the sampled figure is
+then an approximation, and the honest one the bound.
+
+A release other than a training round (the popularity histogram) is composed once into both
+accounts and counts towards no cap.
 """
 
 from __future__ import annotations
@@ -60,6 +88,44 @@ logging.getLogger("absl").setLevel(logging.ERROR)
 
 class PrivacyConfigError(ValueError):
     """The DP settings cannot describe a mechanism (bad noise, cohort or delta)."""
+
+
+ACCOUNTINGS = ("honest", "sampled")  # the two accounts of a run (run-config dp-accounting, once auto is resolved)
+LEDGER_FORMAT = 2  # PrivacyLedger.to_dict: each release a record, a training round or another release
+
+
+def resolve_accounting(requested: str, real_devices: bool) -> str:
+    """The account a run reports and stops at: ``requested`` (run-config ``dp-accounting``),
+    where ``auto`` means honest on real devices and sampled in a simulation."""
+    if requested == "auto":
+        return "honest" if real_devices else "sampled"
+    if requested not in ACCOUNTINGS:
+        raise PrivacyConfigError(f"dp-accounting is auto, honest or sampled, got {requested!r}")
+    return requested
+
+
+def _check_cap(max_participations: int) -> int:
+    if isinstance(max_participations, bool) or not isinstance(max_participations, int) or max_participations < 0:
+        raise PrivacyConfigError(f"the participation cap is 0 (none) or a positive number of rounds, got {max_participations!r}")
+    return max_participations
+
+
+def _honest_epsilon(training: list[float], others: list, delta: float, max_participations: int) -> float:
+    """The honest epsilon (see the module): every release in ``others`` once, and the
+    ``max_participations`` training rounds (all of them for 0) of smallest noise multiplier
+    among ``training`` (the multipliers the rounds were accounted with)."""
+    counted = sorted(training)[:max_participations] if max_participations else list(training)
+    if not counted and not others:
+        return 0.0
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for mechanism in others:
+        accountant.compose(mechanism.honest_event())
+    groups: dict[float, int] = {}
+    for z in counted:
+        groups[z] = groups.get(z, 0) + 1
+    for z, count in groups.items():
+        accountant.compose(dp_accounting.GaussianDpEvent(z / 2.0), count)
+    return float(accountant.get_epsilon(delta))
 
 
 def default_delta(population: int) -> float:
@@ -90,42 +156,62 @@ class DpMechanism:
             )
 
     def round_event(self) -> dp_accounting.DpEvent:
-        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0)  # sensitivity 2C under REPLACE_ONE
+        """One round under the sampled account: the Gaussian mechanism on a uniform cohort."""
+        gaussian = self.honest_event()
         if self.cohort == self.population:
             return gaussian
         return dp_accounting.SampledWithoutReplacementDpEvent(self.population, self.cohort, gaussian)
 
-    def epsilon(self, rounds: int, delta: float, prior: tuple[DpMechanism, ...] = ()) -> float:
+    def honest_event(self) -> dp_accounting.DpEvent:
+        """One round as the honest account counts it for a device that took part: the Gaussian
+        mechanism alone, noise ``z / 2`` per unit of the replace-one sensitivity 2C."""
+        return dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0)
+
+    def epsilon(self, rounds: int, delta: float, prior: tuple[DpMechanism, ...] = (), accounting: str = "sampled",
+                max_participations: int = 0) -> float:
         """Epsilon after ``rounds`` rounds at ``delta`` (0 for none), composed after one
-        release of each ``prior`` mechanism (such as the popularity histogram)."""
+        release of each ``prior`` mechanism (such as the popularity histogram), under the
+        ``accounting`` account: ``sampled`` (the smaller of the amplified bound and the honest
+        one) or ``honest`` (at most ``max_participations`` rounds a device, 0 for every round;
+        see the module)."""
         if rounds < 0:
             raise ValueError(f"rounds must be 0 or more, got {rounds}")
         if not 0.0 < delta < 1.0:
             raise PrivacyConfigError(f"delta must lie in (0, 1), got {delta}")
+        if accounting not in ACCOUNTINGS:
+            raise PrivacyConfigError(f"the accounting is honest or sampled, got {accounting!r}")
         if rounds == 0 and not prior:
             return 0.0
+        honest = _honest_epsilon([self.noise_multiplier] * rounds, list(prior), delta, _check_cap(max_participations))
+        if accounting == "honest":
+            return honest
         accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
         for mechanism in prior:
             accountant.compose(mechanism.round_event())
         if rounds:
             accountant.compose(self.round_event(), rounds)
-        return float(accountant.get_epsilon(delta))
+        return min(float(accountant.get_epsilon(delta)), honest)
 
-    def rounds_within(self, target_epsilon: float, delta: float, limit: int = 100_000, prior: tuple[DpMechanism, ...] = ()) -> int:
-        """The most rounds whose epsilon (after ``prior``) stays at or below ``target_epsilon``
-        (at most ``limit``)."""
+    def rounds_within(self, target_epsilon: float, delta: float, limit: int = 100_000, prior: tuple[DpMechanism, ...] = (),
+                      accounting: str = "sampled", max_participations: int = 0) -> int:
+        """The most rounds whose epsilon (after ``prior``, under ``accounting``: see
+        :meth:`epsilon`) stays at or below ``target_epsilon`` (at most ``limit``)."""
         if not target_epsilon > 0:
             raise PrivacyConfigError(f"the target epsilon must be positive, got {target_epsilon}")
-        if self.epsilon(1, delta, prior) > target_epsilon:
+
+        def epsilon(rounds: int) -> float:
+            return self.epsilon(rounds, delta, prior, accounting, max_participations)
+
+        if epsilon(1) > target_epsilon:
             return 0
         low, high = 1, 1
-        while high < limit and self.epsilon(high, delta, prior) <= target_epsilon:
+        while high < limit and epsilon(high) <= target_epsilon:
             low, high = high, min(high * 2, limit)
-        if self.epsilon(high, delta, prior) <= target_epsilon:
+        if epsilon(high) <= target_epsilon:
             return high
         while high - low > 1:  # epsilon(low) <= target < epsilon(high)
             mid = (low + high) // 2
-            if self.epsilon(mid, delta, prior) <= target_epsilon:
+            if epsilon(mid) <= target_epsilon:
                 low = mid
             else:
                 high = mid
@@ -250,57 +336,99 @@ class AdaptiveClippingNoise(_NoiseFromSource, DifferentialPrivacyClientSideAdapt
 
 
 class PrivacyLedger:
-    """The server's running account of one training run: each released round composed into an
-    RDP accountant as it happens, at the noise its replies actually carried (a round in which
-    only ``m' < m`` devices replied is accounted with ``z * m' / m`` when the server adds the
-    noise, ``z * sqrt(m' / m)`` when the devices add their shares of it; see the module)."""
+    """The server's running account of one training run, in both accounts (see the module):
+    each released round composed into an RDP accountant as it happens (the amplified bound),
+    at the noise its replies actually carried (a round in which only ``m' < m`` devices replied
+    is accounted with ``z * m' / m`` when the server adds the noise, ``z * sqrt(m' / m)`` when
+    the devices add their shares of it), and the honest bound over the
+    ``max_participations`` rounds of smallest noise (every round for 0).
 
-    def __init__(self, mechanism: DpMechanism, delta: float, placement: str = "central") -> None:
+    ``accounting`` (``honest`` or ``sampled``) is the account :attr:`epsilon` gives and
+    :meth:`record_round` returns; :attr:`epsilon_honest` and :attr:`epsilon_sampled` are
+    always there."""
+
+    def __init__(self, mechanism: DpMechanism, delta: float, placement: str = "central", *, max_participations: int = 0,
+                 accounting: str = "sampled") -> None:
         if not 0.0 < delta < 1.0:
             raise PrivacyConfigError(f"delta must lie in (0, 1), got {delta}")
         if placement not in ("central", "distributed"):
             raise PrivacyConfigError(f"the noise is added centrally or distributed across devices, got {placement!r}")
+        if accounting not in ACCOUNTINGS:
+            raise PrivacyConfigError(f"the accounting is honest or sampled, got {accounting!r}")
         self.placement = placement
         self.mechanism = mechanism
         self.delta = delta
-        self.rounds = 0
+        self.max_participations = _check_cap(max_participations)
+        self.accounting = accounting
+        self.rounds = 0  # releases accounted (training rounds and others)
         self._accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        self._released: list[DpMechanism] = []  # every release as accounted, in order (for a checkpoint)
+        self._released: list[tuple[DpMechanism, bool]] = []  # every release as accounted, in order, and whether it was a training round
+        self._honest: float | None = None  # cached: the honest epsilon of the releases so far
+
+    @property
+    def epsilon_amplified(self) -> float:
+        """The bound under uniform sampling alone (amplification by sampling, every round)."""
+        return float(self._accountant.get_epsilon(self.delta)) if self.rounds else 0.0
+
+    @property
+    def epsilon_honest(self) -> float:
+        """The bound that assumes nothing about how cohorts were drawn (see the module)."""
+        if self._honest is None:
+            training = [m.noise_multiplier for m, is_round in self._released if is_round]
+            others = [m for m, is_round in self._released if not is_round]
+            self._honest = _honest_epsilon(training, others, self.delta, self.max_participations)
+        return self._honest
+
+    @property
+    def epsilon_sampled(self) -> float:
+        """The bound under uniform sampling: the smaller of the amplified and the honest bounds
+        (both hold when cohorts are uniform draws), so never above :attr:`epsilon_honest`."""
+        return min(self.epsilon_amplified, self.epsilon_honest)
 
     @property
     def epsilon(self) -> float:
-        return float(self._accountant.get_epsilon(self.delta)) if self.rounds else 0.0
+        """The epsilon of this ledger's ``accounting``."""
+        return self.epsilon_honest if self.accounting == "honest" else self.epsilon_sampled
+
+    def epsilons(self) -> dict[str, float]:
+        """Both accounts: ``{"epsilon-sampled": ..., "epsilon-honest": ...}``."""
+        return {"epsilon-sampled": self.epsilon_sampled, "epsilon-honest": self.epsilon_honest}
 
     def record_round(self, replies: int | None = None, mechanism: DpMechanism | None = None, server_round: int | None = None) -> float:
         """Account one released round in which ``replies`` devices of the cohort replied
-        (default: all of them) of this ledger's mechanism, or of ``mechanism`` (another
-        release on the same people, such as the popularity histogram); returns epsilon after it.
-        (``server_round``: the round's number, which a Gaussian round's account does not need
-        and the tree's does, :class:`fedpref.server.tree.TreeLedger`.)"""
+        (default: all of them) of this ledger's mechanism (a training round), or a release of
+        ``mechanism`` (another release on the same people, such as the popularity histogram:
+        it counts towards no cap); returns :attr:`epsilon` after it. (``server_round``: the
+        round's number, which a Gaussian round's account does not need and the tree's does,
+        :class:`fedpref.server.tree.TreeLedger`.)"""
+        training = mechanism is None
         mechanism = mechanism or self.mechanism
         if replies is not None and 0 < replies < mechanism.cohort:
             share = replies / mechanism.cohort
             scale = share if self.placement == "central" else share**0.5
             mechanism = replace(mechanism, noise_multiplier=mechanism.noise_multiplier * scale)
-        self._compose(mechanism)
+        self._compose(mechanism, training)
         return self.epsilon
 
-    def _compose(self, mechanism: DpMechanism) -> None:
+    def _compose(self, mechanism: DpMechanism, training: bool) -> None:
         self._accountant.compose(mechanism.round_event())
-        self._released.append(mechanism)
+        self._released.append((mechanism, training))
+        self._honest = None
         self.rounds += 1
 
     def to_dict(self) -> dict:
         """The ledger as plain JSON values: its settings and every release it accounted."""
         as_list = lambda m: [m.noise_multiplier, m.population, m.cohort]  # noqa: E731
-        return {"mechanism": as_list(self.mechanism), "delta": self.delta, "placement": self.placement,
-                "released": [as_list(m) for m in self._released]}
+        return {"format": LEDGER_FORMAT, "mechanism": as_list(self.mechanism), "delta": self.delta, "placement": self.placement,
+                "max-participations": self.max_participations, "accounting": self.accounting,
+                "released": [{"mechanism": as_list(m), "release": "round" if training else "other"} for m, training in self._released]}
 
     @classmethod
     def from_dict(cls, data: dict) -> PrivacyLedger:
-        """The ledger :meth:`to_dict` wrote, its releases composed again in their order (so its
-        epsilon is the very same number). Raises ``PrivacyConfigError`` or ``ValueError`` for
-        anything that does not describe a ledger."""
+        """The ledger :meth:`to_dict` wrote, its releases composed again in their order (so both
+        its epsilons are the very same numbers). Raises ``PrivacyConfigError`` or ``ValueError``
+        for anything that does not describe a ledger, and for a ledger of an older format (it
+        did not say which releases were training rounds, which the honest account needs)."""
         if isinstance(data, dict) and data.get("kind") == "tree":  # DP-FTRL's account (fedpref.server.tree)
             from .tree import TreeLedger
 
@@ -316,7 +444,18 @@ class PrivacyLedger:
 
         if not isinstance(data, dict) or not isinstance(data.get("released"), list) or not isinstance(data.get("delta"), (int, float)):
             raise ValueError("not a privacy ledger (mechanism, delta, placement, released)")
-        ledger = cls(mechanism(data.get("mechanism")), float(data["delta"]), data.get("placement"))
-        for values in data["released"]:
-            ledger._compose(mechanism(values))
+        if data.get("format") != LEDGER_FORMAT:
+            raise ValueError(
+                f"a privacy ledger of an older format ({data.get('format', 1)!r}, this fedpref reads {LEDGER_FORMAT}): it does not say "
+                "which releases were training rounds, which the honest account needs; start the run again (resume=false)"
+            )
+        cap = data.get("max-participations")
+        if isinstance(cap, bool) or not isinstance(cap, int):
+            raise ValueError(f"the ledger's max-participations must be a whole number, got {cap!r}")
+        ledger = cls(mechanism(data.get("mechanism")), float(data["delta"]), data.get("placement"), max_participations=cap,
+                     accounting=data.get("accounting"))
+        for entry in data["released"]:
+            if not isinstance(entry, dict) or entry.get("release") not in ("round", "other"):
+                raise ValueError(f"a release is {{'mechanism': [z, N, m], 'release': 'round' | 'other'}}, got {entry!r}")
+            ledger._compose(mechanism(entry.get("mechanism")), entry["release"] == "round")
         return ledger

@@ -104,7 +104,9 @@ class RoundTable:
         if self.config.strategy != "fedavg":
             row["server-lr"] = report.server_lr
         if self.account is not None and report.arrays is not None:
+            # "epsilon" is the run's account (run-config dp-accounting); both are always written
             row["epsilon"] = self.account.spend(report.replies, server_round)
+            row.update(self.account.ledger.epsilons())
         if report.arrays is not None:
             row["replies"] = report.replies
         if self.secure is not None and server_round in self.secure.rounds:
@@ -143,14 +145,18 @@ class RoundTable:
 class Publisher:
     """Signs and publishes each round's global model (:class:`fedpref.server.publish.ModelPublisher`)
     as ``<run>-r<round>``, and records it in the run store; a resumed run does not publish a
-    round twice. Sets the row's ``model-version``."""
+    round twice. Sets the row's ``model-version``. Under DP the model's signed metadata carries
+    ``privacy``: what the run has spent up to this round (``epsilon-honest``, the bound that
+    holds for anyone however cohorts were drawn, ``epsilon-sampled``, ``delta``, the rounds
+    planned and the participation cap), so that a device can show its person a figure it checked."""
 
-    def __init__(self, publisher, run_name: str, model_meta: dict, store=None, run_id: int | None = None) -> None:
+    def __init__(self, publisher, run_name: str, model_meta: dict, store=None, run_id: int | None = None, privacy: dict | None = None) -> None:
         self.publisher = publisher
         self.run_name = run_name
         self.model_meta = model_meta
         self.store = store
         self.run_id = run_id
+        self.privacy = privacy  # the run's delta, rounds planned and cap (None without DP)
 
     def trained(self, row: dict, report: TrainReport) -> None:
         if report.arrays is None:
@@ -158,7 +164,11 @@ class Publisher:
         server_round = report.server_round
         version = f"{self.run_name}-r{server_round:04d}"
         if not self.publisher.model_path(version).exists():
-            manifest = self.publisher.publish(numpy_arrays(report.arrays), version=version, round=server_round, run=self.run_name, meta=self.model_meta)
+            meta = dict(self.model_meta)
+            if self.privacy is not None and "epsilon-honest" in row:
+                meta["privacy"] = {**self.privacy, "round": server_round, "epsilon-honest": row["epsilon-honest"],
+                                   "epsilon-sampled": row["epsilon-sampled"]}
+            manifest = self.publisher.publish(numpy_arrays(report.arrays), version=version, round=server_round, run=self.run_name, meta=meta)
             if self.store is not None:
                 self.store.record_model(self.run_id, version=version, server_round=server_round, sha256=manifest.sha256, size=manifest.size,
                                         signature=manifest.signature)
@@ -171,7 +181,7 @@ class Publisher:
 class StoreRecorder:
     """Records each round in the run store (:class:`fedpref.server.runstore.RunStore`)."""
 
-    NOT_METRICS = ("round", "seconds", "replies", "dropped", "epsilon", "model-version")
+    NOT_METRICS = ("round", "seconds", "replies", "dropped", "epsilon", "epsilon-sampled", "epsilon-honest", "model-version")
 
     def __init__(self, store, run_id: int) -> None:
         self.store = store
@@ -219,6 +229,7 @@ class RunResult:
     privacy: dict | None = None
     popularity: dict | None = None
     secure_aggregation: dict | None = None
+    stopped: str | None = None  # why the run ended before its last round (too few devices may still train), if it did
 
     @property
     def chosen(self) -> dict:
@@ -236,6 +247,8 @@ class RunResult:
             summary["popularity"] = self.popularity
         if self.secure_aggregation is not None:
             summary["secure-aggregation"] = self.secure_aggregation
+        if self.stopped is not None:
+            summary["stopped-early"] = self.stopped
         return json.loads(json.dumps(summary))
 
 

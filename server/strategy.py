@@ -203,12 +203,12 @@ class CohortsAndAverage(FedAvg):
     sampler: CohortSampler | None = None
     average = None
 
-    def _cohort(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+    def _cohort(self, grid: Grid, fraction: float, minimum: int, training_round: int | None = None) -> list[int]:
         sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
         if self.sampler is None:
             node_ids, every = sample_nodes(grid, self.min_available_nodes, sample_size)
-        else:
-            node_ids, every = self.sampler.sample(grid, self.min_available_nodes, sample_size)
+        else:  # a training cohort is drawn under the participation cap (fedpref.server.grid.CohortSampler)
+            node_ids, every = self.sampler.sample(grid, self.min_available_nodes, sample_size, training_round=training_round)
         log(INFO, "configure: Sampled %s nodes (out of %s)", len(node_ids), len(every))
         return node_ids
 
@@ -223,7 +223,7 @@ class CohortsAndAverage(FedAvg):
         """Flower's configure step, with the cohort drawn by this strategy's sampler."""
         if fraction == 0.0:
             return []
-        node_ids = self._cohort(grid, fraction, min_nodes)
+        node_ids = self._cohort(grid, fraction, min_nodes, server_round if message_type == MessageType.TRAIN else None)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, node_ids, message_type)

@@ -176,9 +176,13 @@ class TreeMechanism:
         full, rest = divmod(rounds, self.rounds_per_tree)
         return [self.rounds_per_tree] * full + ([rest] if rest else [])
 
-    def epsilon(self, rounds: int, delta: float, prior: tuple[DpMechanism, ...] = ()) -> float:
+    def epsilon(self, rounds: int, delta: float, prior: tuple[DpMechanism, ...] = (), accounting: str = "honest",
+                max_participations: int = 0) -> float:
         """Epsilon after ``rounds`` rounds at ``delta``, composed after one release of each
-        ``prior`` mechanism (such as the popularity histogram)."""
+        ``prior`` mechanism (such as the popularity histogram). The same number under either
+        ``accounting`` (no sampling is assumed); the cap is already in :attr:`rounds_per_tree`,
+        so ``max_participations`` changes nothing (both are taken for the signature of
+        :meth:`fedpref.server.privacy.DpMechanism.epsilon`)."""
         if rounds < 0:
             raise ValueError(f"rounds must be 0 or more, got {rounds}")
         return _epsilon([(self.noise_multiplier, steps) for steps in self.windows(rounds)], delta, prior)
@@ -187,7 +191,8 @@ class TreeMechanism:
     epsilon_honest = epsilon
     epsilon_sampled = epsilon
 
-    def rounds_within(self, target_epsilon: float, delta: float, limit: int = 100_000, prior: tuple[DpMechanism, ...] = ()) -> int:
+    def rounds_within(self, target_epsilon: float, delta: float, limit: int = 100_000, prior: tuple[DpMechanism, ...] = (),
+                      accounting: str = "honest", max_participations: int = 0) -> int:
         """The most rounds (at most ``limit``) whose epsilon after ``prior`` stays at or below
         ``target_epsilon`` (epsilon never falls as rounds are added)."""
         if not target_epsilon > 0:
@@ -223,14 +228,21 @@ class TreeLedger:
 
     kind = "tree"
 
-    def __init__(self, mechanism: TreeMechanism, delta: float, placement: str = "central") -> None:
+    def __init__(self, mechanism: TreeMechanism, delta: float, placement: str = "central", max_participations: int = 0,
+                 accounting: str = "honest") -> None:
         if not 0.0 < delta < 1.0:
             raise PrivacyConfigError(f"delta must lie in (0, 1), got {delta}")
         if placement != "central":
             raise PrivacyConfigError(f"the tree's noise is added by the server (central), got {placement!r}")
+        if isinstance(max_participations, bool) or not isinstance(max_participations, int) or max_participations < 0:
+            raise PrivacyConfigError(f"the participation cap is 0 (none) or a positive number of rounds, got {max_participations!r}")
+        if accounting not in ("honest", "sampled"):
+            raise PrivacyConfigError(f"the accounting is honest or sampled, got {accounting!r}")
         self.mechanism = mechanism
         self.delta = delta
         self.placement = placement
+        self.max_participations = max_participations  # as the run set it (the windows already hold it)
+        self.accounting = accounting  # which account the run reports: the same number here
         self.released: list[tuple[int, int | None]] = []  # (server round, replies or None for all), in order
         self.prior: list[DpMechanism] = []  # other releases on the same people, as accounted
 
@@ -261,6 +273,11 @@ class TreeLedger:
         """The same as the honest epsilon: the tree's account assumes nothing about sampling."""
         return self.epsilon
 
+    def epsilons(self) -> dict[str, float]:
+        """Both accounts, equal for the tree: ``{"epsilon-sampled": ..., "epsilon-honest": ...}``."""
+        epsilon = self.epsilon
+        return {"epsilon-sampled": epsilon, "epsilon-honest": epsilon}
+
     def record_round(self, replies: int | None = None, mechanism: DpMechanism | None = None, server_round: int | None = None) -> float:
         """Account one released round ``server_round`` (default: the round after the last one
         recorded) in which ``replies`` devices of the cohort replied (default: all of them); or,
@@ -283,7 +300,8 @@ class TreeLedger:
         :meth:`fedpref.server.privacy.PrivacyLedger.from_dict` hands back to :meth:`from_dict`)."""
         m = self.mechanism
         return {"kind": "tree", "mechanism": [m.noise_multiplier, m.population, m.cohort, m.rounds_per_tree], "delta": self.delta,
-                "placement": self.placement, "released": [list(r) for r in self.released],
+                "placement": self.placement, "max-participations": self.max_participations, "accounting": self.accounting,
+                "released": [list(r) for r in self.released],
                 "prior": [[p.noise_multiplier, p.population, p.cohort] for p in self.prior]}
 
     @classmethod
@@ -301,7 +319,10 @@ class TreeLedger:
         values = data.get("mechanism")
         if not isinstance(values, list) or len(values) != 4 or not number(values[0]) or not all(integer(v) for v in values[1:]):
             raise ValueError(f"a tree mechanism is [noise multiplier, population, cohort, rounds per tree], got {values!r}")
-        ledger = cls(TreeMechanism(float(values[0]), *values[1:]), float(data["delta"]), data.get("placement"))
+        cap, accounting = data.get("max-participations", 0), data.get("accounting", "honest")
+        if not integer(cap) or accounting not in ("honest", "sampled"):
+            raise ValueError(f"a tree ledger's cap is a whole number and its accounting honest or sampled, got {cap!r}, {accounting!r}")
+        ledger = cls(TreeMechanism(float(values[0]), *values[1:]), float(data["delta"]), data.get("placement"), cap, accounting)
         released, prior = data.get("released"), data.get("prior")
         if not isinstance(released, list) or not isinstance(prior, list):
             raise ValueError("a tree ledger lists its released rounds and its prior releases")

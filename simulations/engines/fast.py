@@ -18,7 +18,10 @@ by :class:`FastGrid`, a Flower ``Grid`` that answers a round's training messages
   (:data:`fedpref.models.wire.PARTIAL_AGGREGATE`);
 - evaluation messages are answered the same way (:func:`fedpref.simulations.engines.compiled.device_evaluate`).
 
-Simulated availability and dropout decline the same devices as on the Flower path; stragglers
+Simulated availability and dropout decline the same devices as on the Flower path, and so does
+the participation cap (run-config ``dp-max-participations``, :mod:`fedpref.models.participation`:
+each device's count of the training rounds it joined is a uint16, and its latest round an int32,
+kept with the private vectors in the devices' state, so that a resumed run keeps them); stragglers
 (run-config ``stragglers``) train but are left out when ``straggler-delay`` is past the round's
 timeout, on a simulated clock. With a median, a trimmed mean or a server-side norm bound
 (run-config ``aggregation``, ``server-norm-bound``) every device answers with its own reply, as
@@ -56,6 +59,7 @@ from fedpref.simulations.engines.device import answers_late, drops_out
 from fedpref.simulations.engines.inprocess import NODE_ID_BASE, reply_from
 from fedpref.simulations.engines.compiled import LOSS_KINDS, device_evaluate, device_round, unsupported
 from fedpref.models.config import FederatedConfig, RunConfigError
+from fedpref.models.participation import may_train
 from fedpref.models.wire import (Stream, evaluation_content, evaluation_metrics, partial_training_metrics, stream_rng,
                                   training_content, training_metrics)
 from fedpref.models.files import open_private, private_folder
@@ -197,6 +201,10 @@ class FastGrid(EngineGrid):
         self.timings: list[dict] = []  # per training round: devices, seconds training, seconds in all
         self._ids = list(range(NODE_ID_BASE, NODE_ID_BASE + self.n))
         self._availability = AvailabilityPattern.parse(config.availability)
+        # The participation cap: each device's training rounds joined, and the latest of them.
+        self.capped = config.dp_max_participations > 0
+        self.joined = np.zeros(self.n if self.capped else 0, dtype=np.uint16)
+        self.last_joined = np.zeros(self.n if self.capped else 0, dtype=np.int32)
 
     # -- what the server asks of every grid (fedpref.server.grid.EngineGrid) --------------
     def get_node_ids(self) -> list[int]:
@@ -229,10 +237,18 @@ class FastGrid(EngineGrid):
         return replies
 
     def device_states(self) -> dict:
-        return self.private.state()
+        states = self.private.state()
+        if self.capped:
+            states.update({"joined": self.joined.copy(), "last-joined": self.last_joined.copy()})
+        return states
 
     def restore_device_states(self, states: dict) -> None:
         self.private.restore(states)
+        if self.capped:
+            if "joined" not in states or "last-joined" not in states:
+                raise ValueError("the checkpoint holds no count of the devices' participations, which this capped run needs")
+            self.joined[:] = states["joined"]
+            self.last_joined[:] = states["last-joined"]
 
     # -- training -----------------------------------------------------------------
     def _train(self, group: list[Message], timeout: float | None = None) -> Message | list[Message]:
@@ -274,6 +290,10 @@ class FastGrid(EngineGrid):
                 accumulators = [f.result() for f in futures]
         trained = time.perf_counter()
         self.private.set(training[out.ok], out.private[out.ok])
+        if self.capped:  # a device that trained has joined this round (a late one too: it sent its update)
+            joined = training[out.ok & (self.last_joined[training] != server_round)]
+            self.joined[joined] += 1
+            self.last_joined[joined] = server_round
         ok = out.ok & ~late
         if self.keep_updates:
             self.updates[server_round] = {int(training[k]): out.kept[k] for k in np.flatnonzero(ok)}
@@ -379,8 +399,11 @@ class FastGrid(EngineGrid):
         return acc
 
     def _declines(self, user: int, server_round: int) -> bool:
-        """Whether the device says no this round: simulated availability, or a dropout."""
+        """Whether the device says no this round: the participation cap, simulated availability,
+        or a dropout."""
         config = self.config
+        if self.capped and not may_train(config, server_round, int(self.joined[user]), int(self.last_joined[user])):
+            return True
         return not self._availability.available(config.seed, user, server_round) or drops_out(config, user, server_round)
 
     # -- evaluation ---------------------------------------------------------------

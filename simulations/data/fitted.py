@@ -11,19 +11,22 @@ What is fitted (once per source, then cached)
    (the temporal leave-one-out split, seed 0): item vectors ``q_i``, item biases ``b_i``, and one
    vector ``p_u`` per real person. The source's own count of each item is kept for the time
    order below.
-2. **People.** Each real person becomes a feature vector ``x_u = [PCA_k(p_u), log n_u]``: the
+2. **People.** Each real person becomes a feature vector ``x_u = [PCA_k(p_u), z(n_u)]``: the
    first ``k`` principal components of the user vectors (the fewest that hold
-   ``pca_variance`` of their variance) and the log of the person's history length. A Gaussian
+   ``pca_variance`` of their variance, at most ``max_components``) and the normal score of the
+   person's history length (its rank among the source's people mapped to a standard normal
+   quantile; a drawn score is mapped back through the source's quantiles of ``log n_u``, so
+   drawn lengths follow the real distribution, heavy tail included). A Gaussian
    mixture with full covariances (plus a ridge) is fitted to these by EM, its number of
    components chosen by BIC among ``mixture_sizes``, the best of ``restarts`` starts each. The
    variance that the ``k`` components leave out is drawn back as isotropic Gaussian noise in
-   the other directions. Fitting vectors and log-lengths jointly keeps their correlation (heavy
+   the other directions. Fitting vectors and lengths jointly keeps their correlation (heavy
    users do not have the same taste as light ones).
 
 How a person is drawn
 ---------------------
-- ``x ~ mixture`` gives ``p_u`` (components plus residual noise) and ``n_u = round(exp(.))``,
-  clipped to ``[3, 0.3 * n_items]``.
+- ``x ~ mixture`` gives ``p_u`` (components plus residual noise) and ``n_u`` (the length
+  quantile of the drawn score, interpolated in ``log n``), clipped to ``[3, 0.3 * n_items]``.
 - The items are a Plackett-Luce draw of ``n_u`` distinct items from
   ``softmax(<p_u, q_i> / temperature + beta * b_i)`` (Gumbel-top-k, exact over every item:
   the logits of a block of people are one matrix product). With ``popularity_share`` ``rho``
@@ -70,6 +73,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -258,6 +262,15 @@ class Mixture:
         return self.means[comp] + np.einsum("nij,nj->ni", chol[comp], eps)
 
 
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    """The standard normal CDF, through erf of Abramowitz and Stegun 7.1.26 (error < 1.5e-7)."""
+    x = np.abs(z) / math.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * x)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    erf = 1.0 - poly * np.exp(-x * x)
+    return 0.5 * (1.0 + np.sign(z) * erf)
+
+
 def _log_densities(x: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> np.ndarray:
     """log N(x_n; mean_k, cov_k), (n, K)."""
     n, d = x.shape
@@ -361,9 +374,10 @@ class FittedModel:
     pca_mean: np.ndarray  # (dim,)
     pca_components: np.ndarray  # (k, dim), orthonormal rows
     residual_std: float  # per-direction std of the user vectors outside the k components
+    length_quantiles: np.ndarray  # (people,) the source's sorted log history lengths
     feature_mean: np.ndarray  # (k + 1,) the mixture is fitted to standardised features
     feature_std: np.ndarray  # (k + 1,)
-    mixture: Mixture  # over standardised [PCA_k(p_u), log n_u]
+    mixture: Mixture  # over standardised [PCA_k(p_u), normal score of n_u]
     info: dict = field(default_factory=dict)  # the fit's figures (MF metrics, BIC per size, ...)
     draw: DrawSettings = field(default_factory=DrawSettings)
 
@@ -392,8 +406,9 @@ class FittedModel:
             noise = rng.standard_normal((n, self.dim)) * self.residual_std
             noise -= (noise @ self.pca_components.T) @ self.pca_components  # outside the kept components
             vectors += noise
-        lengths = np.rint(np.exp(np.minimum(x[:, k], 50.0)))
-        lengths = np.clip(lengths, MIN_EVENTS, self.max_events).astype(np.int64)
+        m = len(self.length_quantiles)
+        log_length = np.interp(_normal_cdf(x[:, k]), (np.arange(m) + 0.5) / m, self.length_quantiles)
+        lengths = np.clip(np.rint(np.exp(log_length)), MIN_EVENTS, self.max_events).astype(np.int64)
         return vectors.astype(np.float32), lengths
 
 
@@ -465,7 +480,11 @@ def _fit(source: str, table: Interactions, sha: str, config: FitConfig, *, progr
     left = config.dim - k
     residual_std = float(math.sqrt(var[k:].sum() / left)) if left > 0 else 0.0
 
-    features = np.column_stack([(p - mean) @ components.T, np.log(lengths)])
+    log_length = np.log(lengths)
+    ranks = np.argsort(np.argsort(log_length, kind="stable"), kind="stable")
+    normal = NormalDist()
+    scores = np.array([normal.inv_cdf((r + 0.5) / n_people) for r in ranks])
+    features = np.column_stack([(p - mean) @ components.T, scores])
     f_mean, f_std = features.mean(axis=0), features.std(axis=0)
     f_std[f_std == 0] = 1.0
     rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(3,)))
@@ -492,6 +511,7 @@ def _fit(source: str, table: Interactions, sha: str, config: FitConfig, *, progr
         pca_mean=mean,
         pca_components=components,
         residual_std=residual_std,
+        length_quantiles=np.sort(log_length),
         feature_mean=f_mean,
         feature_std=f_std,
         mixture=mixture,
@@ -517,7 +537,7 @@ def cache_path(source: str, config: FitConfig, cache_dir: str | Path | None = No
 
 
 _ARRAYS = (
-    "item_vectors", "item_bias", "item_counts", "pca_mean", "pca_components", "feature_mean", "feature_std",
+    "item_vectors", "item_bias", "item_counts", "pca_mean", "pca_components", "length_quantiles", "feature_mean", "feature_std",
     "mix_weights", "mix_means", "mix_covariances",
 )
 
@@ -542,6 +562,7 @@ def _to_bytes(model: FittedModel) -> bytes:
         item_counts=model.item_counts,
         pca_mean=model.pca_mean,
         pca_components=model.pca_components,
+        length_quantiles=model.length_quantiles,
         feature_mean=model.feature_mean,
         feature_std=model.feature_std,
         mix_weights=model.mixture.weights,
@@ -595,6 +616,10 @@ def _read_cache(path: Path, source: str, sha: str, config: FitConfig, n_items: i
     counts = check("item_counts", "i", (n_items,))
     pca_mean = check("pca_mean", "f", (d,))
     components = check("pca_components", "f", (k, d))
+    n_lengths = arrays["length_quantiles"].shape[0] if arrays["length_quantiles"].ndim == 1 else 0
+    quantiles = check("length_quantiles", "f", (n_lengths,))
+    if n_lengths < 2 or np.any(np.diff(quantiles) < 0) or quantiles[0] < 0:
+        raise ValueError("length_quantiles are not sorted log lengths of two or more people")
     f_mean = check("feature_mean", "f", (k + 1,))
     f_std = check("feature_std", "f", (k + 1,))
     weights = check("mix_weights", "f", (n_mix,))
@@ -623,6 +648,7 @@ def _read_cache(path: Path, source: str, sha: str, config: FitConfig, n_items: i
         pca_mean=pca_mean.astype(np.float64, copy=False),
         pca_components=components.astype(np.float64, copy=False),
         residual_std=float(residual),
+        length_quantiles=quantiles.astype(np.float64, copy=False),
         feature_mean=f_mean.astype(np.float64, copy=False),
         feature_std=f_std.astype(np.float64, copy=False),
         mixture=Mixture(weights.astype(np.float64), means.astype(np.float64), covs.astype(np.float64),
@@ -681,7 +707,7 @@ def _top_rows(keys: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _select_items(model: FittedModel, vectors: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Plackett-Luce draws without replacement (Gumbel-top-k over every item), in rows of at
-    most ``_CELLS`` logits. Returns (local user, item) grouped by user."""
+    most ``_CELLS`` logits. Returns (local user, item) pairs (grouped by user only later)."""
     s = model.draw
     n_items = model.n_items
     q = model.item_vectors.astype(np.float32)
@@ -690,19 +716,24 @@ def _select_items(model: FittedModel, vectors: np.ndarray, lengths: np.ndarray, 
     if rho > 0:
         log_pop = np.log(np.maximum(model.item_counts, 0.5) / max(1, model.item_counts.sum())).astype(np.float32)
     step = max(1, _CELLS // n_items)
+    # People in order of length, so that the rows drawn together want similar numbers of items.
+    by_length = np.argsort(lengths, kind="stable")
     users, items = [], []
     for lo in range(0, len(lengths), step):
-        hi = min(lo + step, len(lengths))
-        logits = (vectors[lo:hi] @ q.T) / np.float32(s.temperature) + bias
+        rows_here = by_length[lo : lo + step]
+        logits = (vectors[rows_here] @ q.T) / np.float32(s.temperature) + bias
         if rho > 0:
             # log((1 - rho) * softmax(logits) + rho * popularity), row by row
             logits -= logits.max(axis=1, keepdims=True)
             logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
             logits = np.logaddexp(logits + np.float32(math.log1p(-rho)), log_pop + np.float32(math.log(rho)))
         # Gumbel-top-k: logit - log(E), E ~ Exp(1), is logit + Gumbel.
-        logits -= np.log(rng.standard_exponential(logits.shape, dtype=np.float32))
-        rows, cols = _top_rows(logits, lengths[lo:hi])
-        users.append(rows + lo)
+        exponential = rng.standard_exponential(logits.shape, dtype=np.float32)
+        np.maximum(exponential, np.finfo(np.float32).tiny, out=exponential)  # float32 can round to 0
+        logits -= np.log(exponential)
+        del exponential
+        rows, cols = _top_rows(logits, lengths[rows_here])
+        users.append(rows_here[rows])
         items.append(cols)
     return np.concatenate(users).astype(np.int64), np.concatenate(items).astype(np.int64)
 
@@ -764,7 +795,7 @@ def generate_fitted(model: FittedModel, n_users: int, *, seed: int = 0, name: st
     """Every drawn person in one interaction table (rows grouped by user, by time within a user)."""
     _check_draw_args(n_users, seed, 1)
     name = name or population_name(model.source, n_users, seed)
-    mean_events = float(np.exp(model.feature_mean[-1]))  # about the median length, a first guess
+    mean_events = float(np.exp(model.length_quantiles).mean())  # the source's mean, a first guess
     buffers = _Columns(int(n_users * max(mean_events, MIN_EVENTS) * 1.5) + 1024)
     counts = np.empty(n_users, dtype=np.int64)
     with progress_bar(n_users, f"{name} people", progress) as advance:

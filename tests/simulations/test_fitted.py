@@ -333,3 +333,20 @@ def test_load_and_stream_dataset_draw_the_same_fitted_people(source, fitted_cach
     assert seeded.name == "fitted-tiny-300-seed4" and seeded.seed == 4
     with pytest.raises(DataFormatError, match="ratings"):
         load_dataset(f"fitted:{source}:300", rating_threshold=4.0)
+
+
+def test_drawn_history_lengths_follow_the_source_quantiles(source, model):
+    from statistics import NormalDist
+
+    z = np.linspace(-6, 6, 241)
+    exact = np.array([NormalDist().cdf(v) for v in z])
+    assert np.abs(fitted._normal_cdf(z) - exact).max() < 2e-7  # Abramowitz-Stegun 7.1.26's bound
+
+    real = np.bincount(load_dataset(str(source)).user)
+    real = real[real >= MIN_EVENTS]
+    drawn = np.bincount(generate_fitted(model, 3000, seed=4).user)
+    # lengths come from the source's quantiles: never outside its range
+    assert real.min() <= drawn.min() and drawn.max() <= min(real.max(), model.max_events)
+    # the mixture's margin of the normal score is close to N(0, 1): quartiles within ~10%
+    for q in (25, 50, 75):
+        assert abs(np.percentile(drawn, q) / np.percentile(real, q) - 1) < 0.12

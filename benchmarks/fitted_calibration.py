@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/fitted_calibration.py
     nice -n 10 .venv/bin/python benchmarks/fitted_calibration.py --temperature 0.8,1 --gamma 0.3,0.4 --no-mf
+    nice -n 10 .venv/bin/python benchmarks/fitted_calibration.py --speed 20480
 
 For every combination of the settings given (default: the generator's defaults) it draws
 ``--draws`` populations of the source's size (seeds 0, 1, ...), splits each by the evaluation
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--real-mf", action="store_true", help="train central MF on the source too")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the MF trainings")
     parser.add_argument("--seeds", type=int, nargs="*", help="draw these seeds instead of 0 .. draws-1")
+    parser.add_argument("--speed", type=int, metavar="N", help="only time a streamed draw of N people at the defaults")
     args = parser.parse_args()
     import torch
 
@@ -117,6 +119,14 @@ def main() -> None:
 
     model = fit_generator(args.source, config=FitConfig(dim=args.dim), progress=True)
     print(f"fit: {model.info}")
+    if args.speed:
+        start, events = time.perf_counter(), 0
+        for chunk in _chunks(model, args.speed, 0):
+            events += len(chunk)
+        seconds = time.perf_counter() - start
+        print(f"{args.speed:,} people, {events / args.speed:.1f} events each, {seconds:.1f} s: "
+              f"{args.speed / seconds:,.0f} people a second, {1e7 / args.speed * seconds / 60:.0f} min for 10,000,000")
+        return
     real_table = load_dataset(args.source)
     real = table_figures(real_table)
     real_row = measure(real_table, real, mf=args.real_mf)

@@ -52,7 +52,8 @@ logits) at a time: ten million people stream like ten thousand.
 
 The cache
 ---------
-A fit is written to ``<cache>/fitted-<slug>-d<dim>-seed<seed>.npz`` (mode 0600), where
+A fit is written to ``<cache>/fitted-<slug>-d<dim>-seed<seed>.npz`` (mode 0600; a file
+source's slug is its stem plus a short hash of its path), where
 ``<cache>`` is the ``cache_dir`` argument, else the environment variable
 ``FEDPREF_CACHE_DIR``, else ``results/generators``. The file holds plain arrays and a JSON
 header (format version, the SHA-256 of the source's interaction table, the fit's settings);
@@ -212,9 +213,9 @@ class DrawSettings:
     """How people are drawn from a fit (see the module docstring). The defaults were
     calibrated on movielens-small (``benchmarks/fitted_calibration.py``)."""
 
-    temperature: float = 1.0
-    beta: float = 1.0
-    gamma: float = 0.4
+    temperature: float = 0.6
+    beta: float = 0.6
+    gamma: float = 0.6
     popularity_share: float = 0.0
 
     def __post_init__(self) -> None:
@@ -533,7 +534,12 @@ def cache_folder(cache_dir: str | Path | None = None) -> Path:
 
 
 def cache_path(source: str, config: FitConfig, cache_dir: str | Path | None = None) -> Path:
-    return cache_folder(cache_dir) / f"fitted-{source_slug(source)}-d{config.dim}-seed{config.seed}.npz"
+    """Where the fit of ``source`` with ``config`` is cached. A file source's name carries a
+    short hash of its absolute path, so that two files of the same name keep separate fits."""
+    slug = source_slug(source)
+    if Path(source).exists():
+        slug += "-" + hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]
+    return cache_folder(cache_dir) / f"fitted-{slug}-d{config.dim}-seed{config.seed}.npz"
 
 
 _ARRAYS = (

@@ -230,9 +230,12 @@ class Calibrations:
         key = budget.key(target)
         if key not in self.values:
             self.values[key] = calibrate(target, budget)
-            if self.path is not None:
-                self.path.write_text(json.dumps(self.values, indent=1, sort_keys=True) + "\n")
         return self.values[key]
+
+    def save(self) -> None:
+        """Write the file (its folder must exist)."""
+        if self.path is not None:
+            self.path.write_text(json.dumps(self.values, indent=1, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,11 +502,8 @@ def run_frontier(frontier: Frontier, *, threads: int | None = None, rerun: bool 
     ``on_point(row, eta)`` after each. Returns the rows."""
     from fedpref.models.files import private_folder
 
-    private_folder(frontier.out)
     if frontier.calibrations is None or frontier.calibrations.path is None:
         frontier.calibrations = Calibrations(frontier.out / "calibration.json")
-    seed = int(frontier.base.get("seed", 0))
-    popularity = dict(popularity or popularity_metrics_of_folder(frontier.population, seed=seed))
     rows: list[dict] = []
     timings: list[float] = []
     # Plan and check every run before the first one runs (with tuning, the points as planned
@@ -512,6 +512,10 @@ def run_frontier(frontier: Frontier, *, threads: int | None = None, rerun: bool 
     starting = {m.name: _starting(frontier, m) for m in frontier.methods}
     planned = {m.name: point_runs(frontier, m, *starting[m.name]) for m in frontier.methods}
     check_runs(frontier, [r for g in grids.values() for r in g] + [r for p in planned.values() for r in p])
+    private_folder(frontier.out)  # only now: a frontier refused leaves nothing behind
+    frontier.calibrations.save()
+    seed = int(frontier.base.get("seed", 0))
+    popularity = dict(popularity or popularity_metrics_of_folder(frontier.population, seed=seed))
     total = [sum(map(len, grids.values())) + sum(map(len, planned.values())) + (2 if frontier.personalisation else 0)]
 
     def go(run: Run) -> dict:
@@ -545,6 +549,7 @@ def run_frontier(frontier: Frontier, *, threads: int | None = None, rerun: bool 
         check_runs(frontier, extra)
         for run in extra:
             go(run)
+    frontier.calibrations.save()
     return rows
 
 
@@ -599,6 +604,7 @@ def plot_frontier(rows: list[dict], path: Path, *, title: str, goal: float | Non
     fig, (hr_ax, share_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["role"] in ("point", "reference")))
+    shared = False  # whether any share line is drawn
     for i, method in enumerate(methods):
         colour = colours[i % len(colours)]
         label = f"{method} (honest = sampled)" if METHODS[method].tree else method
@@ -609,6 +615,7 @@ def plot_frontier(rows: list[dict], path: Path, *, title: str, goal: float | Non
             xs = [_epsilon(r) for r in mine]
             hr_ax.plot(xs, [r["test_hr"] for r in mine], style, color=colour, label=f"{label}, {accounting}" if not METHODS[method].tree else label)
             if all(r["share"] is not None for r in mine):
+                shared = True
                 share_ax.plot(xs, [r["share"] for r in mine], style, color=colour, label=f"{label}, {accounting}" if not METHODS[method].tree else label)
         for r in rows:
             if r["role"] == "reference" and r["method"] == method:
@@ -620,8 +627,15 @@ def plot_frontier(rows: list[dict], path: Path, *, title: str, goal: float | Non
     share_ax.axhline(0.0, color="grey", ls="--", lw=1, label="popularity")
     if goal is not None:
         share_ax.axhline(goal, color="tab:red", ls="-", lw=0.8, alpha=0.7, label=f"goal: {goal:.0%} of the lift")
+    if not shared:
+        share_ax.text(0.5, 0.5, "no share: no method's run without DP beats popularity", ha="center", va="center",
+                      transform=share_ax.transAxes, fontsize=9, color="grey")
+    targets = sorted({float(r["target_epsilon"]) for r in rows if r["role"] == "point"})
     for ax, ylabel in ((hr_ax, "test HR@10 (sampled, 99 negatives)"), (share_ax, "share of the non-DP lift over popularity")):
         ax.set_xscale("log")
+        if targets:
+            ax.set_xticks(targets, [f"{t:g}" for t in targets])
+            ax.minorticks_off()
         ax.set_xlabel("epsilon of the run's accounting (delta in the CSV)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

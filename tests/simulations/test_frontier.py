@@ -82,6 +82,7 @@ def test_popularity_from_the_folder_is_what_evaluate_measures(population):
     (["--goal", "90"], "--goal is a share"),
     (["--run-config", "dp-noise-multiplier=2"], "--run-config may not set dp-noise-multiplier"),
     (["--run-config", "strategy=sgd"], "--run-config: "),
+    (["--methods", "adaptive", "--epsilons", "0.5", "--accounting", "honest"], "adaptive clipping with 20 devices a round allows"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(population, tmp_path, args, message):
     folder, _ = population

@@ -41,7 +41,7 @@ COMMANDS: dict[str, Mount] = {
     "signing-key": _OPERATOR,
     "device": Mount("fedpref.client.cli", "device_app", "Device", whole=True),
     **{name: _RESEARCH for name in ("data", "central", "local-only", "reference", "tune", "population", "simulate", "compare",
-                                     "audit", "poison", "privacy-sweep", "reliability")},
+                                     "audit", "poison", "privacy-sweep", "frontier", "reliability")},
     "crashes": Mount("fedpref.simulations.experiments.crashes", "build_app", "Research", whole=True),
 }
 

@@ -814,6 +814,67 @@ def privacy_sweep(
 
 
 @app.command()
+def frontier(
+    population: Annotated[Path, typer.Option(help="A population folder (`fedpref population --dataset NAME --out DIR`).")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: fedavgm, adaptive, dim16, tree, fedadam (fedpref.simulations.experiments.frontier).")] = "fedavgm,dim16,tree",
+    epsilons: Annotated[str, typer.Option(help="Comma-separated target epsilons; each point's z is solved for so that its epsilon lies within 1% below.")] = "1,2,4",
+    accounting: Annotated[str, typer.Option(help="Comma-separated accountings: sampled (uniform cohorts), honest (no assumption; each device in at most ceil(T m / N) rounds).")] = "sampled,honest",
+    rounds: Annotated[int, typer.Option(help="Rounds of every run (epsilon counts them all).")] = 100,
+    cohort: Annotated[int, typer.Option(help="Devices per round.")] = 1000,
+    delta: Annotated[Optional[float], typer.Option(help="Delta of every epsilon (default: 1e-8 from a million devices, else 1/(10 N)).")] = None,
+    tune: Annotated[bool, typer.Option("--tune/--no-tune", help="First tune each method's clip-norm and server-lr on validation HR@10 at the median epsilon (a 3 x 3 grid).")] = False,
+    goal: Annotated[Optional[float], typer.Option(help="The share of the non-DP lift to reach (e.g. 0.9): a line on the plot and a mark in the table.")] = None,
+    personalisation: Annotated[bool, typer.Option("--personalisation/--no-personalisation", help="Also run the best reference and the best point at the smallest epsilon with personalize-epochs 0 (two runs).")] = True,
+    run_config: Annotated[str, typer.Option(help="More run-config overrides for every method, Flower style: \"local-epochs=1 batch-size=32\".")] = "",
+    seed: Seed = 0,
+    threads: Annotated[Optional[int], typer.Option(help="Devices trained at once (default: the machine's cores).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default results/frontier-<population name>).")] = None,
+    rerun: Annotated[bool, typer.Option("--rerun/--reuse", help="Run again the points whose results the folder already holds (default: reuse them).")] = False,
+    progress: Progress = True,
+) -> None:
+    """The epsilon-accuracy frontier: each method's test HR@10 and share of its non-DP lift over popularity, against epsilon."""
+    from fedpref.simulations.experiments.frontier import FrontierError, plan_frontier, plot_frontier, run_frontier, write_table
+
+    try:
+        targets, chosen_methods, accountings = _floats(epsilons), [m.strip() for m in methods.split(",") if m.strip()], \
+            [a.strip() for a in accounting.split(",") if a.strip()]
+    except ValueError:
+        _fail(f"--epsilons takes numbers separated by commas, got {epsilons!r}")
+    try:
+        plan = plan_frontier(population, chosen_methods, targets, accountings, rounds=rounds, cohort=cohort,
+                             out=out or Path("results") / f"frontier-{_slug(population.name)}", overrides=_run_config_overrides(run_config),
+                             delta=delta, tune=tune, goal=goal, seed=seed, personalisation=personalisation)
+    except FrontierError as exc:
+        _fail(str(exc))
+    console.print(f"[dim]{plan.name}: {plan.n_devices:,} devices, {plan.n_items:,} items; {cohort:,} a round, {rounds} rounds, delta {plan.delta:.3g}[/]")
+    started = time.perf_counter()
+
+    def on_point(row: dict, eta: str) -> None:
+        what = "no DP" if row["accounting"] == "" else f"{row['accounting']} epsilon {row['target_epsilon']:g} (z={row['z']:.3g})"
+        share = "" if row["share"] is None else f", share {row['share']:.2f}"
+        console.print(f"{row['role']} {row['method']} C={row['clip_norm']:g} lr={row['server_lr']:g}, {what}: test HR@10 "
+                      f"{row['test_hr']:.4f}, lift {row['lift']:+.4f}{share}; {row['seconds']:.0f} s ({eta})")
+
+    try:
+        rows = run_frontier(plan, threads=threads, rerun=rerun, on_point=on_point)
+    except FrontierError as exc:
+        _fail(str(exc))
+    title = f"{plan.name}: {plan.n_devices:,} devices, {cohort:,} a round, {rounds} rounds, delta {plan.delta:.3g}"
+    plot_frontier(rows, plan.out / "frontier.png", title=title, goal=goal)
+    write_table(rows, plan.out / "frontier.md", title=title, goal=goal)
+    table = Table(title=f"frontier, {title} (popularity: test HR@10 {rows[0]['pop_test_hr']:.4f})")
+    for col in ("role", "method", "accounting", "target", "eps sampled", "eps honest", "z", "k", "test HR@10", "full HR@10", "share", "seconds"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["role"], r["method"], r["accounting"] or "no DP", "" if r["target_epsilon"] == "" else f"{r['target_epsilon']:g}",
+                      "" if r["accounting"] == "" else f"{r['epsilon_sampled']:.3g}", "" if r["accounting"] == "" else f"{r['epsilon_honest']:.3g}",
+                      f"{r['z']:.3g}", str(r["max_participations"] or ""), f"{r['test_hr']:.4f}", f"{r['test_full_hr']:.4f}",
+                      "" if r["share"] is None else f"{r['share']:.2f}", f"{r['seconds']:.0f}")
+    console.print(table)
+    console.print(f"{time.perf_counter() - started:.0f} s; wrote {plan.out}/frontier.csv, frontier.png and frontier.md")
+
+
+@app.command()
 def reliability(
     parts: Annotated[str, typer.Option(help="Comma-separated parts: dropout, secagg, straggler, validation, poison, crashes (default: all).")] = "all",
     work: Annotated[Path, typer.Option(help="Where each part keeps its runs and its figures (<part>.json).")] = Path("results/reliability"),

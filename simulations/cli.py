@@ -330,14 +330,14 @@ def tune(
 
 
 def _population_folder(name: str, seed: int) -> str:
-    """The default folder name of a generated population: its name and its seed."""
-    return name if name.endswith(f"-seed{seed}") else f"{name}-seed{seed}"
+    """The default folder name of a generated population: its name, and its seed unless 0."""
+    return name if seed == 0 or name.endswith(f"-seed{seed}") else f"{name}-seed{seed}"
 
 
 @app.command()
 def population(
     dataset: Dataset = "movielens-small",
-    out: Annotated[Optional[Path], typer.Option(help="Folder to write the device histories to (default: results/populations/NAME-seedS for a generated population, results/population-movielens-small otherwise).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder to write the device histories to (default: results/populations/NAME[-seedS] for a generated population, results/population-movielens-small otherwise).")] = None,
     format: Format = None,
     rating_threshold: Threshold = None,
     seed: Seed = 0,

@@ -129,6 +129,22 @@ class _SplitBlock:
     dropped: int
 
 
+def _time_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray, n_items: int) -> np.ndarray | None:
+    """The order (user, time, item id) of the rows, or None when they already are in it. A
+    generator's rows come grouped by user in time order, so only equal times need sorting."""
+    if len(user) < 2:
+        return None
+    same = user[1:] == user[:-1]
+    step = timestamp[1:] - timestamp[:-1]
+    if np.any(user[1:] < user[:-1]) or np.any(same & (step < 0)):
+        return np.lexsort((item, timestamp, user))
+    tie = same & (step == 0)
+    if not tie.any():
+        return None
+    run = np.concatenate([[0], np.cumsum(~tie)])  # rows of one user at one second share a run
+    return np.argsort(run * n_items + item, kind="stable")
+
+
 def split_block(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, n_block: int, n_items: int,
                 n_negatives: int, rng: np.random.Generator, *, name: str = "population") -> _SplitBlock:
     """The evaluation protocol's split of one block of people (``user`` is 0..n_block-1): ordered by
@@ -140,8 +156,9 @@ def split_block(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, n_blo
     rows = keep[user]
     new_index = np.cumsum(keep) - 1
     user, item, timestamp = new_index[user[rows]], item[rows], timestamp[rows]
-    order = np.lexsort((item, timestamp, user))
-    user, item = user[order], item[order]
+    order = _time_order(user, timestamp, item, n_items)
+    if order is not None:
+        user, item = user[order], item[order]
     kept = counts[keep]
     ends = np.cumsum(kept)
     train_mask = np.ones(len(item), dtype=bool)
@@ -404,7 +421,8 @@ def popularity_metrics(population: str | Path | LeaveOneOutSplit, *, target: str
         ptr = np.asarray(split.train_indptr[lo : hi + 1], dtype=np.int64)
         items = np.asarray(split.train_items[ptr[0] : ptr[-1]], dtype=np.int64)
         row = np.repeat(np.arange(hi - lo), np.diff(ptr))
-        keys = np.unique(row * split.n_items + items)  # a device's distinct training items
+        keys = np.sort(row * split.n_items + items)
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]  # a device's distinct training items
         row, items = keys // split.n_items, keys % split.n_items
         mine = items != t[row]  # the target is excluded once, as itself
         c_i = counts[items]

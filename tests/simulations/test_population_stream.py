@@ -80,9 +80,10 @@ def chunks_of(rows: list[tuple[int, int, int]], n_users: int, cut: int):
 
 def test_short_histories_are_dropped_and_equal_times_are_ordered_by_item(tmp_path, monkeypatch):
     monkeypatch.setattr(pop, "SPLIT_BLOCK", 2)
-    # Person 1 has two events and person 3 none: both dropped. Person 2's last two events share a
-    # second, so the larger item id (9) is the test item, as leave_one_out orders them.
-    rows = [(0, 5, 1), (0, 6, 2), (0, 7, 3), (0, 8, 4), (1, 1, 1), (1, 2, 2), (2, 9, 5), (2, 4, 5), (2, 3, 1), (4, 0, 1), (4, 1, 2), (4, 2, 3)]
+    # Person 1 has two events and person 3 none: both dropped. Person 0's last two events share a
+    # second, and so do person 2's (whose rows are not even in time order): the larger item id is
+    # the test item, as leave_one_out orders them.
+    rows = [(0, 5, 1), (0, 6, 2), (0, 8, 4), (0, 7, 4), (1, 1, 1), (1, 2, 2), (2, 9, 5), (2, 4, 5), (2, 3, 1), (4, 0, 1), (4, 1, 2), (4, 2, 3)]
     rows.sort(key=lambda r: r[0])
     folder = write_population_stream(StreamedSource("handmade", 5, 120, 0, chunks_of(rows, 5, 3)), tmp_path / "p", n_negatives=5)
     split = read_population(folder)
@@ -220,6 +221,7 @@ def test_population_command_refuses_a_folder_of_other_files(tmp_path):
 
 def test_population_command_defaults_to_a_folder_named_after_the_population(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke("--dataset", "synthetic:50x300:seed=4")
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "results/populations/synthetic-50x300-seed4/meta.json").exists()
+    for args, folder in ((["--dataset", "synthetic:50x300:seed=4"], "synthetic-50x300-seed4"), (["--dataset", "synthetic:50x300"], "synthetic-50x300")):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "results/populations" / folder / "meta.json").exists()

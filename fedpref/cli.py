@@ -40,7 +40,7 @@ COMMANDS: dict[str, Mount] = {
     "dev-certs": _OPERATOR,
     "signing-key": _OPERATOR,
     "device": Mount("fedpref.client.cli", "device_app", "Device", whole=True),
-    **{name: _RESEARCH for name in ("data", "central", "local-only", "reference", "tune", "population", "simulate", "compare",
+    **{name: _RESEARCH for name in ("data", "central", "local-only", "reference", "tune", "population", "fidelity", "simulate", "compare",
                                      "audit", "poison", "privacy-sweep", "frontier", "reliability")},
     "crashes": Mount("fedpref.simulations.experiments.crashes", "build_app", "Research", whole=True),
 }

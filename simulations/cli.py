@@ -34,6 +34,7 @@ from fedpref.simulations.reference import ReferenceResult, train_centralised, tr
 from fedpref.simulations.options import option, run_config_options
 from fedpref.simulations.progress import progress_bar
 from fedpref.simulations.data.split import LeaveOneOutSplit, SplitError, leave_one_out
+from fedpref.simulations.data.population import FORMAT as FORMAT_ID
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="fedpref research: data, reference training, simulations and experiments.")
 console = Console()
@@ -328,28 +329,115 @@ def tune(
 # ---------------------------------------------------------------------------------------------
 
 
+def _population_folder(name: str, seed: int) -> str:
+    """The default folder name of a generated population: its name, and its seed unless 0."""
+    return name if seed == 0 or name.endswith(f"-seed{seed}") else f"{name}-seed{seed}"
+
+
 @app.command()
 def population(
     dataset: Dataset = "movielens-small",
-    out: Annotated[Path, typer.Option(help="Folder to write the device histories to.")] = Path("results/population-movielens-small"),
+    out: Annotated[Optional[Path], typer.Option(help="Folder to write the device histories to (default: results/populations/NAME[-seedS] for a generated population, results/population-movielens-small otherwise).")] = None,
     format: Format = None,
     rating_threshold: Threshold = None,
     seed: Seed = 0,
     stores: Annotated[Optional[Path], typer.Option(help="Also write one device store per device here (history as view events, consent federated), for run-config store-dir.")] = None,
+    rerun: Annotated[bool, typer.Option("--rerun", help="Write a generated population again even when --out already holds it, or replace another population there.")] = False,
+    chunk_users: Annotated[int, typer.Option(help="People drawn at a time for a generated population (memory only: the folder is the same for any value).")] = 20_000,
     progress: Progress = True,
 ) -> None:
-    """Write one history per device (for `flwr run .` with --run-config history-dir=OUT)."""
-    from fedpref.simulations.data.population import write_device_stores, write_population
+    """Write one history per device (for `flwr run .` with --run-config history-dir=OUT).
 
-    split = _load_split(dataset, format, rating_threshold, seed)
-    folder = write_population(split, out)
-    console.print(f"wrote {split.n_users:,} device histories to {folder}")
+    A generated population (synthetic: or fitted:) is drawn and written chunk by chunk, so ten
+    million people fit in a few hundred MB of memory; a folder that already holds the same
+    source and seed is reused at once."""
+    from fedpref.simulations.data.population import PopulationError, population_state, write_device_stores, write_population, write_population_stream
+    from fedpref.simulations.data.registry import stream_dataset
+
+    if chunk_users < 1:
+        _fail(f"--chunk-users must be a positive number of people, got {chunk_users}")
+    try:
+        streamed = stream_dataset(dataset, seed=seed, chunk_users=chunk_users, progress=progress)
+    except (DataFormatError, ValueError, NotImplementedError) as exc:
+        _fail(str(exc))
+    if streamed is not None:
+        if rating_threshold is not None or format is not None:
+            _fail("a generated population has no file format and no ratings; drop --format and --rating-threshold")
+        out = out or Path("results/populations") / _population_folder(streamed.name, streamed.seed)
+        expected = {"name": streamed.name, "seed": streamed.seed, "format": FORMAT_ID, "source": dataset}
+        if getattr(streamed, "fingerprint", None) is not None:  # the generator's identity, when it has one
+            expected["fingerprint"] = str(streamed.fingerprint)
+        state = population_state(out, expected)
+        if state == "same" and not rerun:
+            meta = json.loads((out / "meta.json").read_text())
+            console.print(f"{out} already holds {dataset} (seed {streamed.seed}, {meta['n_users']:,} devices): cached, nothing written (--rerun writes it again)")
+            folder, n_users = out, int(meta["n_users"])
+        elif state == "foreign" or (state == "population" and not rerun):
+            what = "files that are not a population"
+            if state == "population":
+                held = json.loads((out / "meta.json").read_text())
+                what = f"another population ({held.get('source', held.get('name'))!s}, seed {held.get('seed')}, format {held.get('format', 'unversioned')})"
+            _fail(f"{out} holds {what}; nothing was changed. Choose another --out{' or pass --rerun to replace it' if state == 'population' else ''}.")
+        else:
+            start = time.perf_counter()
+            try:
+                folder = write_population_stream(streamed, out, progress=progress, describe={"source": dataset})
+            except (PopulationError, SplitError, DataFormatError) as exc:
+                _fail(str(exc))
+            n_users = int(json.loads((folder / "meta.json").read_text())["n_users"])
+            console.print(f"wrote {n_users:,} device histories to {folder} in {time.perf_counter() - start:.0f} s")
+    else:
+        out = out or Path("results/population-movielens-small")
+        if population_state(out) == "foreign":
+            _fail(f"{out} holds files that are not a population; nothing was changed. Choose another --out.")
+        split = _load_split(dataset, format, rating_threshold, seed)
+        folder, n_users = write_population(split, out), split.n_users
+        console.print(f"wrote {n_users:,} device histories to {folder}")
     run_config = f"history-dir='{folder.resolve()}'"
     if stores is not None:
         write_device_stores(folder, stores, progress=progress)
-        console.print(f"wrote {split.n_users:,} device stores to {stores}")
+        console.print(f"wrote {n_users:,} device stores to {stores}")
         run_config += f" store-dir='{stores.resolve()}' fraction-evaluate=0.0"
     console.print(f"run them with: flwr run . --run-config \"{run_config}\"")
+
+
+@app.command()
+def fidelity(
+    dataset: Annotated[str, typer.Option(help="The generated population to measure: synthetic:USERSxITEMS or fitted:SOURCE:USERS (draw i uses seed i).")],
+    against: Annotated[str, typer.Option(help="The real data set to compare with (a built-in name or a file).")] = "movielens-small",
+    draws: Annotated[int, typer.Option(help="Draws of the generator (seeds 0..draws-1), summarised as mean ± standard error.")] = 3,
+    mf: Annotated[bool, typer.Option("--mf/--no-mf", help="Train central MF on the real data and every draw (minutes); --no-mf checks the rest in seconds.")] = True,
+    max_epochs: Annotated[int, typer.Option(help="Central MF's upper bound on epochs (chosen on validation, as the reference does).")] = 60,
+    patience: Annotated[int, typer.Option(help="Central MF stops after this many epochs without a better validation NDCG@10.")] = 5,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for fidelity.json and fidelity.png (default: results/fidelity-<dataset>).")] = None,
+    progress: Progress = False,
+) -> None:
+    """How real a generated population looks: popularity and central-MF HR/NDCG@10, history
+    lengths and item popularity (KS), and when popular items come, against real data."""
+    from fedpref.simulations.data.population import PopulationError
+    from fedpref.simulations.experiments.fidelity import FidelityError, plot_fidelity, run_fidelity, table_rows
+
+    if max_epochs < 1 or patience < 1:
+        _fail(f"--max-epochs and --patience must be positive, got {max_epochs} and {patience}")
+    try:
+        result = run_fidelity(dataset, against=against, draws=draws, mf=mf, max_epochs=max_epochs, patience=patience, progress=progress,
+                              on_step=lambda text: console.print(f"[dim]{text}[/]"))
+    except (FidelityError, PopulationError, DataFormatError, SplitError, FileNotFoundError, NotImplementedError) as exc:
+        _fail(str(exc))
+    except (NonFiniteScoresError, FloatingPointError) as exc:
+        _fail(f"central MF diverged: {exc}")
+    payload = result.payload
+    table = Table(title=f"{dataset} ({draws} draw{'s' if draws > 1 else ''}) against {against}: test metrics @10, KS statistics")
+    for col in ("quantity", "real", "generated (mean ± se)", "goal"):
+        table.add_column(col, justify="left" if col == "quantity" else "right", no_wrap=col != "quantity")
+    for row in table_rows(payload):
+        table.add_row(*row)
+    console.print(table)
+    out = out or Path("results") / f"fidelity-{_slug(dataset)}"
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "fidelity.json", payload)
+    plot_fidelity(result, out / "fidelity.png")
+    console.print(f"wrote {out / 'fidelity.png'}")
 
 
 def _references(split: LeaveOneOutSplit, dataset: str, model: str, seed: int, mode: str, progress: bool) -> dict[str, dict[str, float]]:

@@ -365,7 +365,7 @@ def population(
             _fail("a generated population has no file format and no ratings; drop --format and --rating-threshold")
         out = out or Path("results/populations") / _population_folder(streamed.name, streamed.seed)
         expected = {"name": streamed.name, "seed": streamed.seed, "format": FORMAT_ID, "source": dataset}
-        if getattr(streamed, "fingerprint", None) is not None:  # the generator's identity, when it has one
+        if streamed.fingerprint is not None:  # the generator's identity, when it has one
             expected["fingerprint"] = str(streamed.fingerprint)
         state = population_state(out, expected)
         if state == "same" and not rerun:

@@ -394,6 +394,22 @@ class FittedModel:
     def max_events(self) -> int:
         return int(math.floor(MAX_EVENTS_FRACTION * self.n_items + 1e-9))
 
+    @property
+    def fingerprint(self) -> str:
+        """What the people drawn from this model depend on, as a SHA-256: the fit's arrays and
+        the draw settings (a refit of the same source may differ in its last bits, and so do
+        its people). A population folder keeps it, so a refit is not taken for the same population."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps({"source": self.source_sha256, "config": self.config.as_json(), "draw": asdict(self.draw)},
+                                 sort_keys=True, default=str).encode())
+        for array in (self.item_vectors, self.item_bias, self.item_counts, self.pca_mean, self.pca_components,
+                      self.length_quantiles, self.feature_mean, self.feature_std):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(repr(self.residual_std).encode())
+        for array in (self.mixture.weights, self.mixture.means, self.mixture.covariances):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
     def with_draw(self, **settings: float) -> FittedModel:
         """The same fit drawn with other settings (``temperature=0.8``, ...)."""
         return replace(self, draw=replace(self.draw, **settings))
@@ -828,13 +844,14 @@ def generate_fitted(model: FittedModel, n_users: int, *, seed: int = 0, name: st
 
 def iter_fitted_spec(
     spec: FittedSpec, *, chunk_users: int = 4096, progress: bool = False, cache_dir: str | Path | None = None
-) -> tuple[int, str, Iterator[SyntheticChunk]]:
-    """``(n_items, name, chunks)``: the catalogue size, the population's name and its people in
-    user order, fitting (or loading the cached fit of) the generator first."""
+) -> tuple[int, str, str, Iterator[SyntheticChunk]]:
+    """``(n_items, name, fingerprint, chunks)``: the catalogue size, the population's name, what
+    its people depend on (:attr:`FittedModel.fingerprint`) and its people in user order, fitting
+    (or loading the cached fit of) the generator first."""
     model = fit_generator(spec.source, config=DEFAULT_FIT, cache_dir=cache_dir, progress=progress)
     _check_draw_args(spec.n_users, spec.seed, chunk_users)
     name = population_name(spec.source, spec.n_users, spec.seed)
-    return model.n_items, name, iter_fitted(model, spec.n_users, seed=spec.seed, chunk_users=chunk_users)
+    return model.n_items, name, model.fingerprint, iter_fitted(model, spec.n_users, seed=spec.seed, chunk_users=chunk_users)
 
 
 def generate_fitted_spec(spec: FittedSpec, *, progress: bool = False, cache_dir: str | Path | None = None) -> Interactions:

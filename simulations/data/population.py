@@ -243,7 +243,7 @@ def write_population_stream(source: StreamedSource, folder: str | Path, *, n_neg
         raise PopulationError(f"{source.name}: no person has {MIN_INTERACTIONS} or more events; nothing to write")
     meta = {"name": source.name, "n_users": n_users, "n_items": source.n_items, "seed": source.seed, "format": FORMAT,
             "dropped_users": dropped, "n_train": offset, "n_negatives": n_negatives, **(describe or {})}
-    fingerprint = getattr(source, "fingerprint", None)
+    fingerprint = source.fingerprint
     if fingerprint is not None:
         meta["fingerprint"] = str(fingerprint)
     write_private(folder / "meta.json", json.dumps(meta, indent=2) + "\n")

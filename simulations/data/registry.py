@@ -83,6 +83,7 @@ class StreamedSource:
     n_items: int
     seed: int
     chunks: Iterator[SyntheticChunk]
+    fingerprint: str | None = None  # what the people depend on beyond name and seed (a fitted generator's fit), if anything
 
 
 def stream_dataset(source: str, *, seed: int = 0, chunk_users: int = 4096, progress: bool = False) -> StreamedSource | None:
@@ -95,6 +96,6 @@ def stream_dataset(source: str, *, seed: int = 0, chunk_users: int = 4096, progr
         return StreamedSource(config.name, config.n_users, config.n_items, config.seed, iter_synthetic(config, chunk_users=chunk_users))
     spec = _fitted_spec(source, seed, None)
     if spec is not None:
-        n_items, name, chunks = iter_fitted_spec(spec, chunk_users=chunk_users, progress=progress)
-        return StreamedSource(name, spec.n_users, n_items, spec.seed, chunks)
+        n_items, name, fingerprint, chunks = iter_fitted_spec(spec, chunk_users=chunk_users, progress=progress)
+        return StreamedSource(name, spec.n_users, n_items, spec.seed, chunks, fingerprint)
     return None

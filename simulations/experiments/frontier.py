@@ -57,7 +57,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from fedpref.models.config import FederatedConfig
 
@@ -243,33 +242,15 @@ class Calibrations:
 # ---------------------------------------------------------------------------------------------
 
 
-def popularity_metrics_of_folder(folder: str | Path, *, k: int = 10, seed: int = 0, chunk: int = 1024) -> dict[str, float]:
+def popularity_metrics_of_folder(folder: str | Path, *, k: int = 10, seed: int = 0) -> dict[str, float]:
     """The popularity baseline's test HR@k and NDCG@k, sampled (99 negatives) and full (every
-    item the device did not train on), from a population folder alone: each device is
-    recommended the items most devices trained on. Ranked as :func:`fedpref.simulations.evaluate.evaluate`
-    ranks (ties broken at random). One function, so that it can give way to the population
-    module's own ``popularity_metrics`` when there is one."""
-    from fedpref.models.metrics import hit_rate, ndcg, rank_of_target
-    from fedpref.simulations.data.population import read_meta
+    item the device did not train on), from a population folder alone
+    (:func:`fedpref.simulations.data.population.popularity_metrics`, ranked as
+    :func:`fedpref.simulations.evaluate.evaluate` ranks, ties broken at random)."""
+    from fedpref.simulations.data.population import popularity_metrics
 
-    meta = read_meta(folder)
-    load = lambda name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r", allow_pickle=False)  # noqa: E731
-    n_users, n_items = int(meta["n_users"]), int(meta["n_items"])
-    indptr, items = np.asarray(load("train_indptr")), load("train_items")
-    counts = np.bincount(np.asarray(items), minlength=n_items).astype(np.float64)
-    test, negatives = load("test_item"), load("negatives")
-    rng = np.random.default_rng([seed, 1])
-    sampled, full = np.empty(n_users, dtype=np.int64), np.empty(n_users, dtype=np.int64)
-    for lo in range(0, n_users, chunk):
-        hi = min(lo + chunk, n_users)
-        t = np.asarray(test[lo:hi], dtype=np.int64)
-        sampled[lo:hi] = rank_of_target(counts[t], counts[np.asarray(negatives[lo:hi])], rng)
-        mask = np.ones((hi - lo, n_items), dtype=bool)
-        rows = np.repeat(np.arange(hi - lo), np.diff(indptr[lo : hi + 1]))
-        mask[rows, np.asarray(items[indptr[lo] : indptr[hi]])] = False
-        mask[np.arange(hi - lo), t] = False
-        full[lo:hi] = rank_of_target(counts[t], np.broadcast_to(counts, mask.shape), rng, candidate_mask=mask)
-    return {"test_hr": hit_rate(sampled, k), "test_ndcg": ndcg(sampled, k), "test_full_hr": hit_rate(full, k), "test_full_ndcg": ndcg(full, k)}
+    m = popularity_metrics(folder, target="test", k=k, seed=seed)
+    return {"test_hr": m.hr, "test_ndcg": m.ndcg, "test_full_hr": m.full_hr, "test_full_ndcg": m.full_ndcg}
 
 
 # ---------------------------------------------------------------------------------------------

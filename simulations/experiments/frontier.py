@@ -57,7 +57,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from fedpref.models.config import FederatedConfig
 
 ACCOUNTINGS = ("sampled", "honest")

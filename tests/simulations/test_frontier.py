@@ -120,7 +120,7 @@ def test_the_frontier_writes_a_calibrated_row_per_point_and_reuses_finished_ones
     assert next(r for r in points if r["accounting"] == "sampled")["max_participations"] == "0"
     # the tree's reference is FedAvgM's (they differ only under DP): one run, read twice
     references = [r for r in rows if r["role"] == "reference"]
-    assert [r["folder"] for r in references] == ["fedavgm-C0.5-lr1-nodp"] * 2
+    assert [r["folder"] for r in references] == ["fedavgm-C1-lr30-nodp"] * 2
     for r in rows:
         assert math.isclose(float(r["lift"]), float(r["test_hr"]) - float(r["pop_test_hr"]))
         if r["share"]:

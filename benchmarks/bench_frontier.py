@@ -7,7 +7,7 @@ One DP point (``--method``, default fedavgm; ``--epsilon``, default 1; ``--accou
 default sampled) on the population folder ``--population`` (default
 results/populations/fitted-movielens-small-1000000, written by ``fedpref population --dataset
 fitted:movielens-small:1000000``): its z calibrated as the frontier calibrates it (timed on its
-own), then the run on the fast engine with the frontier's run config (the method's keys, C = 0.5,
+own), then the run on the fast engine with the frontier's run config (the method's keys, C = 1,
 evaluation every 10 rounds, a checkpoint every round), in this process, in a temporary folder
 unless ``--out``. Prints the calibration's seconds, the seconds of a round (the median of the
 differences between consecutive rounds' ends in rounds.json, the first round left out: it loads

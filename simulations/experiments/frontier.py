@@ -68,6 +68,10 @@ LR_FACTORS = (1 / 3, 1.0, 10 / 3)  # --tune: server-lr as these multiples of the
 # few updates. Devices weigh the same in every run, as they must under DP, so that a reference
 # differs from its points by the noise alone.
 BASE_DEFAULTS: dict[str, object] = {"clip-norm": 1.0, "evaluate-every": 10, "weighting": "equal"}
+# Devices that rank their held-out items at each evaluation (all of a smaller population): a
+# HR@10 over 20,000 people has a standard error of about 0.0035, and evaluating a million devices
+# every tenth round would cost more than the training.
+EVAL_DEVICES = 20_000
 
 FIELDS = (
     "role", "method", "accounting", "target_epsilon", "epsilon_sampled", "epsilon_honest", "delta", "z", "cohort", "rounds",
@@ -346,7 +350,7 @@ def plan_frontier(population: str | Path, method_names: Sequence[str], epsilons:
                                         "dp-accounting", "dp-delta", "dp-target-epsilon", "dp-max-participations", "results-dir"})
     if reserved:
         raise FrontierError(f"--run-config may not set {', '.join(reserved)}: the frontier sets them for each point (use its options)")
-    base = {**BASE_DEFAULTS, "seed": seed, **overrides, "history-dir": str(folder.resolve()), "num-server-rounds": rounds,
+    base = {**BASE_DEFAULTS, "fraction-evaluate": min(1.0, EVAL_DEVICES / n_devices), "seed": seed, **overrides, "history-dir": str(folder.resolve()), "num-server-rounds": rounds,
             "fraction-train": cohort / n_devices, "min-train-nodes": cohort}
     try:
         FederatedConfig.from_run_config(base)

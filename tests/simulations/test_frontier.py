@@ -15,8 +15,8 @@ from fedpref.simulations.data.registry import load_dataset
 from fedpref.simulations.data.split import leave_one_out
 from fedpref.simulations.evaluate import evaluate, popularity_scorer
 from fedpref.simulations.experiments.frontier import (
-    FIELDS, METHODS, Budget, FrontierError, calibrate, default_delta, expected_participations, median_target, methods_named,
-    popularity_metrics_of_folder,
+    EVAL_DEVICES, FIELDS, METHODS, Budget, FrontierError, calibrate, default_delta, expected_participations, median_target,
+    methods_named, plan_frontier, popularity_metrics_of_folder,
 )
 
 RUN = ["--rounds", "2", "--cohort", "20", "--threads", "1", "--run-config", "dim=8 local-epochs=1 evaluate-every=2"]
@@ -64,6 +64,19 @@ def test_the_small_helpers():
     assert METHODS["tree"].reference_name == "fedavgm" and METHODS["dim16"].reference_name == "dim16"
     with pytest.raises(FrontierError, match="choose from fedavgm, adaptive, dim16, tree, fedadam"):
         methods_named(["fedavgm", "dpsgd"])
+
+
+def test_a_large_population_evaluates_a_sample_of_its_devices(tmp_path, population):
+    folder, _ = population
+    plan = lambda f, **kw: plan_frontier(f, ["fedavgm"], [1.0], ["sampled"], rounds=2, cohort=20, out=tmp_path / "out", **kw)  # noqa: E731
+    assert plan(folder).base["fraction-evaluate"] == 1.0  # 200 devices: every one
+    big = tmp_path / "big"  # a population's meta.json and files; the plan reads no more
+    big.mkdir()
+    (big / "meta.json").write_text('{"n_users": 1000000, "n_items": 300, "name": "big"}')
+    for name in ("train_indptr", "train_items", "val_item", "test_item", "negatives"):
+        (big / f"{name}.npy").write_bytes(b"")
+    assert plan(big).base["fraction-evaluate"] == EVAL_DEVICES / 1_000_000  # 20,000 of a million
+    assert plan(big, overrides={"fraction-evaluate": 0.5}).base["fraction-evaluate"] == 0.5  # --run-config wins
 
 
 def test_popularity_from_the_folder_is_what_evaluate_measures(population):

@@ -39,18 +39,11 @@ from fedpref.simulations.data.fitted import DrawSettings, FitConfig, fit_generat
 from fedpref.simulations.data.registry import load_dataset
 from fedpref.simulations.data.split import leave_one_out
 from fedpref.simulations.evaluate import evaluate, popularity_scorer
+from fedpref.simulations.experiments.fidelity import ks_statistic
 from fedpref.simulations.reference import train_centralised
 
 #: movielens-small's central MF test HR@10 (docs/reference.md, ``fedpref reference``).
 REFERENCE_MF_HR = {"movielens-small": 0.7124}
-
-
-def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two ECDFs."""
-    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
-    points = np.concatenate([a, b])
-    gap = np.searchsorted(a, points, side="right") / len(a) - np.searchsorted(b, points, side="right") / len(b)
-    return float(np.abs(gap).max())
 
 
 def table_figures(table) -> dict[str, np.ndarray | float]:

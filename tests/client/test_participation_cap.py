@@ -117,3 +117,15 @@ def test_a_device_under_the_tree_joins_one_round_of_each_window(population):
     assert [r.has_error() for r in replies] == [False, True, True, False, True, True]
     assert "same window of 3 rounds (1..3)" in replies[1].error.reason
     assert np.all([r.error.code == DECLINED for r in replies if r.has_error()])
+
+
+@pytest.mark.parametrize("bad", [
+    {"dp-epsilon": float("nan")}, {"dp-epsilon": float("inf")}, {"dp-epsilon": -1.0}, {"dp-epsilon": "1.9"},
+    {"dp-epsilon": True}, {"dp-delta": 0.0}, {"dp-delta": 1.0}, {"dp-rounds": 0}, {"dp-max-participations": -3},
+    {"dp-rounds": None},
+])
+def test_a_promise_a_hostile_server_malformed_is_not_shown_as_a_guarantee(bad):
+    from fedpref.client.app import guarantee_of
+
+    assert guarantee_of(PROMISE) == {"epsilon": 1.94, "delta": 1e-7, "rounds": 50, "max_participations": 2}
+    assert guarantee_of({**PROMISE, **bad}) is None  # never a made-up or unreadable number on the person's page

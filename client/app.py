@@ -187,6 +187,16 @@ class DeviceApp:
         self._devices: dict[str, Device] = {}
         self._pending: dict[int, dict] = {}
 
+    def __getstate__(self) -> dict:
+        """What a copy of the app carries to another process (Ray's workers): the provider only.
+
+        Open stores hold a connection and a lock, which belong to this process; a copy opens its
+        own when it first needs them."""
+        return {"provider": self.provider}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["provider"])
+
     # -- the device's store ------------------------------------------------------------------
     def store_path(self, context: Context, config: FederatedConfig) -> str | None:
         """This device's store: node config ``store`` (a real device), or the provider's."""

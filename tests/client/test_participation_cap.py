@@ -129,3 +129,17 @@ def test_a_promise_a_hostile_server_malformed_is_not_shown_as_a_guarantee(bad):
 
     assert guarantee_of(PROMISE) == {"epsilon": 1.94, "delta": 1e-7, "rounds": 50, "max_participations": 2}
     assert guarantee_of({**PROMISE, **bad}) is None  # never a made-up or unreadable number on the person's page
+
+
+def test_the_app_travels_to_another_process_after_it_has_opened_a_store(tmp_path, population):
+    """Ray copies the ClientApp into its workers: a store the app opened in this process (its
+    connection and lock) must not stop the copy, and the copy opens its own."""
+    ray_pickle = pytest.importorskip("ray.cloudpickle")
+    stores = write_device_stores(population, tmp_path / "stores")
+    config = run_config(population, **{"store-dir": str(stores)})
+    grid = InProcessGrid(simulated_app, N_DEVICES, config)
+    assert not train(grid, config, 0, 1).has_error()
+    copy = ray_pickle.loads(ray_pickle.dumps(simulated_app))
+    device_app = copy._mods[0].__self__
+    assert device_app._devices == {} and device_app.provider is not None
+    assert not train(InProcessGrid(copy, N_DEVICES, config), config, 1, 1).has_error()

@@ -14,8 +14,9 @@ is the baseline. Every row reports
 
 - the test HR@10 and NDCG@10, sampled (99 negatives) and full, of the round chosen on
   validation, and the validation figures that chose it;
-- ``lift`` = test HR@10 - popularity's test HR@10, and ``share`` = lift / the method's non-DP
-  lift: the part of what training learns that the point keeps;
+- ``lift`` = test HR@10 - popularity's test HR@10, and ``share`` = lift / the non-DP model's
+  lift (the reference with the best validation HR@10, whichever method): the part of what
+  training without DP learns that the point keeps;
 - both epsilons the run recorded (rounds.json), whichever account it was calibrated for.
 
 Points are cached: a run's folder (``<out>/<method>-C<clip>-lr<server-lr>-<accounting>-eps<target>``,
@@ -474,13 +475,21 @@ def row_of(run: Run, result: dict, popularity: Mapping[str, float], frontier: Fr
     return row
 
 
+def best_reference(rows: Sequence[dict]) -> dict | None:
+    """The non-DP model: of the references, the one with the best validation HR@10 (as a
+    deployment would choose it, never on test)."""
+    references = [r for r in rows if r["role"] == "reference" and r["val_hr"] is not None and r["lift"] is not None]
+    return max(references, key=lambda r: r["val_hr"]) if references else None
+
+
 def add_shares(rows: list[dict]) -> None:
-    """``share`` = lift / the lift of the method's reference with the same clip and server-lr
-    (the reference: 1). No share for tuning rows (they have no reference) nor when the
-    reference does not beat popularity (a share of a negative lift means nothing)."""
-    references = {(r["method"], r["clip_norm"], r["server_lr"]): r["lift"] for r in rows if r["role"] == "reference"}
+    """``share`` = lift / the lift of the non-DP model (:func:`best_reference`, whose share is
+    1): what a point keeps of the best that training without DP reached, whichever method.
+    No share for tuning rows, nor when the non-DP model does not beat popularity (a share of a
+    negative lift means nothing)."""
+    best = best_reference(rows)
+    ref = None if best is None else best["lift"]
     for r in rows:
-        ref = references.get((r["method"], r["clip_norm"], r["server_lr"]))
         r["share"] = r["lift"] / ref if r["role"] in ("point", "reference") and ref is not None and ref > 0 and r["lift"] is not None else None
 
 
@@ -611,7 +620,7 @@ def plot_frontier(rows: list[dict], path: Path, *, title: str, goal: float | Non
     pop = next((r["pop_test_hr"] for r in rows), None)
     if pop is not None:
         hr_ax.axhline(pop, color="grey", ls="--", lw=1, label=f"popularity: {pop:.3f}")
-    share_ax.axhline(1.0, color="black", ls=":", lw=1, label="no DP (each method's own)")
+    share_ax.axhline(1.0, color="black", ls=":", lw=1, label="no DP (the best reference on validation)")
     share_ax.axhline(0.0, color="grey", ls="--", lw=1, label="popularity")
     if goal is not None:
         share_ax.axhline(goal, color="tab:red", ls="-", lw=0.8, alpha=0.7, label=f"goal: {goal:.0%} of the lift")

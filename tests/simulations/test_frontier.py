@@ -15,6 +15,7 @@ from fedpref.simulations.data.registry import load_dataset
 from fedpref.simulations.data.split import leave_one_out
 from fedpref.simulations.evaluate import evaluate, popularity_scorer
 from fedpref.simulations.experiments.frontier import (
+    add_shares,
     EVAL_DEVICES, FIELDS, METHODS, Budget, FrontierError, calibrate, default_delta, expected_participations, median_target,
     methods_named, plan_frontier, popularity_metrics_of_folder,
 )
@@ -136,8 +137,8 @@ def test_the_frontier_writes_a_calibrated_row_per_point_and_reuses_finished_ones
     assert [r["folder"] for r in references] == ["fedavgm-C1-lr30-nodp"] * 2
     for r in rows:
         assert math.isclose(float(r["lift"]), float(r["test_hr"]) - float(r["pop_test_hr"]))
-        if r["share"]:
-            reference = next(x for x in references if x["method"] == r["method"])
+        if r["share"]:  # against the non-DP model: the reference with the best validation HR@10
+            reference = max(references, key=lambda x: float(x["val_hr"]))
             assert math.isclose(float(r["share"]), float(r["lift"]) / float(reference["lift"]))
     extra = [r for r in rows if r["role"] == "personalize-0"]
     assert len(extra) == 2 and {r["personalize_epochs"] for r in extra} == {"0"} and extra[0]["accounting"] == ""
@@ -151,3 +152,16 @@ def test_the_frontier_writes_a_calibrated_row_per_point_and_reuses_finished_ones
     assert {p.name: (p / "rounds.json").stat().st_mtime_ns for p in out.iterdir() if (p / "rounds.json").exists()} == stamps
     assert again.output.count("reused") == len(rows)
     assert _rows(out / "frontier.csv")[1] == rows  # the same figures, read back
+
+
+def test_shares_are_against_the_reference_chosen_on_validation_whichever_method():
+    def row(role, method, val, lift):
+        return {"role": role, "method": method, "val_hr": val, "lift": lift, "share": None}
+
+    rows = [row("reference", "fedavgm", 0.62, 0.10), row("reference", "dim16", 0.60, 0.12),  # dim16 is better on test, not on validation
+            row("point", "dim16", 0.58, 0.06), row("tune", "fedavgm", 0.59, 0.05), row("point", "tree", None, None)]
+    add_shares(rows)
+    assert [r["share"] for r in rows] == [1.0, pytest.approx(1.2), pytest.approx(0.6), None, None]
+    below = [row("reference", "fedavgm", 0.5, -0.01), row("point", "fedavgm", 0.49, -0.02)]
+    add_shares(below)
+    assert [r["share"] for r in below] == [None, None]  # a share of a negative lift means nothing

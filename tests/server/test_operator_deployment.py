@@ -1,4 +1,4 @@
-"""The operator API beside a real deployment: `flower-superlink`, four `flower-supernode`s and
+"""The operator API beside a real deployment: `flower-superlink`, three `flower-supernode`s and
 `fedpref serve` (uvicorn), all on 127.0.0.1. A run started through the API (which wraps
 `flwr run`) shows its rounds in the API while it runs, and every round once it completes.
 
@@ -25,7 +25,7 @@ from fedpref.simulations.data.split import leave_one_out
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-N_DEVICES, ROUNDS = 4, 4
+N_DEVICES, ROUNDS = 3, 3
 KEY = "operator-key-for-the-test-0123456789"
 
 
